@@ -1,0 +1,28 @@
+# Set-up is part of every target: a fresh machine needs only `make train` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?= --config debug
+
+.PHONY: setup train test lint slurm-packages
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+train: setup
+	$(VENV)/bin/cifar-dist train $(ARGS)
+
+# The tests start a real local Slurm (slurm/dev-cluster.sh); its Debian packages come first.
+test: setup slurm-packages
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+slurm-packages:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge iproute2 >/dev/null; }

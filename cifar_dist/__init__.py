@@ -1,0 +1,1 @@
+"""cifar-dist: distributed batch training of CIFAR-10 classifiers."""

@@ -1,0 +1,191 @@
+"""Checkpoints: atomic, marker-last writes named by global step; find the newest valid one.
+
+Layout: `<run dir>/checkpoints/step_00001234/state.pt` plus `COMPLETE`, a JSON marker written
+last that holds the state file's size and sha256. A checkpoint without its marker, or whose
+file does not match it, or that does not load with `weights_only=True`, does not exist: it is
+named in a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+STATE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    marker: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accuracy: float | None = None) -> Path:
+    """Write `state` as the checkpoint of `step`: temp dir, fsync, rename, marker last."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    if (final / MARKER).exists():
+        return final  # already written (a resume that saves the step it resumed from)
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / STATE)
+    _fsync(tmp / STATE)
+    if final.exists():
+        shutil.rmtree(final)  # a marker-less leftover of a killed write
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    marker = {"step": step, "size": (final / STATE).stat().st_size, "sha256": _sha256(final / STATE),
+              "test_accuracy": test_accuracy, "saved_at": time.time()}
+    _write_atomic(final / MARKER, json.dumps(marker))
+    prune(run_dir, keep)
+    return final
+
+
+def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[Checkpoint, dict[str, Any]] | None:
+    """The newest valid checkpoint and its state; invalid ones are named in a warning and skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir, warn)):
+        try:
+            return ckpt, load_state(ckpt.path / STATE)
+        except Exception as e:
+            warn(f"checkpoint {ckpt.path} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]}); skipped")
+    return None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint is data; one that would run code when unpickled is refused.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def list_checkpoints(run_dir: Path, warn: Callable[[str], None] | None = None, verify: bool = True) -> list[Checkpoint]:
+    """Valid checkpoints (marker present, file matches it; `verify` checks the sha256 too), oldest first."""
+    root = checkpoint_dir(run_dir)
+    found = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _STEP_DIR.match(d.name)
+        if not m:
+            continue
+        problem = _check(d, verify)
+        if problem:
+            if warn:
+                warn(f"checkpoint {d} {problem}; skipped")
+            continue
+        found.append(Checkpoint(d, int(m.group(1)), json.loads((d / MARKER).read_text())))
+    return sorted(found, key=lambda c: c.step)
+
+
+def _check(d: Path, verify: bool) -> str | None:
+    if not (d / MARKER).is_file():
+        return "has no completion marker (its write was interrupted)"
+    try:
+        marker = json.loads((d / MARKER).read_text())
+        size, digest = marker["size"], marker["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return "has an unreadable marker"
+    if not (d / STATE).is_file():
+        return f"has no {STATE}"
+    if (d / STATE).stat().st_size != size:
+        return f"is truncated or altered ({(d / STATE).stat().st_size} bytes, the marker says {size})"
+    if verify and _sha256(d / STATE) != digest:
+        return "does not match its marker's checksum"
+    return None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` valid checkpoints and the best by test accuracy; remove the rest,
+    invalid ones older than the newest valid one, and leftovers of interrupted writes."""
+    root = checkpoint_dir(run_dir)
+    for leftover in root.glob(".tmp-step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    valid = list_checkpoints(run_dir, verify=False)
+    if not valid:
+        return
+    best = _best(valid)
+    keep_paths = {c.path for c in valid[-keep:]} | ({best.path} if best else set())
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d not in keep_paths and int(m.group(1)) < valid[-1].step:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _best(checkpoints: list[Checkpoint]) -> Checkpoint | None:
+    scored = [c for c in checkpoints if c.marker.get("test_accuracy") is not None]
+    return max(scored, key=lambda c: (c.marker["test_accuracy"], c.step)) if scored else None
+
+
+# ---------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- file helpers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

@@ -1,0 +1,65 @@
+"""`cifar-dist train | predict | compare | data prepare`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: cifar-dist COMMAND [ARGS]
+
+commands:
+  train    [--config NAME|PATH] [--print-config] [key=value ...]   train (and evaluate) one run
+  predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
+  compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
+  data prepare [--config NAME|PATH] [key=value ...]                   decode the data into the cache
+
+'cifar-dist COMMAND --help' for a command's options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from cifar_dist.train import main as train_main
+
+        return train_main(rest, prog="cifar-dist train")
+    if command == "predict":
+        from cifar_dist.predict import main as predict_main
+
+        return predict_main(rest)
+    if command == "compare":
+        from cifar_dist.report import compare_main
+
+        return compare_main(rest)
+    if command == "data":
+        return data_main(rest)
+    print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def data_main(argv: list[str]) -> int:
+    from cifar_dist.config import ConfigError, load_config
+    from cifar_dist.data import DataError, cache_path, load_cached
+
+    parser = argparse.ArgumentParser(prog="cifar-dist data", description="Decode a data source into the cache ahead "
+                                     "of training (for example on a login node with internet, before offline jobs).")
+    parser.add_argument("action", choices=["prepare"])
+    parser.add_argument("--config", help="a shipped config name or a YAML path (its data section is used)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=imagefolder data.path=X")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds = load_cached(cfg.data)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "
+          f"classes {', '.join(ds.classes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""One typed, strict config: dataclasses, loaded from YAML, overridden by `dotted.key=value`.
+
+Every field is validated once, here; the rest of the code trusts the config it is given.
+A mistake is a `ConfigError` whose message names the key, and the CLI turns it into one
+line on stderr and exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODELS = ("blitz", "medium", "fast", "resnet18")
+SOURCES = ("cifar10", "imagefolder", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fast"  # blitz | medium | fast | resnet18
+    compile: bool = False  # torch.compile the training forward/backward (GPU); weights saved plain
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # cifar10 | imagefolder | synthetic
+    path: str = ""  # cifar10: folder holding cifar-10-batches-py/; imagefolder: folder or .tar.gz
+    download: bool = True  # cifar10 only: fetch with torchvision when missing (needs internet)
+    cache_dir: str = ""  # decoded uint8 cache; "" -> $CIFAR_DIST_CACHE or ~/.cache/cifar-dist
+    train_subset: int = 0  # images kept per split, the same share of every class; 0 = all
+    test_subset: int = 0
+    synthetic_train: int = 5000  # images, synthetic source only
+    synthetic_test: int = 1000
+    flip: bool = True  # random horizontal flip, p = 0.5
+    translate: int = 2  # pixels: random crop of the reflect-padded image, +-translate each way
+    cutout: int = 0  # pixels: side of a random square set to the mean; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 512  # images per optimiser step, summed over all ranks
+    lr: float = 0.2  # peak learning rate for the global batch
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # L2, applied by SGD to every parameter
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0  # linear ramp from 0 to lr, then the decay below
+    schedule: str = "linear"  # decay after warm-up to 0 at the last step: linear | cosine | constant
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) or per rank
+    log_every: int = 50  # optimiser steps between training records
+    device: str = "auto"  # auto (GPU when present) | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # epochs between evaluations; 0 = only at the end
+    batch_size: int = 1000  # images per forward pass, per rank
+    tta_flip: bool = False  # average logits of the image and its mirror
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = off
+    every_minutes: float = 0.0  # wall-clock minutes; 0 = off
+    keep: int = 2  # newest checkpoints kept (plus the best by test accuracy)
+    allow_config_change: bool = False  # resume even when result-changing keys differ
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # "" -> runs/<model>-<time>-<id>
+    id: str = ""  # fixed at submit time by jobs/; "" -> generated
+    name: str = ""  # display name (wandb); "" -> the run dir's name
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"  # wandb | none  (metrics.jsonl is always written)
+    project: str = "cifar-dist"
+    entity: str = ""
+    group: str = ""  # runs of a sweep share the sweep's name
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    log_images: int = 8  # test images with predicted/true labels per evaluation
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Keys whose value changes what a run computes; resuming across a change to one of them is refused.
+RESULT_KEYS = ("seed", "model.name", "data", "train")
+# ... except these, which may change on resume: more epochs, different logging or device.
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.cache_dir", "data.download")
+
+
+def result_keys(cfg: Config) -> dict[str, Any]:
+    """The flat `key -> value` map that decides the result of a run."""
+    flat = flatten(cfg.to_dict())
+    keep = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS)}
+    return {k: v for k, v in keep.items() if k not in RESUMABLE_CHANGES}
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(result_keys(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped config's name (`debug`, `fast`, ...) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {name_or_path}")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"--config: unknown config {name_or_path!r}; shipped: {', '.join(shipped_configs())}")
+    return shipped
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- the YAML file `config` (name or path) <- `key=value` overrides, then validate."""
+    cfg = Config()
+    if config:
+        path = resolve_config_path(config)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of keys, not {type(data).__name__}")
+        apply_mapping(cfg, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        set_key(cfg, key.strip(), raw, from_text=True)
+    validate(cfg)
+    return cfg
+
+
+def apply_mapping(cfg: Config, data: dict[str, Any], prefix: str = "") -> None:
+    """Set every leaf of a nested (or dotted-key) mapping on `cfg`."""
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and dataclasses.is_dataclass(_lookup(cfg, full)[2]):
+            apply_mapping(cfg, value, full + ".")
+        else:
+            set_key(cfg, full, value)
+
+
+def set_key(cfg: Config, key: str, value: Any, from_text: bool = False) -> None:
+    """Set `key` (dotted) to `value`, converted to the field's type; text comes from the CLI."""
+    parent, name, current = _lookup(cfg, key)
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"{key}: is a section, set one of its keys ({key}.<name>=...)")
+    hint = typing.get_type_hints(type(parent))[name]
+    setattr(parent, name, _convert(key, hint, value, from_text))
+
+
+def _lookup(cfg: Config, key: str) -> tuple[Any, str, Any]:
+    obj: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+            raise ConfigError(f"{key}: unknown key (valid under {where}: {valid})")
+        if i == len(parts) - 1:
+            return obj, part, getattr(obj, part)
+        obj = getattr(obj, part)
+    raise AssertionError("unreachable")
+
+
+def _convert(key: str, hint: Any, value: Any, from_text: bool) -> Any:
+    origin = typing.get_origin(hint)
+    if from_text and hint is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse {value!r}") from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if from_text:
+            return str(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str) and from_text:
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list):
+            return [_convert(f"{key}[{i}]", item, v, False) for i, v in enumerate(value)]
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {problem}, got {_get(cfg, key)!r}")
+
+    def one_of(key: str, allowed: tuple[str, ...]) -> None:
+        need(_get(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
+
+    one_of("model.name", MODELS)
+    one_of("data.source", SOURCES)
+    if cfg.data.source != "synthetic" and not (cfg.data.source == "cifar10" and cfg.data.download):
+        need(bool(cfg.data.path), "data.path", f"is required for data.source={cfg.data.source}")
+        need(Path(cfg.data.path).exists(), "data.path", "does not exist")
+    if cfg.data.source == "cifar10":
+        need(bool(cfg.data.path), "data.path", "is required for data.source=cifar10 (the download folder)")
+    for key in ("data.train_subset", "data.test_subset", "data.translate", "data.cutout"):
+        need(_get(cfg, key) >= 0, key, "must be >= 0")
+    for key in ("data.synthetic_train", "data.synthetic_test"):
+        need(_get(cfg, key) >= 10, key, "must be >= 10 (one image per class)")
+    need(cfg.data.translate <= 16, "data.translate", "must be <= 16 pixels")
+    need(cfg.data.cutout <= 32, "data.cutout", "must be <= 32 pixels")
+    need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(cfg.train.lr > 0, "train.lr", "must be > 0")
+    need(0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(not cfg.train.nesterov or cfg.train.momentum > 0, "train.nesterov", "needs train.momentum > 0")
+    need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    need(0 <= cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs", "must be in [0, train.epochs]")
+    one_of("train.schedule", ("linear", "cosine", "constant"))
+    one_of("train.precision", ("auto", "fp32", "bf16"))
+    one_of("train.device", ("auto", "cpu", "cuda"))
+    need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    need(cfg.checkpoint.keep >= 2, "checkpoint.keep", "must be >= 2 (a corrupt newest one falls back to the previous)")
+    one_of("run.progress", ("auto", "bar", "lines", "none"))
+    need(all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id", "may hold only letters, digits, - _ .")
+    one_of("tracking.backend", ("wandb", "none"))
+    need(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    return _lookup(cfg, key)[2]
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with `to_dict` (run dirs, checkpoints), strictly."""
+    cfg = Config()
+    apply_mapping(cfg, data)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,147 @@
+"""Rank logic in one place: the accelerator, the world-size check, the rank-0 gate, the
+collectives the loop needs, and the stop signals (pre-emption, time-out).
+
+The training loop never asks "am I rank 0?": it calls `dist.print`, `dist.main_only`, the
+reductions here, and the tracker (a no-op on other ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+# A distinct exit code meaning "stopped on a signal after writing a checkpoint: resume me".
+# 75 is EX_TEMPFAIL in sysexits.h: a temporary failure, try again later.
+EXIT_REQUEUE = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# Ranks waiting for rank 0's disk writes wait on a gloo side group with this long timeout, so a
+# slow disk never trips the main group's (NCCL watchdog) timeout; a dead peer still ends the wait
+# at once because its socket closes.
+WAIT_TIMEOUT = timedelta(hours=2)
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """The processes do not form the process group they were launched as."""
+
+
+class Distributed:
+    """This process's place in the job: rank, world size, device, and the collectives."""
+
+    def __init__(self, device: str = "auto"):
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if cpu and launched > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # N ranks on one machine share its cores; accelerate would warn and pick this itself.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", launched))
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.accelerator = Accelerator(
+            cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+        )
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.local_rank = self.accelerator.local_process_index
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        if launched != self.world:
+            raise DistributedError(
+                f"launched as {launched} ranks (WORLD_SIZE={launched}) but this process joined a group of "
+                f"{self.world}: without GPUs the ranks must be CPU ranks (train.device=cpu or auto, or "
+                "ACCELERATE_USE_CPU=1); refusing to train N separate copies"
+            )
+        if device == "cuda" and self.device.type != "cuda":
+            raise DistributedError("train.device=cuda but no CUDA GPU is visible")
+        if not self.is_main:
+            warnings.filterwarnings("ignore")  # quiet ranks: errors still reach stderr
+        self._wait_group = tdist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if self.world > 1 else None
+        self._stop = False
+
+    # ---- rank-0 gate
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def main_only(self, fn: Callable[[], T]) -> T | None:
+        """Run `fn` on rank 0 while the other ranks wait (barrier, long timeout); rank 0's
+        exception is raised on rank 0 and the others see its death as a broken barrier."""
+        result = fn() if self.is_main else None
+        self.wait()
+        return result
+
+    def wait(self) -> None:
+        if self._wait_group is not None:
+            tdist.barrier(group=self._wait_group)
+
+    # ---- collectives (identity at world size 1)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's value of `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_buffers(self, net: nn.Module) -> None:
+        """Give every rank rank 0's BatchNorm statistics (as DDP does at each forward), so that
+        evaluation and checkpoints see the same model on every rank."""
+        if self.world > 1:
+            for buf in net.buffers():
+                tdist.broadcast(buf.data, src=0)
+
+    def prepare(self, net: nn.Module, sync_bn: bool) -> nn.Module:
+        """The module to train: DDP-wrapped (gradients averaged over ranks) when world > 1."""
+        if sync_bn and self.world > 1:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return self.accelerator.prepare(net)
+
+    # ---- stop signals: the handler only sets a flag; the loop acts at a step boundary
+
+    def install_stop_handlers(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop = True
+
+    def agree(self, save: bool) -> tuple[bool, bool]:
+        """(stop, save) on every rank: whether any rank has received a stop signal, and whether
+        any rank wants a checkpoint now. One small all-reduce at a step boundary."""
+        if self.world == 1:
+            return self._stop, save
+        flags = self.sum(torch.tensor([float(self._stop), float(save)], device=self.device))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def close(self) -> None:
+        if self.world > 1 and tdist.is_initialized():
+            self.wait()
+            tdist.destroy_process_group()
+

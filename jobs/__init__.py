@@ -1,0 +1,1 @@
+"""Slurm sweeps: spec -> submitit -> job arrays; the checkpointable task that calls train."""

@@ -1,0 +1,101 @@
+"""Config strictness: every bad case is one line naming the key, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import PY, run, train_cmd
+
+from cifar_dist.config import CONFIG_DIR, ConfigError, config_from_dict, load_config, shipped_configs
+
+
+def test_shipped_configs_exist_and_load():
+    assert {"debug", "blitz", "medium", "fast", "resnet18"} <= set(shipped_configs())
+    for name in shipped_configs():
+        cfg = load_config(name)
+        assert cfg.model.name in ("blitz", "medium", "fast", "resnet18"), name
+
+
+def test_overrides_are_parsed_to_the_field_type():
+    cfg = load_config("debug", ["train.epochs=7", "train.lr=1", "train.nesterov=false", "run.dir=123",
+                                "tracking.tags=[a, b]", "seed=3", "data.cutout=8"])
+    assert cfg.train.epochs == 7 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.nesterov is False and cfg.train.momentum > 0
+    assert cfg.run.dir == "123"
+    assert cfg.tracking.tags == ["a", "b"]
+    assert (cfg.seed, cfg.data.cutout) == (3, 8)
+
+
+def test_yaml_round_trip():
+    cfg = load_config("fast", ["train.epochs=3"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "problem"),
+    [
+        ("train.epochz=3", "train.epochz", "unknown key"),
+        ("bogus=1", "bogus", "unknown key"),
+        ("train.epochs=abc", "train.epochs", "expected int"),
+        ("train.epochs=2.5", "train.epochs", "expected int"),
+        ("train.lr=fast", "train.lr", "expected float"),
+        ("train.epochs=-1", "train.epochs", "must be >= 1"),
+        ("model.name=vgg", "model.name", "must be one of"),
+        ("data.source=imagenet", "data.source", "must be one of"),
+        ("data.source=imagefolder", "data.path", "is required"),
+        ("data.path=/no/such/place", "data.path", "does not exist"),
+        ("train.batch_size=0", "train.batch_size", "must be >= 1"),
+        ("checkpoint.keep=1", "checkpoint.keep", "must be >= 2"),
+        ("train", "override", "expected dotted.key=value"),
+    ],
+)
+def test_bad_values_fail_in_process(override, key, problem):
+    overrides = [override] if override != "data.path=/no/such/place" else ["data.source=imagefolder", override]
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", overrides)
+    assert str(e.value).startswith(key) and problem in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.epochz=3"], ["train.epochs=abc"], ["train.epochs=-2"], ["model.name=vgg"], ["data.source=imagenet"],
+     ["data.source=imagefolder", "data.path=/no/such/dir"]],
+)
+def test_cli_bad_config_is_one_line_exit_2_and_writes_nothing(overrides, env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run(train_cmd(*overrides, f"run.dir={run_dir}", config="debug"), env, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert overrides[-1].split("=")[0] in lines[0]
+    assert not run_dir.exists()
+
+
+def test_cli_unknown_config_name_and_bad_yaml(env, tmp_path):
+    proc = run(train_cmd(config="nope"), env, check=False)
+    assert proc.returncode == 2 and "unknown config 'nope'" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [\n")
+    proc = run(train_cmd(config=str(bad)), env, check=False)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train: {epochs: 2, colour: red}\n")
+    proc = run(train_cmd(config=str(nested)), env, check=False)
+    assert proc.returncode == 2 and "train.colour: unknown key" in proc.stderr
+
+
+def test_print_config_prints_the_resolved_config(env):
+    proc = run(train_cmd("train.epochs=4", "--print-config", config="medium"), env)
+    printed = yaml.safe_load(proc.stdout)
+    expected = yaml.safe_load((CONFIG_DIR / "medium.yaml").read_text())
+    assert printed["train"]["epochs"] == 4
+    assert printed["model"]["name"] == expected["model"]["name"] == "medium"
+    assert printed["train"]["batch_size"] == expected["train"]["batch_size"]
+
+
+def test_every_entry_point_reaches_the_same_parser(env):
+    for cmd in ([PY, "-m", "cifar_dist.train"], [PY, "-m", "cifar_dist.cli", "train"], [PY, "cifar_dist/train.py"]):
+        proc = run(cmd + ["--config", "debug", "train.epochs=9", "--print-config"], env)
+        assert yaml.safe_load(proc.stdout)["train"]["epochs"] == 9, cmd

@@ -1,0 +1,49 @@
+"""The seeds' nets exactly (same layers, same parameter counts), and the project's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_dist.models import MODELS, build_model, count_parameters
+
+
+def test_blitz_is_the_tutorial_net():
+    net = build_model("blitz")
+    # conv1 3->6 5x5, conv2 6->16 5x5, fc 400->120->84->10
+    assert count_parameters(net) == (3 * 6 * 25 + 6) + (6 * 16 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    assert count_parameters(net) == 62_006
+    assert [type(m).__name__ for m in net.children()] == ["Conv2d", "MaxPool2d", "Conv2d", "Linear", "Linear", "Linear"]
+
+
+def test_medium_is_the_article_net():
+    net = build_model("medium")
+    assert count_parameters(net) == 169_578
+    convs = [(m.in_channels, m.out_channels, m.kernel_size) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(3, 32, (3, 3)), (32, 64, (3, 3)), (64, 128, (3, 3))]
+    fcs = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert fcs == [(512, 128), (128, 64), (64, 32), (32, 10)]
+    assert net.dropout1.p == 0.2
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_shape(name):
+    net = build_model(name).eval()
+    assert net(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_fast_whitening_is_frozen_and_whitens():
+    net = build_model("fast")
+    x = torch.randn(64, 3, 32, 32) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1)
+    net.init_from_data(x)
+    assert not net.whiten.weight.requires_grad
+    out = net.whiten(x)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(out.T.double())
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.double), atol=0.05)
+
+
+def test_resnet18_is_adapted_to_32x32():
+    net = build_model("resnet18")
+    assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    assert 11_000_000 < count_parameters(net) < 11_300_000

@@ -1,0 +1,111 @@
+"""A short real training on synthetic data: it learns, and its run directory records everything."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import PY, TINY, read_jsonl, run, train_cmd, without_timing
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    import os
+
+    env = dict(os.environ, CIFAR_DIST_CACHE=str(cache_dir), WANDB_MODE="offline")
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = run(train_cmd(*TINY, f"run.dir={run_dir}", "seed=3"), env)
+    return run_dir, proc
+
+
+def test_short_training_clearly_learns(tiny_run):
+    run_dir, proc = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.6  # chance is 0.1
+    train = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r]
+    assert train[-1]["train_loss"] < 0.7 * train[0]["train_loss"]
+    assert "test accuracy" in proc.stdout and "frog" in proc.stdout  # the per-class table
+
+
+def test_run_directory_files_and_keys(tiny_run):
+    run_dir, _ = tiny_run
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "loss.png", "per_class_accuracy.png",
+                 "model.pt"):
+        assert (run_dir / name).is_file(), name
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["seed"] == 3 and cfg["run"]["dir"] == str(run_dir) and cfg["run"]["id"]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+    assert env["world_size"] == 1 and env["device"].startswith("cpu") and "code_version" in env
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert all({"step", "epoch", "time"} <= r.keys() for r in records)
+    train = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "test_loss" in r]
+    assert all("lr" in r for r in train) and all("test_accuracy" in r for r in evals)
+    steps = [r["step"] for r in train]
+    assert steps == sorted(steps) and steps[-1] == 40  # 1280 // 64 * 2 epochs
+    assert [r["epoch"] for r in evals] == [1, 2]  # eval.every=1 (the default)
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    for key in ("test_accuracy", "per_class_accuracy", "confusion_matrix", "test_loss", "epochs", "train_seconds",
+                "images_per_second", "world_size", "device"):
+        assert key in s, key
+    assert 0 <= s["test_accuracy"] <= 1 and s["epochs"] == 2 and s["world_size"] == 1 and s["device"] == "cpu"
+    conf = torch.tensor(s["confusion_matrix"])
+    assert conf.shape == (10, 10) and conf.sum() == 300
+    assert abs(conf.diag().sum().item() / 300 - s["test_accuracy"]) < 1e-9
+    assert s["test_accuracy"] == evals[-1]["test_accuracy"]
+    per_class = conf.diag() / conf.sum(1)
+    assert list(s["per_class_accuracy"].values()) == pytest.approx(per_class.tolist())
+
+    for png in ("loss.png", "per_class_accuracy.png"):
+        with Image.open(run_dir / png) as im:
+            assert im.format == "PNG" and im.size == (700, 450)
+
+    weights = torch.load(run_dir / "model.pt", weights_only=True)
+    assert weights["model"] == "blitz" and len(weights["classes"]) == 10
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights["state_dict"])
+
+
+def test_training_is_deterministic_on_cpu(tiny_run, env, tmp_path):
+    run_dir, _ = tiny_run
+    run(train_cmd(*TINY, f"run.dir={tmp_path / 'again'}", "seed=3"), env)
+    assert without_timing(read_jsonl(tmp_path / "again" / "metrics.jsonl")) == without_timing(
+        read_jsonl(run_dir / "metrics.jsonl"))
+    a = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "again" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_and_accelerate_launch_reach_the_same_training(env, tmp_path):
+    args = [*TINY, "train.epochs=1"]
+    run([PY, "-m", "cifar_dist.cli", "train", *args, f"run.dir={tmp_path / 'cli'}"], env)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "cifar_dist/train.py"]
+    run(accelerate + args + [f"run.dir={tmp_path / 'acc'}"], env)
+    a = read_jsonl(tmp_path / "cli" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "acc" / "metrics.jsonl")
+    assert without_timing(a) == without_timing(b)
+
+
+def test_an_existing_foreign_directory_is_never_overwritten(env, tmp_path):
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    proc = run(train_cmd(*TINY, f"run.dir={foreign}"), env, check=False)
+    assert proc.returncode == 2 and "holds no cifar-dist run" in proc.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_a_finished_run_is_not_redone(tiny_run, env):
+    run_dir, _ = tiny_run
+    before = (run_dir / "metrics.jsonl").read_text()
+    proc = run(train_cmd(*TINY, f"run.dir={run_dir}", "seed=3"), env)
+    assert "already finished" in proc.stdout
+    assert (run_dir / "metrics.jsonl").read_text() == before
