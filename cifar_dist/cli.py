@@ -9,6 +9,7 @@ USAGE = """usage: cifar-dist COMMAND [ARGS]
 
 commands:
   train    [--config NAME|PATH] [--print-config] [key=value ...]   train (and evaluate) one run
+  evaluate RUN_DIR|FILE [--json OUT] [key=value ...]                 exact test-set evaluation, any world size
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
   data prepare [--config NAME|PATH] [key=value ...]                   decode the data into the cache
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from cifar_dist.train import main as train_main
 
         return train_main(rest, prog="cifar-dist train")
+    if command == "evaluate":
+        from cifar_dist.evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
     if command == "predict":
         from cifar_dist.predict import main as predict_main
 

@@ -120,6 +120,8 @@ class Distributed:
     def prepare(self, net: nn.Module, sync_bn: bool) -> nn.Module:
         """The module to train: DDP-wrapped (gradients averaged over ranks) when world > 1."""
         if sync_bn and self.world > 1:
+            if self.device.type != "cuda":  # PyTorch's SyncBatchNorm runs on CUDA only
+                raise DistributedError("train.sync_bn=true needs CUDA devices; on CPU ranks BatchNorm stays per rank")
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return self.accelerator.prepare(net)
 

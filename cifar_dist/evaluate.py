@@ -58,3 +58,56 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_cla
     counts, loss_sum = dist.sum(counts), dist.sum(loss_sum)
     net.train(was_training)
     return EvalResult(counts.view(num_classes, num_classes).cpu(), float(loss_sum) / len(labels), samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cifar-dist evaluate RUN_DIR|CHECKPOINT [key=value ...]`: the test-set evaluation of a
+    trained model at any world size (under torchrun or accelerate launch), exact."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from cifar_dist.config import ConfigError, config_from_dict, load_config, set_key, validate
+    from cifar_dist.data import DataError, load_dataset
+    from cifar_dist.distributed import DistributedError
+    from cifar_dist.predict import PredictError, load_classifier
+    from cifar_dist.report import format_eval
+
+    parser = argparse.ArgumentParser(prog="cifar-dist evaluate", description=main.__doc__)
+    parser.add_argument("checkpoint", type=Path, help="a run directory, its model.pt or a checkpoint's state.pt")
+    parser.add_argument("--json", type=Path, help="also write the result here (rank 0)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=... eval.tta_flip=true")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+        saved = next((p for p in (run_dir / "config.yaml", run_dir.parent.parent / "config.yaml") if p.is_file()), None)
+        cfg = config_from_dict(yaml.safe_load(saved.read_text())) if saved else load_config()
+        for item in args.overrides:
+            key, _, value = item.partition("=")
+            set_key(cfg, key, value, from_text=True)
+        validate(cfg)
+        dist = Distributed(cfg.train.device)
+        data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
+        net, classes = load_classifier(args.checkpoint)
+        if classes != data.classes:
+            raise DataError(f"the model's classes {classes} are not the data's {data.classes}")
+        result = evaluate(net.to(dist.device), data.test_x, data.test_y, len(classes), dist, cfg.eval.batch_size,
+                          cfg.eval.tta_flip)
+    except (ConfigError, DataError, DistributedError, PredictError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist.print(format_eval({"epoch": "-", "step": "-"}, result, classes))
+    if args.json and dist.is_main:
+        args.json.write_text(json.dumps({
+            "test_accuracy": result.accuracy, "test_loss": result.loss, "world_size": dist.world,
+            "per_class_accuracy": dict(zip(classes, result.per_class)), "confusion_matrix": result.confusion.tolist(),
+        }, indent=2))
+    dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

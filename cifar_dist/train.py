@@ -236,7 +236,7 @@ def checkpoint_state(cfg: Config, dist: Distributed, net: nn.Module, optimizer, 
     """Everything needed to continue exactly: model, optimiser, schedule, position, and every
     rank's RNG states and pending losses (gathered to all ranks; rank 0 writes them)."""
     dist.broadcast_buffers(net)
-    per_rank = dist.gather({"rng": checkpoint.rng_state(), "pending": [t.cpu() for t in pos.pending]})
+    per_rank = dist.gather({"rng": checkpoint.rng_state(), "pending": [t.item() for t in pos.pending]})
     return {
         "model": net.state_dict(),  # the plain module: no `module.` or `_orig_mod.` prefixes
         "optimizer": optimizer.state_dict(),
@@ -270,7 +270,7 @@ def resume(run: RunDir, cfg: Config, dist: Distributed, net: nn.Module, optimize
     if state["world_size"] == dist.world:
         mine = state["ranks"][dist.rank]
         checkpoint.set_rng_state(mine["rng"])
-        pos.pending = [t.to(dist.device) for t in mine["pending"]]
+        pos.pending = [torch.tensor(v, device=dist.device) for v in mine["pending"]]
     else:  # the data order does not depend on the world size; per-rank RNG streams and losses do
         dist.print(f"note: resuming {state['world_size']} ranks' checkpoint on {dist.world}; dropout RNG streams restart")
     dist.print(f"resumed from {chosen} (step {pos.step}, epoch {pos.epoch}, {pos.offset} steps into it)")
