@@ -339,7 +339,7 @@ class TrainBatches:
         plan = self.plan(epoch)
         first = step * self.global_batch + self.rank * self.local_batch
         idx = plan["order"][first : first + self.local_batch]
-        x = augment(normalize(self.images[idx]), {k: v[idx] for k, v in plan.items() if k != "order"}, self.cfg)
+        x = augment(self.images, idx, {k: v[idx] for k, v in plan.items() if k != "order"}, self.cfg)
         return x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
     def plan(self, epoch: int) -> dict[str, torch.Tensor]:
@@ -357,26 +357,33 @@ class TrainBatches:
         return self._plan[1]
 
 
-def augment(x: torch.Tensor, draws: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
-    """Flip, translate (crop of the reflect-padded batch) and cutout, vectorised over the batch."""
-    if cfg.flip:
-        x = torch.where(draws["flip"].view(-1, 1, 1, 1), x.flip(3), x)
+def augment(images: torch.Tensor, idx: torch.Tensor, draws: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+    """Images `idx` of the uint8 (N, H, W, 3) set, flipped, translated and cut out, normalised.
+
+    Flip and translate are one gather of uint8 pixels: output pixel (i, j) of a sample shifted
+    by (dy, dx) reads pixel (i + dy, j + dx), reflected at the borders (what a crop of the
+    reflect-padded image gives), and a flipped sample reads its mirrored column.
+    """
+    size = images.shape[1]
+    base = torch.arange(size, device=images.device)
+    rows, cols = base.expand(len(idx), size), base.expand(len(idx), size)
     if cfg.translate:
-        t = cfg.translate
-        padded = F.pad(x, (t, t, t, t), mode="reflect")
-        base = torch.arange(IMAGE_SIZE, device=x.device)
-        rows = (base + t + draws["shift"][:, :1]).view(-1, 1, IMAGE_SIZE, 1)
-        cols = (base + t + draws["shift"][:, 1:]).view(-1, 1, 1, IMAGE_SIZE)
-        batch = torch.arange(len(x), device=x.device).view(-1, 1, 1, 1)
-        chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-        x = padded[batch, chans, rows, cols]
+        rows, cols = _reflect(rows + draws["shift"][:, :1], size), _reflect(cols + draws["shift"][:, 1:], size)
+    if cfg.flip:
+        cols = torch.where(draws["flip"].view(-1, 1), size - 1 - cols, cols)
+    x = normalize(images[idx.view(-1, 1, 1), rows.unsqueeze(2), cols.unsqueeze(1)])
     if cfg.cutout:
-        base = torch.arange(IMAGE_SIZE, device=x.device)
         start = draws["cutout"] - cfg.cutout // 2  # (B, 2): top-left corner; may lie outside
-        inside_r = ((base >= start[:, :1]) & (base < start[:, :1] + cfg.cutout)).view(-1, 1, IMAGE_SIZE, 1)
-        inside_c = ((base >= start[:, 1:]) & (base < start[:, 1:] + cfg.cutout)).view(-1, 1, 1, IMAGE_SIZE)
+        inside_r = ((base >= start[:, :1]) & (base < start[:, :1] + cfg.cutout)).view(-1, 1, size, 1)
+        inside_c = ((base >= start[:, 1:]) & (base < start[:, 1:] + cfg.cutout)).view(-1, 1, 1, size)
         x = x.masked_fill(inside_r & inside_c, 0.0)  # 0 is the mean after normalisation
     return x
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect indices that fall off either edge back inside (-1 -> 1, size -> size - 2)."""
+    i = i.abs()
+    return torch.where(i > size - 1, 2 * (size - 1) - i, i)
 
 
 def eval_shard(n: int, rank: int, world: int) -> range:

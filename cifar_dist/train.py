@@ -62,8 +62,7 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split evenly over {dist.world} ranks")
     run = prepare_run_dir(cfg, dist)
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
-    on_gpu = dist.device.type == "cuda"
-    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+    memory_format = torch.channels_last  # faster convolutions on GPU and on CPU (oneDNN) alike
     batches = TrainBatches(data.train_x, data.train_y, cfg.data, cfg.train.batch_size, dist.rank, dist.world,
                            cfg.seed, memory_format)
     total_steps = cfg.train.epochs * batches.steps_per_epoch

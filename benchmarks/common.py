@@ -1,0 +1,71 @@
+"""Shared by the benchmark scripts: the machine, package versions, statistics, and the table
+appended to benchmarks/RESULTS.md (append-only: earlier measurements stay as they were)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+PY = sys.executable
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def versions() -> str:
+    out = []
+    for name in ("torch", "torchvision", "accelerate", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out.append(f"{name} {metadata.version(name)}")
+    return f"Python {platform.python_version()}, " + ", ".join(out)
+
+
+def git_version() -> str:
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """median (min-max, n runs)"""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return fmt.format(values[0]) + " (1 run)"
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))}, {len(values)} runs)"
+
+
+def append_table(title: str, notes: list[str], header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"## {title}", "", f"- when: {time.strftime('%Y-%m-%d %H:%M %Z')}; code {git_version()}",
+             f"- machine: {machine()}", f"- versions: {versions()}", *[f"- {n}" for n in notes], "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n\n"
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach section is appended by the script it names; numbers are as measured.\n\n")
+    with open(RESULTS, "a") as f:
+        f.write(text)
+    print(text)
+    return text
