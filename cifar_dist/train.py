@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -295,6 +296,7 @@ def make_summary(cfg: Config, dist: Distributed, run: RunDir, result: EvalResult
         "compile_seconds": round(compile_seconds, 3),
         "images_per_second": round(images / max(train_seconds, 1e-9), 1),
         "world_size": dist.world,
+        "hosts": dist.gather(socket.gethostname()),  # the node of each rank, in rank order
         "device": dist.device.type,
     }
 

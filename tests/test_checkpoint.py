@@ -223,3 +223,12 @@ def test_epochs_may_grow_and_config_change_can_be_allowed(reference, module_env,
                 "checkpoint.allow_config_change=true"], module_env)
     assert "resumed from" in proc.stdout
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 80
+
+
+def test_checkpoints_every_few_seconds_of_wall_clock(module_env, tmp_path):
+    run_dir = tmp_path / "timed"
+    run([PY, "-m", "cifar_dist.train", *TINY, "checkpoint.every_minutes=0.0005", "checkpoint.keep=3",
+         f"run.dir={run_dir}"], module_env)
+    steps = [c.step for c in checkpoint.list_checkpoints(run_dir)]
+    # Saved by the clock (every 0.03 s) during the 40 steps, plus the final one; the newest 3 kept.
+    assert len(steps) == 3 and steps[-1] == 40 and steps[0] < steps[1] < 40
