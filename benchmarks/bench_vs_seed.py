@@ -1,0 +1,126 @@
+"""The project against the seed tutorials' own loops (../shared/baselines/seed_loop.py), side by
+side in one run, on the real CIFAR-10 JPEG archive: the project's time to reach the accuracy the
+seed loop reaches in its full schedule, against the seed loop's time.
+
+    python benchmarks/bench_vs_seed.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+        [--nets medium,blitz] [--repeats 3] [--ranks 2] [--seed-loop ../shared/baselines/seed_loop.py]
+
+The seed loop's time is its training loop alone (it decodes JPEGs in its DataLoader every
+epoch); the project's time is metrics.jsonl's `time`: training and its evaluations, without the
+one-time decode into the cache (timed apart below) and without process start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PY, ROOT, append_table, spread  # noqa: E402
+
+SEED_EPOCHS = {"blitz": 2, "medium": 20}  # the tutorials' own schedules
+
+
+def run_seed_loop(seed_loop: Path, net: str, image_root: Path, epochs: int) -> dict[str, float]:
+    out = subprocess.run([PY, str(seed_loop), net, str(image_root), str(epochs)], capture_output=True, text=True,
+                         check=True).stdout
+    m = re.search(r"train_secs=([\d.]+) img_per_s=(\d+) test_acc=([\d.]+)", out)
+    assert m, out
+    return {"seconds": float(m[1]), "images_per_second": float(m[2]), "accuracy": float(m[3]) / 100}
+
+
+def run_project(net: str, data: Path, ranks: int, run_dir: Path, extra: list[str]) -> list[dict]:
+    if ranks == 1:
+        launcher = [PY, "-m", "cifar_dist.train"]
+    else:
+        launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", "localhost:0", "-m", "cifar_dist.train"]
+    env = dict(os.environ)
+    if ranks > 1 and not _has_gpu():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    subprocess.run(launcher + ["--config", net, "data.source=imagefolder", f"data.path={data}", f"run.dir={run_dir}",
+                               "run.progress=none", *extra], check=True, cwd=ROOT, env=env)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def time_to(records: list[dict], accuracy: float) -> float | None:
+    hit = next((r for r in records if r.get("test_accuracy", 0) >= accuracy), None)
+    return hit["time"] if hit else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="cifar10-jpeg.tar.gz")
+    parser.add_argument("--nets", default="medium,blitz")
+    parser.add_argument("--repeats", type=int, default=3, help="project runs per net")
+    parser.add_argument("--ranks", type=int, default=1, help="project ranks (data-parallel on this machine)")
+    parser.add_argument("--seed-loop", type=Path, default=ROOT.parent / "shared" / "baselines" / "seed_loop.py")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for the project runs")
+    parser.add_argument("--recorded", nargs="*", default=[], metavar="NET=SECONDS:ACCURACY",
+                        help="use a recorded seed-loop result instead of running it (labelled so in the table), "
+                             "e.g. medium=1293:0.729 from ../shared/baselines/README.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        with tarfile.open(args.data) as tar:
+            tar.extractall(tmp_path, filter="data")
+        image_root = next(p.parent for p in tmp_path.rglob("train") if (p.parent / "test").is_dir())
+        env_cache = os.environ.setdefault("CIFAR_DIST_CACHE", str(tmp_path / "cache"))
+        t = time.perf_counter()
+        subprocess.run([PY, "-m", "cifar_dist.cli", "data", "prepare", "data.source=imagefolder", f"data.path={args.data}"],
+                       check=True, cwd=ROOT)
+        decode_seconds = time.perf_counter() - t
+
+        rows, notes = [], []
+        for net in args.nets.split(","):
+            recorded = dict(r.split("=", 1) for r in args.recorded)
+            if net in recorded:
+                seconds, accuracy = recorded[net].split(":")
+                seed = {"seconds": float(seconds), "accuracy": float(accuracy), "recorded": True}
+            else:
+                seed = run_seed_loop(args.seed_loop, net, image_root, SEED_EPOCHS[net])
+            print(f"seed {net}: {seed}", flush=True)
+            hits, finals, totals = [], [], []
+            for i in range(args.repeats):
+                records = run_project(net, args.data, args.ranks, tmp_path / f"{net}-{i}", args.extra)
+                evals = [r for r in records if "test_accuracy" in r]
+                hit = time_to(records, seed["accuracy"])
+                print(f"project {net} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
+                      f"{evals[-1]['test_accuracy']:.2%} at {evals[-1]['time']} s", flush=True)
+                if hit is not None:
+                    hits.append(hit)
+                finals.append(100 * evals[-1]["test_accuracy"])
+                totals.append(evals[-1]["time"])
+            speedups = [seed["seconds"] / h for h in hits]
+            label = " (recorded, not re-run)" if seed.get("recorded") else ""
+            rows.append([net, f"{SEED_EPOCHS[net]} epochs: {seed['seconds']:,.0f} s, {100 * seed['accuracy']:.1f}%{label}",
+                         f"{spread(hits)} ({len(hits)}/{args.repeats} reached it)", spread(speedups, "{:.1f}x"),
+                         spread(finals, "{:.1f}%"), spread(totals)])
+        notes += [f"data: {args.data.name}; the project's one-time decode into its cache took {decode_seconds:.0f} s "
+                  f"(cache {env_cache}), not counted below",
+                  f"project: `cifar-dist train --config NET` (shipped recipe) on {args.ranks} rank(s)"
+                  + (f", overrides {' '.join(args.extra)}" if args.extra else ""),
+                  "seed loop: its own training loop time (batch 4-5, DataLoader with 2 workers), run once per net in this "
+                  "same invocation"]
+        append_table("Project vs seed loops: time to the seed's accuracy", notes,
+                     ["net", "seed loop (full schedule)", "project: time to seed accuracy, s", "speed-up",
+                      "project final accuracy", "project total time, s"], rows)
+
+
+if __name__ == "__main__":
+    main()
