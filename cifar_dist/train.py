@@ -94,7 +94,7 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     dist.install_stop_handlers()
     clock = Clock(pos.elapsed)
     last_save = time.monotonic()
-    result: EvalResult | None = None
+    result = saved_eval = None
     for epoch in range(pos.epoch, cfg.train.epochs):
         pos.epoch = epoch
         for x, y in batches.epoch(epoch, start=pos.offset):
@@ -121,9 +121,12 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
             record = eval_record(pos.step, epoch + 1, clock.elapsed(), result, data.classes)
             records.log(record, result)
             console.eval(record, result)
-        pos.offset = 0
+        pos.epoch, pos.offset = epoch + 1, 0
+        checkpointing = cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes
+        if checkpointing and result is not None and result is not saved_eval:
+            save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
+            saved_eval, last_save = result, time.monotonic()
 
-    pos.epoch = cfg.train.epochs
     if result is None:  # resumed from the last step's checkpoint, the final evaluation not yet recorded
         result = do_eval()
     train_seconds = clock.elapsed()

@@ -68,9 +68,14 @@ def last_step(run_dir) -> int:
 
 
 def test_checkpoints_are_named_by_step_and_pruned(reference):
-    # Saved at 7, 14, ..., 35 and at the end (40); keep=2 keeps the newest two (the best is the last).
+    # Saved every 7 steps, after each evaluation (steps 20 and 40) and at the end (40); keep=2 keeps the
+    # newest two, plus the best by test accuracy when that is older.
+    accuracy = {r["step"]: r["test_accuracy"] for r in read_jsonl(reference / "metrics.jsonl") if "test_accuracy" in r}
+    best = max(accuracy, key=lambda step: (accuracy[step], step))
     names = sorted(p.name for p in (reference / "checkpoints").iterdir())
-    assert names == ["step_00000035", "step_00000040"]
+    assert names == sorted({"step_00000035", "step_00000040", f"step_{best:08d}"})
+    marker = json.loads((reference / "checkpoints" / f"step_{best:08d}" / "COMPLETE").read_text())
+    assert marker["test_accuracy"] == accuracy[best]
     state = checkpoint.load_state(reference / "checkpoints" / "step_00000040" / "state.pt")
     assert {"model", "optimizer", "scheduler", "position", "ranks", "config_hash", "run_id"} <= state.keys()
     assert state["position"]["step"] == 40 and state["run_id"]
