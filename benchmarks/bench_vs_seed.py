@@ -37,7 +37,7 @@ def run_seed_loop(seed_loop: Path, net: str, image_root: Path, epochs: int) -> d
     return {"seconds": float(m[1]), "images_per_second": float(m[2]), "accuracy": float(m[3]) / 100}
 
 
-def run_project(net: str, data: Path, ranks: int, run_dir: Path, extra: list[str]) -> list[dict]:
+def run_project(config: str, data: Path, ranks: int, run_dir: Path, extra: list[str]) -> list[dict]:
     if ranks == 1:
         launcher = [PY, "-m", "cifar_dist.train"]
     else:
@@ -46,7 +46,7 @@ def run_project(net: str, data: Path, ranks: int, run_dir: Path, extra: list[str
     env = dict(os.environ)
     if ranks > 1 and not _has_gpu():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
-    subprocess.run(launcher + ["--config", net, "data.source=imagefolder", f"data.path={data}", f"run.dir={run_dir}",
+    subprocess.run(launcher + ["--config", config, "data.source=imagefolder", f"data.path={data}", f"run.dir={run_dir}",
                                "run.progress=none", *extra], check=True, cwd=ROOT, env=env)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1, help="project ranks (data-parallel on this machine)")
     parser.add_argument("--seed-loop", type=Path, default=ROOT.parent / "shared" / "baselines" / "seed_loop.py")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for the project runs")
+    parser.add_argument("--configs", nargs="*", default=[], metavar="NET=CONFIG",
+                        help="the shipped config to run per net (default: the net's name), e.g. medium=medium_gpu")
     parser.add_argument("--recorded", nargs="*", default=[], metavar="NET=SECONDS:ACCURACY",
                         help="use a recorded seed-loop result instead of running it (labelled so in the table), "
                              "e.g. medium=1293:0.729 from ../shared/baselines/README.md")
@@ -87,6 +89,7 @@ def main() -> None:
         decode_seconds = time.perf_counter() - t
 
         rows, notes = [], []
+        configs = dict(c.split("=", 1) for c in args.configs)
         for net in args.nets.split(","):
             recorded = dict(r.split("=", 1) for r in args.recorded)
             if net in recorded:
@@ -97,7 +100,7 @@ def main() -> None:
             print(f"seed {net}: {seed}", flush=True)
             hits, finals, totals = [], [], []
             for i in range(args.repeats):
-                records = run_project(net, args.data, args.ranks, tmp_path / f"{net}-{i}", args.extra)
+                records = run_project(configs.get(net, net), args.data, args.ranks, tmp_path / f"{net}-{i}", args.extra)
                 evals = [r for r in records if "test_accuracy" in r]
                 hit = time_to(records, seed["accuracy"])
                 print(f"project {net} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
@@ -113,7 +116,7 @@ def main() -> None:
                          spread(finals, "{:.1f}%"), spread(totals)])
         notes += [f"data: {args.data.name}; the project's one-time decode into its cache took {decode_seconds:.0f} s "
                   f"(cache {env_cache}), not counted below",
-                  f"project: `cifar-dist train --config NET` (shipped recipe) on {args.ranks} rank(s)"
+                  f"project: `cifar-dist train --config {configs or 'NET'}` (shipped recipe) on {args.ranks} rank(s)"
                   + (f", overrides {' '.join(args.extra)}" if args.extra else ""),
                   "seed loop: its own training loop time (batch 4-5, DataLoader with 2 workers), run once per net in this "
                   "same invocation"]
