@@ -4,7 +4,9 @@ directories alone (metrics.jsonl, summary.json, config.yaml)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +118,222 @@ def write_plots(run_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "per_class_accuracy.png")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- compare
+
+# Keys that name a run rather than configure it; they differ between any two runs.
+IDENTITY_KEYS = ("run.dir", "run.id", "run.name")
+CURVES_PNG, PER_CLASS_PNG, CONFUSION_PNG = "compare_curves.png", "compare_per_class.png", "compare_confusion.png"
+CURVES_SIZE = (14, 4.5)  # inches at 100 dpi
+PER_CLASS_SIZE = (12, 5)
+CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, up to four to a row
+CONFUSION_COLUMNS = 4
+
+
+class CompareError(ValueError):
+    """A path given to compare is not a run or sweep directory."""
+
+
+@dataclass
+class ComparedRun:
+    """What a run directory says about its run."""
+
+    label: str  # the path relative to the runs' common folder
+    config: dict[str, Any]  # flattened: "train.lr" -> 0.05
+    summary: dict[str, Any] | None  # None while the run is unfinished
+    metrics: list[dict[str, Any]]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "config.yaml").is_file()
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Each path is a run directory, or a sweep directory searched recursively for run directories
+    (not inside a run: its checkpoints and wandb folders hold none)."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise CompareError(f"{path}: not a directory")
+        inside = []
+        for root, dirs, _ in os.walk(path):
+            dirs.sort()
+            if is_run_dir(Path(root)):
+                inside.append(Path(root))
+                dirs.clear()
+        if not inside:
+            raise CompareError(f"{path}: holds no run directory (none with summary.json or config.yaml)")
+        found += inside
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def load_runs(paths: list[Path]) -> list[ComparedRun]:
+    import yaml
+
+    from cifar_dist.config import flatten
+
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    runs = []
+    for path in paths:
+        config_file, summary_file = path / "config.yaml", path / "summary.json"
+        config = flatten(yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        runs.append(ComparedRun(str(path.relative_to(common)), config, summary, read_metrics(path)))
+    return runs
+
+
+def differing_keys(runs: list[ComparedRun]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config} - set(IDENTITY_KEYS))
+    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Columns two spaces apart; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in rows)
+
+
+def compare_tables(runs: list[ComparedRun]) -> str:
+    """The config keys that differ, accuracies, time, speed and world size; then per-class accuracy."""
+    keys = differing_keys(runs)
+
+    def value(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    def number(v: float | None, decimals: int) -> str:
+        return "-" if v is None else f"{v:.{decimals}f}"
+
+    head = ["run", *keys, "final_acc", "best_acc", "train_s", "images/s", "world"]
+    rows = [head]
+    for r in runs:
+        s = r.summary or {}
+        rows.append([r.label, *(value(r.config.get(k, "-")) for k in keys), pct(s.get("test_accuracy")),
+                     pct(s.get("best_test_accuracy")), number(s.get("train_seconds"), 1),
+                     number(s.get("images_per_second"), 0), number(s.get("world_size"), 0)])
+    classes = list(dict.fromkeys(c for r in runs for c in (r.summary or {}).get("per_class_accuracy", {})))
+    per_class = [["run", *classes]] + [
+        [r.label, *(pct((r.summary or {}).get("per_class_accuracy", {}).get(c)) for c in classes)] for r in runs
+    ]
+    differ = ", ".join(keys) if keys else "none"
+    return (f"{len(runs)} runs; config keys that differ: {differ}\n{format_table(rows)}\n\n"
+            f"per-class test accuracy (final evaluation)\n{format_table(per_class)}")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[ComparedRun], out: Path) -> None:
+    """Test accuracy, training loss and test loss against epochs, one line per run."""
+    plt = _pyplot()
+    fig, (acc, train, test) = plt.subplots(1, 3, figsize=CURVES_SIZE, dpi=100)
+    for r in runs:
+        tr = [m for m in r.metrics if "train_loss" in m]
+        te = [m for m in r.metrics if "test_accuracy" in m]
+        line, = acc.plot([m["epoch"] for m in te], [100 * m["test_accuracy"] for m in te], "o-", label=r.label)
+        train.plot([m["epoch"] for m in tr], [m["train_loss"] for m in tr], color=line.get_color(), label=r.label)
+        test.plot([m["epoch"] for m in te], [m["test_loss"] for m in te], "o-", color=line.get_color(), label=r.label)
+    acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    train.set(xlabel="epoch", ylabel="cross-entropy", title="training loss (label-smoothed)")
+    test.set(xlabel="epoch", ylabel="cross-entropy", title="test loss")
+    for ax in (acc, train, test):
+        ax.grid(alpha=0.3)
+    acc.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / CURVES_PNG)
+    plt.close(fig)
+
+
+def plot_per_class(runs: list[ComparedRun], out: Path) -> None:
+    """Final per-class test accuracy: one group of bars per class, one bar per run."""
+    plt = _pyplot()
+    done = [r for r in runs if r.summary]
+    classes = list(dict.fromkeys(c for r in done for c in r.summary["per_class_accuracy"]))
+    fig, ax = plt.subplots(figsize=PER_CLASS_SIZE, dpi=100)
+    width = 0.8 / max(1, len(done))
+    for i, r in enumerate(done):
+        xs = [c + (i - (len(done) - 1) / 2) * width for c in range(len(classes))]
+        ax.bar(xs, [100 * r.summary["per_class_accuracy"].get(c, 0) for c in classes], width, label=r.label)
+    ax.set_xticks(range(len(classes)), classes, rotation=30)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title="per-class test accuracy (final evaluation)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / PER_CLASS_PNG)
+    plt.close(fig)
+
+
+def confusion_grid(n_runs: int) -> tuple[int, int]:
+    """(rows, columns) of the confusion-matrix figure's panels."""
+    cols = min(n_runs, CONFUSION_COLUMNS)
+    return -(-n_runs // cols), cols
+
+
+def plot_confusions(runs: list[ComparedRun], out: Path) -> None:
+    """Each finished run's final confusion matrix: rows true, columns predicted, coloured by the
+    share of the true class, with the counts written in."""
+    import numpy as np
+
+    plt = _pyplot()
+    done = [r for r in runs if r.summary]
+    rows, cols = confusion_grid(len(done))
+    fig, axes = plt.subplots(rows, cols, figsize=(CONFUSION_PANEL * cols, CONFUSION_PANEL * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(done):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, done):
+        counts = np.array(r.summary["confusion_matrix"])
+        classes = list(r.summary["per_class_accuracy"])
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i, j in np.ndindex(counts.shape):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=f"{r.label}: {r.summary['test_accuracy']:.2%}")
+    fig.tight_layout()
+    fig.savefig(out / CONFUSION_PNG)
+    plt.close(fig)
+
+
+def compare_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cifar-dist compare",
+        description="Compare runs from their run directories alone (config.yaml, summary.json, metrics.jsonl): "
+                    "print a table of the config keys that differ, final and best test accuracy, training seconds, "
+                    f"images/s, world size and per-class accuracy; write {CURVES_PNG} (test accuracy and losses "
+                    f"against epochs), {PER_CLASS_PNG} (per-class accuracy grouped by run) and {CONFUSION_PNG} "
+                    "(a confusion matrix per run).")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR",
+                        help="a run directory, or a folder searched recursively for run directories")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: the first sweep directory given, "
+                        "else the current directory)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(find_runs(args.paths))
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or next((p for p in args.paths if not is_run_dir(p)), Path.cwd())
+    out.mkdir(parents=True, exist_ok=True)
+    print(compare_tables(runs))
+    plot_curves(runs, out)
+    written = [CURVES_PNG]
+    if any(r.summary for r in runs):  # per-class accuracy and confusion counts come from summary.json
+        plot_per_class(runs, out)
+        plot_confusions(runs, out)
+        written += [PER_CLASS_PNG, CONFUSION_PNG]
+    print(f"\nplots: {', '.join(str(out / name) for name in written)}")
+    return 0
