@@ -13,6 +13,7 @@ commands:
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
   data prepare [--config NAME|PATH] [key=value ...]                   decode the data into the cache
+  sweep    SPEC.yaml | status|wait|cancel|resubmit SWEEP_DIR            Slurm sweeps (= python jobs/submit.py)
 
 'cifar-dist COMMAND --help' for a command's options."""
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from cifar_dist.report import compare_main
 
         return compare_main(rest)
+    if command == "sweep":
+        from jobs.submit import main as sweep_main
+
+        return sweep_main(rest)
     if command == "data":
         return data_main(rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)

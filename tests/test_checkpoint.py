@@ -235,5 +235,6 @@ def test_checkpoints_every_few_seconds_of_wall_clock(module_env, tmp_path):
     run([PY, "-m", "cifar_dist.train", *TINY, "checkpoint.every_minutes=0.0005", "checkpoint.keep=3",
          f"run.dir={run_dir}"], module_env)
     steps = [c.step for c in checkpoint.list_checkpoints(run_dir)]
-    # Saved by the clock (every 0.03 s) during the 40 steps, plus the final one; the newest 3 kept.
-    assert len(steps) == 3 and steps[-1] == 40 and steps[0] < steps[1] < 40
+    by_clock = [s for s in steps if s not in (20, 40)]  # 20 and 40 are also saved after each evaluation
+    # Kept: the newest 3, plus the best evaluated one when that is older.
+    assert steps[-1] == 40 and 3 <= len(steps) <= 4 and by_clock

@@ -1,0 +1,365 @@
+"""The sweep spec: a strict YAML file, expanded into points whose configs all validate before
+anything is submitted.
+
+    name: lr-sweep
+    cluster: local            # a profile in slurm/clusters/
+    base: medium              # a shipped config name, or a YAML path (relative to this file)
+    overrides: {train.epochs: 2}
+    sweep:
+      grid: {train.lr: [0.05, 0.1], seed: [0, 1]}
+      random: {n: 4, seed: 0, params: {train.lr: {loguniform: [0.01, 0.3]}}}
+    resources: {nodes: 1, gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 1, time_min: 30}
+
+`grid` is a cartesian product; `random` draws `n` points (seeded); with both, every random point
+is crossed with every grid point. A swept key's values replace its value in `overrides`.
+Values reach the run as data (pickled with the job), never through a shell.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cifar_dist.config import Config, ConfigError, apply_mapping, flatten, load_config, validate
+from jobs.clusters import Profile
+from jobs.strict import SpecError, check_keys, load_yaml_mapping, take
+
+TOP_KEYS = ("name", "cluster", "base", "overrides", "sweep", "resources")
+# The name becomes the Slurm job name, the sweep dir's name and part of every run id.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Values that end up on #SBATCH lines: Slurm names and constraint expressions, nothing a shell or
+# sbatch's own parser could read as more than one value.
+SLURM_VALUE = re.compile(r"[A-Za-z0-9_.,:|&*\[\]+-]{1,128}")
+# Keys the sweep fixes for every point (the run dir and id are fixed at submit time, so a
+# requeued or resubmitted point resumes from its own checkpoints).
+RESERVED = ("run.dir", "run.id", "run.name", "tracking.group")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+MAX_POINTS = 1000  # a typo such as a 100-value grid crossed with 100 seeds should not reach the queue
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1  # ranks per node: one per GPU, or CPU ranks on CPU nodes
+    cpus_per_task: int = 1
+    mem: float | None = None  # GB per node; None = the cluster's default
+    time_min: int = 60  # the job's time limit, minutes
+    array_parallelism: int | None = None  # points running at once; None = submitit's default (256)
+    signal_delay_s: int = 90  # USR2 this many seconds before the time limit: time to checkpoint and requeue
+    max_timeouts: int = 3  # requeues after a time-out before the point is left stopped (pre-emptions are free)
+    partition: str | None = None  # None = the profile's first partition
+    account: str | None = None  # None = the profile's account
+    qos: str | None = None
+    constraint: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class Distribution:
+    kind: str  # one of DISTRIBUTIONS
+    args: list[Any]
+
+    def sample(self, rng: random.Random) -> Any:
+        if self.kind == "choice":
+            return rng.choice(self.args)
+        low, high = self.args
+        if self.kind == "int":
+            return rng.randint(low, high)  # both ends included
+        if self.kind == "loguniform":
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+        return rng.uniform(low, high)
+
+
+@dataclass
+class RandomSweep:
+    n: int
+    seed: int
+    params: dict[str, Distribution]
+
+
+@dataclass
+class Spec:
+    path: Path
+    name: str
+    cluster: str
+    base: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, for every point
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    random: RandomSweep | None = None
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class Point:
+    index: int
+    name: str  # "000", "001", ...: its run dir's name
+    values: dict[str, Any]  # the swept keys' values
+    run_id: str
+    run_dir: str
+    config: dict[str, Any]  # the resolved, validated config (Config.to_dict)
+
+    def describe(self) -> str:
+        return describe(self.values)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    data = load_yaml_mapping(path, "spec")
+    check_keys(data, TOP_KEYS, "")
+    name = take(data, "name", str, "")
+    if not NAME.fullmatch(name):
+        raise SpecError(f"name: {name!r} may hold only letters, digits, - _ . (at most 64; it names the Slurm job, "
+                        "the sweep dir and the run ids)")
+    sweep = take(data, "sweep", dict, "")
+    check_keys(sweep, ("grid", "random"), "sweep.")
+    spec = Spec(
+        path=path,
+        name=name,
+        cluster=take(data, "cluster", str, "", "local"),
+        base=take(data, "base", str, ""),
+        overrides=_flat(take(data, "overrides", dict, "", {}), "overrides"),
+        grid=_grid(take(sweep, "grid", dict, "sweep.", {})),
+        random=_random(take(sweep, "random", dict, "sweep.", None)),
+        resources=_resources(take(data, "resources", dict, "", {})),
+    )
+    if not spec.grid and spec.random is None:
+        raise SpecError("sweep: empty (give grid and/or random; a single run is grid: {seed: [0]})")
+    _check_key_sets(spec)
+    return spec
+
+
+def _flat(mapping: dict[Any, Any], where: str) -> dict[str, Any]:
+    for key in mapping:
+        if not isinstance(key, str):
+            raise SpecError(f"{where}: key {key!r} is not a dotted config key")
+    return flatten(mapping)
+
+
+def _grid(grid: dict[Any, Any]) -> dict[str, list[Any]]:
+    out = _flat(grid, "sweep.grid")
+    for key, values in out.items():
+        if not isinstance(values, list):
+            raise SpecError(f"sweep.grid.{key}: expected a list of values, got {values!r}")
+        if not values:
+            raise SpecError(f"sweep.grid.{key}: empty list, so the sweep has no points")
+    return out
+
+
+def _random(data: dict[str, Any] | None) -> RandomSweep | None:
+    if data is None:
+        return None
+    where = "sweep.random."
+    check_keys(data, ("n", "seed", "params"), where)
+    n = take(data, "n", int, where)
+    if n < 1:
+        raise SpecError(f"sweep.random.n: must be >= 1, got {n}")
+    params = take(data, "params", dict, where)
+    if not params:
+        raise SpecError("sweep.random.params: empty (give at least one key and its distribution)")
+    return RandomSweep(n=n, seed=take(data, "seed", int, where, 0),
+                       params={k: _distribution(k, v) for k, v in _flat_params(params).items()})
+
+
+def _flat_params(params: dict[Any, Any]) -> dict[str, Any]:
+    """Dotted keys, also when written nested ({train: {lr: {uniform: [...]}}})."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise SpecError(f"sweep.random.params: key {key!r} is not a dotted config key")
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            out.update({f"{key}.{k}": v for k, v in _flat_params(value).items()})  # a section, not a distribution
+        else:
+            out[key] = value
+    return out
+
+
+def _distribution(key: str, value: Any) -> Distribution:
+    where = f"sweep.random.params.{key}"
+    forms = "{choice: [a, b, ...]}, {uniform: [low, high]}, {loguniform: [low, high]} or {int: [low, high]}"
+    if not isinstance(value, dict) or len(value) != 1:
+        raise SpecError(f"{where}: expected one of {forms}, got {value!r}")
+    kind, args = next(iter(value.items()))
+    if kind not in DISTRIBUTIONS:
+        raise SpecError(f"{where}: unknown distribution {kind!r} (choice, uniform, loguniform, int)")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise SpecError(f"{where}.choice: expected a non-empty list of values, got {args!r}")
+        return Distribution(kind, args)
+    number = int if kind == "int" else (int, float)
+    if (not isinstance(args, list) or len(args) != 2
+            or any(isinstance(a, bool) or not isinstance(a, number) for a in args)):
+        what = "integers" if kind == "int" else "numbers"
+        raise SpecError(f"{where}.{kind}: expected [low, high], two {what}, got {args!r}")
+    low, high = args
+    if not (low <= high if kind == "int" else low < high):
+        raise SpecError(f"{where}.{kind}: low must be {'<=' if kind == 'int' else '<'} high, got {args!r}")
+    if kind == "loguniform" and low <= 0:
+        raise SpecError(f"{where}.loguniform: low must be > 0, got {args!r}")
+    return Distribution(kind, [low, high])
+
+
+def _resources(data: dict[str, Any]) -> Resources:
+    where = "resources."
+    check_keys(data, tuple(Resources.__dataclass_fields__), where)
+    r = Resources(
+        nodes=take(data, "nodes", int, where, 1),
+        gpus_per_node=take(data, "gpus_per_node", int, where, 0),
+        tasks_per_node=take(data, "tasks_per_node", int, where, 1),
+        cpus_per_task=take(data, "cpus_per_task", int, where, 1),
+        mem=take(data, "mem", float, where, None),
+        time_min=take(data, "time_min", int, where, 60),
+        array_parallelism=take(data, "array_parallelism", int, where, None),
+        signal_delay_s=take(data, "signal_delay_s", int, where, 90),
+        max_timeouts=take(data, "max_timeouts", int, where, 3),
+        partition=take(data, "partition", str, where, None),
+        account=take(data, "account", str, where, None),
+        qos=take(data, "qos", str, where, None),
+        constraint=take(data, "constraint", str, where, None),
+    )
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
+        if getattr(r, key) is not None and getattr(r, key) < 1:
+            raise SpecError(f"resources.{key}: must be >= 1, got {getattr(r, key)}")
+    for key in ("gpus_per_node", "signal_delay_s", "max_timeouts"):
+        if getattr(r, key) < 0:
+            raise SpecError(f"resources.{key}: must be >= 0, got {getattr(r, key)}")
+    if r.mem is not None and r.mem <= 0:
+        raise SpecError(f"resources.mem: must be > 0 GB, got {r.mem}")
+    if r.signal_delay_s >= 60 * r.time_min:
+        raise SpecError(f"resources.signal_delay_s: {r.signal_delay_s} s is not shorter than the time limit "
+                        f"(time_min {r.time_min} = {60 * r.time_min} s), so no run would get to train")
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(r, key)
+        if value is not None and not SLURM_VALUE.fullmatch(value):
+            raise SpecError(f"resources.{key}: {value!r} is not a Slurm name (letters, digits and _ . , : | & * [ ] + -)")
+    return r
+
+
+def _check_key_sets(spec: Spec) -> None:
+    swept_random = set(spec.random.params) if spec.random else set()
+    for key in sorted(set(spec.overrides) | set(spec.grid) | swept_random):
+        if key in RESERVED or any(key.startswith(r + ".") for r in RESERVED):
+            raise SpecError(f"{key}: set by the sweep for every point (run dir and id fixed at submit time, "
+                            "tracking.group = the sweep name); remove it")
+    for key in sorted(set(spec.grid) & swept_random):
+        raise SpecError(f"{key}: in both sweep.grid and sweep.random; sweep it once")
+
+
+# ---------------------------------------------------------------------------- fitting the cluster
+
+
+def check_fits(r: Resources, profile: Profile) -> None:
+    """Resources that the cluster profile cannot give are refused before submission."""
+    prof = f"cluster profile {profile.name!r}"
+    if r.nodes > profile.max_nodes:
+        raise SpecError(f"resources.nodes: {r.nodes} nodes, but {prof} allows at most {profile.max_nodes}")
+    if r.gpus_per_node > profile.gpus_per_node:
+        raise SpecError(f"resources.gpus_per_node: {r.gpus_per_node}, but {prof} nodes have {profile.gpus_per_node}")
+    if r.gpus_per_node and r.tasks_per_node != r.gpus_per_node:
+        raise SpecError(f"resources.tasks_per_node: {r.tasks_per_node}, but must equal gpus_per_node "
+                        f"({r.gpus_per_node}): one task per GPU")
+    if r.tasks_per_node * r.cpus_per_task > profile.cpus_per_node:
+        raise SpecError(f"resources.cpus_per_task: {r.tasks_per_node} tasks x {r.cpus_per_task} CPUs per node, "
+                        f"but {prof} nodes have {profile.cpus_per_node} CPUs")
+    if r.mem is not None and profile.mem_per_node_gb and r.mem > profile.mem_per_node_gb:
+        raise SpecError(f"resources.mem: {r.mem:g} GB, but {prof} nodes have {profile.mem_per_node_gb:g} GB")
+    if profile.max_time_min and r.time_min > profile.max_time_min:
+        raise SpecError(f"resources.time_min: {r.time_min}, but {prof} allows at most {profile.max_time_min} minutes")
+    if profile.partitions and r.partition is not None and r.partition not in profile.partitions:
+        raise SpecError(f"resources.partition: {r.partition!r} is not one of {prof}'s: {', '.join(profile.partitions)}")
+
+
+# ---------------------------------------------------------------------------- expanding
+
+
+def count_points(spec: Spec) -> int:
+    """The number of points, computed without expanding them (a huge grid is refused cheaply)."""
+    return math.prod(len(v) for v in spec.grid.values()) * (spec.random.n if spec.random else 1)
+
+
+def expand(spec: Spec) -> list[dict[str, Any]]:
+    """Every point's swept values: the grid in the order written (last key fastest), each grid
+    point crossed with the random draws (the same draws for every grid point)."""
+    grid = [dict(zip(spec.grid, combo)) for combo in itertools.product(*spec.grid.values())]
+    draws = [{}]
+    if spec.random:
+        rng = random.Random(spec.random.seed)
+        draws = [{k: d.sample(rng) for k, d in spec.random.params.items()} for _ in range(spec.random.n)]
+    return [{**g, **d} for g in grid for d in draws]
+
+
+def make_points(spec: Spec, sweep_dir: Path, uid: str, max_points: int = MAX_POINTS) -> list[Point]:
+    """Every point with its run id, run dir and validated config; the first mistake raises."""
+    n = count_points(spec)
+    if n > max_points:
+        raise SpecError(f"sweep: {n:,} points exceeds the cap of {max_points:,} (use --max-points to allow more)")
+    base = base_config(spec)
+    width = max(3, len(str(n - 1)))
+    points = []
+    for i, values in enumerate(expand(spec)):
+        name = f"{i:0{width}d}"
+        run_dir, run_id = sweep_dir / "runs" / name, f"{spec.name}-{uid}-{name}"
+        cfg = _point_config(spec, base, values, name, run_dir, run_id)
+        points.append(Point(i, name, values, run_id, str(run_dir), cfg.to_dict()))
+    return points
+
+
+def base_config(spec: Spec) -> Config:
+    try:
+        cfg = load_config(_resolve_base(spec))
+    except ConfigError as e:
+        raise SpecError(f"base: {str(e).removeprefix('--config: ')}") from None
+    try:
+        apply_mapping(cfg, spec.overrides)
+        validate(cfg)
+    except ConfigError as e:
+        raise SpecError(f"overrides: {e}") from None
+    return cfg
+
+
+def _resolve_base(spec: Spec) -> str:
+    """A relative path is relative to the spec file; a bare name is a shipped config."""
+    base = Path(spec.base)
+    if not base.is_absolute() and (base.suffix in (".yaml", ".yml") or "/" in spec.base):
+        beside = spec.path.parent / base
+        if beside.is_file():
+            return str(beside)
+    return spec.base
+
+
+def _point_config(spec: Spec, base: Config, values: dict[str, Any], name: str, run_dir: Path, run_id: str) -> Config:
+    cfg = copy.deepcopy(base)
+    where = f"point {name} ({describe(values)})"
+    try:
+        apply_mapping(cfg, values)
+        cfg.run.dir, cfg.run.id, cfg.tracking.group = str(run_dir), run_id, spec.name
+        cfg.run.name = f"{spec.name}/{name} {describe(values)}".strip()
+        # Jobs may start in another directory (a resubmission, a node's scratch): fix paths now.
+        for key in ("path", "cache_dir"):
+            value = getattr(cfg.data, key)
+            if value and not Path(value).is_absolute():
+                setattr(cfg.data, key, str(Path(value).absolute()))
+        validate(cfg)
+    except ConfigError as e:
+        raise SpecError(f"{where}: {e}") from None
+    world = spec.resources.world_size
+    if cfg.train.batch_size % world:
+        raise SpecError(f"{where}: train.batch_size: {cfg.train.batch_size} does not split evenly over {world} ranks "
+                        f"(resources: {spec.resources.nodes} nodes x {spec.resources.tasks_per_node} tasks)")
+    return cfg
+
+
+def describe(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

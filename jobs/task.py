@@ -1,0 +1,162 @@
+"""The checkpointable task: one sweep point, run by every Slurm task (rank) of its job.
+
+Each task builds its distributed environment in code (no nested launcher) and calls the same
+`train(cfg)` as every other entry point. Pre-emption and time-out:
+
+1. Slurm sends USR2 `signal_delay_s` before the limit (and SIGTERM on cancel or requeue) to
+   every task. submitit installed its own USR2 handler when the job started, but `train`
+   replaces it while it runs with one that only sets a flag, so the signal never interrupts a
+   collective or a checkpoint write.
+2. At the next step boundary all ranks agree, rank 0 writes a checkpoint, and `train` raises
+   `Stopped` on every rank.
+3. Global rank 0 then runs submitit's own checkpoint-and-requeue logic (`SignalHandler`):
+   `checkpoint()` below returns a fresh `DelayedSubmission` of this task (plain data: a config
+   dict; never a process group or a model), submitit pickles it and calls `scontrol requeue`.
+   The other ranks return a "stopped" marker; requeueing ends them anyway.
+4. The requeued job starts the same task again; `train` resumes from the newest valid checkpoint
+   in the run dir, which was fixed at submit time.
+
+If the job was cancelled with `jobs/submit.py cancel` (SIGTERM too), or has timed out too many
+times, rank 0 does not requeue and returns the marker `{"status": "stopped", "reason": ...}`,
+which `status` shows as cancelled or stopped (resumable with `resubmit --failed`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import DelayedSubmission, UncompletedJobError
+
+STOPPED = "stopped"  # the "status" of the marker a task returns when it stopped without finishing
+CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
+SLOTS = "slots"  # <sweep dir>/slots/: the local executor's run slots (locks) and "<job id>.running" markers
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """Train one point: `config` is a resolved `Config.to_dict()`; `env` is the cluster
+    profile's environment for tasks; `cpus` the CPUs each rank may use (compute threads);
+    `sweep_dir` holds the cancel list; `local_slots` caps the points the local executor runs at
+    once (it starts them all together; 0 = no cap)."""
+
+    def __init__(self, config: dict[str, Any], env: dict[str, str], cpus: int = 1, sweep_dir: str = "",
+                 local_slots: int = 0):
+        self.config = config
+        self.env = env
+        self.cpus = cpus
+        self.sweep_dir = sweep_dir
+        self.local_slots = local_slots
+
+    def __call__(self) -> dict[str, Any]:
+        started = time.time()
+        job = submitit.JobEnvironment()
+        if job.cluster == "local" and self.local_slots and self.sweep_dir:
+            wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
+        os.environ.update(self.env)  # before the process group exists: GLOO_/NCCL_SOCKET_IFNAME, ...
+        export_distributed_environment()
+        limit_threads(self.cpus)
+
+        from cifar_dist.config import config_from_dict
+        from cifar_dist.train import Stopped, train
+
+        cfg = config_from_dict(self.config)
+        try:
+            return train(cfg)
+        except Stopped:
+            return self.requeue_or_stop(job, started)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """The same point again: training resumes by itself from the run dir's checkpoints."""
+        return DelayedSubmission(TrainTask(self.config, self.env, self.cpus, self.sweep_dir, self.local_slots))
+
+    def requeue_or_stop(self, job: submitit.JobEnvironment, started: float) -> dict[str, Any]:
+        """After `train` stopped on a signal (its checkpoint written): rank 0 requeues the job
+        through submitit, exiting this process; otherwise return the stopped marker."""
+        marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.config["run"]["dir"]}
+        if job.global_rank != 0:
+            return marker
+        if job.cluster not in ("slurm", "local"):  # the debug executor runs in the submitting process
+            return {**marker, "reason": "stopped by a signal"}
+        if self.cancelled(job):
+            return {**marker, "reason": "cancelled"}
+        paths = job.paths
+        handler = SignalHandler(job, paths, DelayedSubmission.load(paths.submitted_pickle))
+        # submitit decides "timed out" (counted against max_timeouts) or "pre-empted" (free) from
+        # the time since its handler was made; this one is made now, so give it the task's start.
+        handler._start_time = started
+        try:
+            handler.checkpoint_and_try_requeue(job._usr_sig())  # requeues, then exits this process
+        except UncompletedJobError as e:  # submitit will not requeue (timed out too many times)
+            return {**marker, "reason": str(e)}
+        except subprocess.SubprocessError as e:  # scontrol refused (the job is ending anyway)
+            return {**marker, "reason": f"requeue failed: {e}"}
+        return {**marker, "reason": "requeue returned"}  # only a plugin whose _requeue does not exit gets here
+
+    def cancelled(self, job: submitit.JobEnvironment) -> bool:
+        """Whether `jobs/submit.py cancel` stopped this job. Its SIGTERM looks like any other stop
+        signal, and `scontrol requeue` on a job being cancelled would bring it back."""
+        path = Path(self.sweep_dir) / CANCELLED
+        if not self.sweep_dir or not path.exists():
+            return False
+        ids = set(path.read_text().split())
+        return job.job_id in ids or (job.array_job_id is not None and job.array_job_id in ids)
+
+
+_held_slot: list[Any] = []  # the open, locked slot file: the lock lasts as long as this process
+
+
+def wait_for_slot(slots_dir: Path, slots: int, job_id: str, rank: int) -> None:
+    """Block until this local job may run: rank 0 takes one of `slots` file locks (released by
+    the kernel when the process ends, however it ends) and says so in `<job id>.running`;
+    the job's other ranks wait for that marker."""
+    marker = slots_dir / f"{job_id}.running"
+    while rank != 0 and not marker.exists():
+        time.sleep(0.5)
+    while rank == 0 and not _held_slot:
+        slots_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(slots):
+            f = open(slots_dir / f"slot-{k}", "a")  # noqa: SIM115 - held open for the process's life
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            _held_slot.append(f)
+            marker.touch()
+            return
+        time.sleep(0.5)
+
+
+def export_distributed_environment() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the Slurm (or local) job, as torchrun
+    would set them; `train` builds its accelerator from these. Values inherited from the
+    submitting shell are overwritten: inside a job the scheduler's facts are the truth."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)  # else submitit would reuse an inherited port for every job
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    one_gpu_per_task(env.local_rank, env.local_world_size)
+
+
+def one_gpu_per_task(local_rank: int, local_world_size: int) -> None:
+    """Slurm's --gpus-per-node shows every task all of the node's GPUs; give each its own.
+    (submitit would set CUDA_VISIBLE_DEVICES=local_rank, wrong when Slurm lists ids like 4,5.)"""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if local_world_size > 1 and len(visible) == local_world_size:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank]
+
+
+def limit_threads(cpus: int) -> None:
+    """One compute thread per CPU the task was given. Jobs inherit the submitting shell's
+    environment, whose OMP_NUM_THREADS (or none: every core) oversubscribes a node shared by
+    several points or ranks; on this 2-core machine that made training 20x slower."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus)
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    import torch
+
+    torch.set_num_threads(cpus)

@@ -1,0 +1,167 @@
+"""Sweep specs without a cluster: expansion (grid x random, seeded), the dry run's exact sbatch
+script against a golden file, and the fallbacks that need no Slurm (local and debug executors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
+
+from jobs.spec import expand, load_spec, make_points
+from jobs.strict import SpecError
+
+GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
+
+
+def spec_file(tmp_path: Path, **fields) -> Path:
+    data = {"name": "s", "base": "debug", "sweep": {"grid": {"seed": [0]}}, **fields}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_grid_is_crossed_with_seeded_random_draws(tmp_path):
+    spec = load_spec(spec_file(tmp_path, sweep={
+        "grid": {"train.lr": [0.1, 0.2], "seed": [0, 1]},
+        "random": {"n": 3, "seed": 7, "params": {
+            "train.weight_decay": {"loguniform": [1e-5, 1e-2]}, "train.epochs": {"int": [1, 3]},
+            "model.name": {"choice": ["blitz", "medium"]}, "train.label_smoothing": {"uniform": [0.0, 0.2]}}}}))
+    points = expand(spec)
+    assert len(points) == 12
+    assert [(p["train.lr"], p["seed"]) for p in points[::3]] == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]
+    draws = [{k: v for k, v in p.items() if k not in ("train.lr", "seed")} for p in points]
+    assert draws[:3] * 4 == draws, "the same random draws for every grid point"
+    assert len({json.dumps(d, sort_keys=True) for d in draws[:3]}) == 3
+    for d in draws:
+        assert 1e-5 <= d["train.weight_decay"] <= 1e-2 and d["train.epochs"] in (1, 2, 3)
+        assert d["model.name"] in ("blitz", "medium") and 0.0 <= d["train.label_smoothing"] <= 0.2
+    assert expand(load_spec(spec.path)) == points, "reproducible"
+    other = load_spec(spec_file(tmp_path, sweep={"random": {"n": 3, "seed": 8, "params": {
+        "train.weight_decay": {"loguniform": [1e-5, 1e-2]}}}}))
+    assert [p["train.weight_decay"] for p in expand(other)] != [d["train.weight_decay"] for d in draws[:3]]
+
+
+def test_int_bounds_are_inclusive_and_loguniform_is_log_spread(tmp_path):
+    spec = load_spec(spec_file(tmp_path, sweep={"random": {"n": 400, "params": {
+        "train.epochs": {"int": [1, 3]}, "train.lr": {"loguniform": [0.001, 1.0]}}}}))
+    points = expand(spec)
+    assert {p["train.epochs"] for p in points} == {1, 2, 3}
+    below = sum(p["train.lr"] < 0.0316 for p in points)  # the log-midpoint: about half fall below it
+    assert 150 < below < 250
+
+
+def test_points_get_fixed_run_ids_dirs_and_group(tmp_path):
+    spec = load_spec(spec_file(tmp_path, name="grp", sweep={"grid": {"train.lr": [0.1, 0.2]}},
+                               overrides={"train": {"epochs": 1}, "data.path": "rel/data"}))
+    points = make_points(spec, tmp_path / "sw", "abc123")
+    assert [p.run_id for p in points] == ["grp-abc123-000", "grp-abc123-001"]
+    assert [p.run_dir for p in points] == [str(tmp_path / "sw" / "runs" / n) for n in ("000", "001")]
+    for p, lr in zip(points, (0.1, 0.2)):
+        assert p.config["train"]["lr"] == lr and p.config["train"]["epochs"] == 1
+        assert p.config["tracking"]["group"] == "grp" and p.config["run"]["id"] == p.run_id
+        assert p.config["data"]["path"] == str(Path("rel/data").absolute()), "jobs may start elsewhere"
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"resources": {"nodes": "two"}}, "resources.nodes: expected an integer, got 'two'"),
+    ({"resources": {"gpu": 1}}, "resources.gpu: unknown key"),
+    ({"sweep": {"grid": {"seed": 0}}}, "sweep.grid.seed: expected a list of values"),
+    ({"sweep": {"random": {"n": 0, "params": {"seed": {"int": [0, 1]}}}}}, "sweep.random.n: must be >= 1"),
+    ({"sweep": {"random": {"n": 2, "params": {"seed": {"int": [3, 1]}}}}}, "low must be <= high"),
+    ({"sweep": {"random": {"n": 2, "params": {"train.lr": {"uniform": [0.1]}}}}}, "expected [low, high]"),
+    ({"sweep": {"grid": {"seed": [0]}, "extra": 1}}, "sweep.extra: unknown key"),
+    ({"base": "nosuchconfig"}, "base: unknown config 'nosuchconfig'"),
+])
+def test_spec_mistakes_name_the_key(tmp_path, fields, message):
+    with pytest.raises(SpecError) as e:
+        make_points(load_spec(spec_file(tmp_path, **fields)), tmp_path / "sw", "x")
+    assert message in str(e.value)
+
+
+def normalise(text: str, sweep_dir: Path) -> str:
+    text = text.replace(str(sweep_dir), "<SWEEP_DIR>").replace(sys.executable, "<PYTHON>")
+    return re.sub(r"fast-lr-[0-9a-f]{6}-", "fast-lr-<uid>-", text)
+
+
+def test_dry_run_prints_points_and_the_exact_sbatch_script(tmp_path):
+    """Golden file: the example GPU profile, 2 nodes x 8 GPUs, grid x random. To accept a change
+    on purpose: UPDATE_GOLDEN=1 pytest tests/test_sweeps.py."""
+    spec = tmp_path / "fast-lr.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "fast-lr", "cluster": "example-gpu", "base": "fast", "overrides": {"train.epochs": 10},
+        "sweep": {"grid": {"train.lr": [0.2, 0.4]},
+                  "random": {"n": 2, "seed": 0, "params": {"train.label_smoothing": {"uniform": [0.0, 0.2]}}}},
+        "resources": {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem": 400,
+                      "time_min": 240, "signal_delay_s": 120, "array_parallelism": 2, "partition": "gpu-preempt",
+                      "qos": "high", "constraint": "a100&ib"}}, sort_keys=False))
+    sweep_dir = tmp_path / "sweep"
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    out = submitted([str(spec), "--dry-run", "--cluster", "slurm", "--sweep-dir", str(sweep_dir)], env, tmp_path)
+    assert not sweep_dir.exists() and not (tmp_path / "sweeps").exists(), "a dry run writes nothing"
+    text = normalise(out.stdout, sweep_dir)
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir):
+    """No sbatch or srun on PATH: the same command runs the points as local processes, says so in
+    one line, returns at once, and runs at most array_parallelism points at a time."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = slurm_env(cache_dir, tmp_path, PATH=str(empty_bin))
+    spec = write_spec(tmp_path / "loc.yaml", "loc", {"grid": {"seed": [0, 1, 2]}}, resources={"array_parallelism": 2})
+    start = time.monotonic()
+    out = submitted([str(spec)], env, tmp_path)  # the default sweep dir: sweeps/<name>
+    assert time.monotonic() - start < 10, "submit must not wait for the jobs"
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("no Slurm on this machine") and "local executor" in first
+    sweep_dir = tmp_path / "sweeps" / "loc"
+    assert record(sweep_dir)["executor"] == "local"
+    wait_for(lambda: sorted(s["state"] for s in status(sweep_dir, env)) == ["pending", "running", "running"], 60,
+             "two points running, one waiting for a slot", sweep_dir, poll=0.1)
+    states = wait_done(sweep_dir, env, timeout=180)
+    spans = []
+    for point, state in zip(record(sweep_dir)["points"], states):
+        run_dir = Path(point["run_dir"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["world_size"] == 1 and state["accuracy"] == summary["test_accuracy"]
+        assert summary["run_id"] == point["run_id"]
+        spans.append(((run_dir / "env.json").stat().st_mtime, (run_dir / "summary.json").stat().st_mtime))
+    for t, _ in spans:  # at any run's start, at most 2 runs (itself included) are under way
+        assert sum(a <= t < b for a, b in spans) <= 2, spans
+
+
+def test_debug_executor_runs_in_this_process(tmp_path, cache_dir):
+    env = slurm_env(cache_dir, tmp_path)
+    spec = write_spec(tmp_path / "dbg.yaml", "dbg", {"grid": {"seed": [0]}}, overrides={"train.epochs": 1})
+    out = submitted([str(spec), "--cluster", "debug", "--sweep-dir", str(tmp_path / "sw")], env, tmp_path)
+    assert "done: test accuracy" in out.stdout, "trained before submit returned"
+    assert [s["state"] for s in status(tmp_path / "sw", env)] == ["done"]
+
+
+def test_existing_sweep_dir_is_refused(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "keep").write_text("mine")
+    proc = submit([str(spec), "--sweep-dir", str(tmp_path / "sw"), "--cluster", "local"], env, tmp_path)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["keep"]
+
+
+def test_max_points_lifts_the_cap(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "big.yaml", "big", {"grid": {"seed": list(range(40)), "train.lr": [0.1] * 30}})
+    capped = submit([str(spec), "--dry-run", "--cluster", "local"], env, tmp_path)
+    assert capped.returncode == 2 and "1,200 points exceeds the cap of 1,000" in capped.stderr
+    lifted = submit([str(spec), "--dry-run", "--cluster", "local", "--max-points", "1200"], env, tmp_path)
+    assert lifted.returncode == 0 and "1200 point(s)" in lifted.stdout
