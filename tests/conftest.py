@@ -50,6 +50,26 @@ def train_cmd(*overrides: str, config: str | None = None) -> list[str]:
     return [PY, "-m", "cifar_dist.train"] + (["--config", config] if config else []) + list(overrides)
 
 
+def torchrun(n: int, *args: str) -> list[str]:
+    """`torchrun --nproc_per_node N ARGS` on a free port."""
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "localhost:0", *args]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical final weights and identical records (wall-clock fields aside)."""
+    import torch
+
+    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+    assert without_timing(read_jsonl(b / "metrics.jsonl")) == without_timing(read_jsonl(a / "metrics.jsonl"))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key in ("test_accuracy", "confusion_matrix", "test_loss", "steps", "per_class_accuracy"):
+        assert sa[key] == sb[key], key
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

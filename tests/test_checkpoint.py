@@ -13,8 +13,7 @@ import subprocess
 import time
 
 import pytest
-import torch
-from conftest import PY, ROOT, TINY, read_jsonl, run, without_timing
+from conftest import PY, ROOT, TINY, assert_same_run, read_jsonl, run, torchrun
 
 from cifar_dist import checkpoint
 from cifar_dist.distributed import EXIT_REQUEUE
@@ -22,11 +21,6 @@ from cifar_dist.distributed import EXIT_REQUEUE
 # The medium net has dropout: an exact resume must restore every RNG state, not just weights.
 CONFIG = [*TINY, "model.name=medium", "train.log_every=3", "checkpoint.every_steps=7", "seed=5"]
 FAULTS = [PY, "tests/run_with_faults.py"]
-
-
-def torchrun2(script: list[str]) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "localhost:0", *script]
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +33,6 @@ def reference(tmp_path_factory, module_env):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}"], module_env)
     return run_dir
-
-
-def assert_same_run(a, b):
-    """Bit-identical final weights and identical records (wall-clock fields aside)."""
-    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
-    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
-    assert without_timing(read_jsonl(b / "metrics.jsonl")) == without_timing(read_jsonl(a / "metrics.jsonl"))
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    for key in ("test_accuracy", "confusion_matrix", "test_loss", "steps", "per_class_accuracy"):
-        assert sa[key] == sb[key], key
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -118,10 +100,10 @@ def test_signal_at_an_epoch_boundary_then_resume_is_exact(reference, module_env,
 def test_two_gloo_ranks_stop_together_and_resume_exactly(module_env, tmp_path):
     args = [*CONFIG, "train.epochs=2"]
     ref = tmp_path / "ref2"
-    run(torchrun2(["-m", "cifar_dist.train", *args, f"run.dir={ref}"]), module_env)
+    run(torchrun(2, "-m", "cifar_dist.train", *args, f"run.dir={ref}"), module_env)
     run_dir = tmp_path / "run2"
     # Only rank 1 gets the signal, mid-epoch 1; both ranks must agree to stop at the same step.
-    proc = run(torchrun2(["tests/run_with_faults.py", *args, f"run.dir={run_dir}"]),
+    proc = run(torchrun(2, "tests/run_with_faults.py", *args, f"run.dir={run_dir}"),
                dict(module_env, CIFAR_DIST_FAULT="signal:1:5:1"), check=False)
     assert proc.returncode != 0
     assert proc.stdout.count("exiting for requeue") == 1  # rank 0 speaks for both
@@ -129,7 +111,7 @@ def test_two_gloo_ranks_stop_together_and_resume_exactly(module_env, tmp_path):
     assert newest.step == 26  # 20 + the 6 steps of epoch 1 up to and including the signalled one
     state = checkpoint.load_state(newest.path / "state.pt")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
-    run(torchrun2(["-m", "cifar_dist.train", *args, f"run.dir={run_dir}"]), module_env)
+    run(torchrun(2, "-m", "cifar_dist.train", *args, f"run.dir={run_dir}"), module_env)
     assert_same_run(ref, run_dir)
 
 

@@ -11,16 +11,11 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import PY, ROOT, TINY, read_jsonl, run
+from conftest import PY, ROOT, TINY, read_jsonl, run, torchrun
 
 STEP_BY_STEP = [*TINY, "train.log_every=1"]  # a record per step: 40 steps over 2 epochs
 ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "cifar_dist/train.py"]
-
-
-def torchrun(n: int, module: str = "cifar_dist.train") -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "localhost:0", "-m", module]
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +29,24 @@ def one_and_two(tmp_path_factory, cache_dir):
 
 def test_two_gloo_ranks_equal_one_rank_step_by_step(one_and_two):
     """Same global batch and seed: the same loss at every step and the same final weights
-    (this proves gradients are averaged over disjoint shards of each global batch)."""
+    (this proves gradients are averaged over disjoint shards of each global batch).
+
+    Two ranks sum their gradients in another order than one rank does, so the runs differ by
+    float rounding, which training amplifies: the first epoch agrees to 1e-5, the second to 1e-2
+    (seen: 1e-3 at most, on an AMD EPYC). A rank that trained on its shard alone, or gradients
+    summed instead of averaged, would differ by more than 1e-2 from the second step on."""
     one, two, _, _ = one_and_two
     a = [r for r in read_jsonl(one / "metrics.jsonl") if "train_loss" in r]
     b = [r for r in read_jsonl(two / "metrics.jsonl") if "train_loss" in r]
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 41))
     for ra, rb in zip(a, b):
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4, abs=1e-5), ra["step"]
+        rel = 1e-5 if ra["step"] <= 20 else 1e-2
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=rel, abs=1e-6), ra["step"]
         assert rb["lr"] == ra["lr"]
     wa = torch.load(one / "model.pt", weights_only=True)["state_dict"]
     wb = torch.load(two / "model.pt", weights_only=True)["state_dict"]
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=5e-3)
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
     assert json.loads((one / "summary.json").read_text())["world_size"] == 1
 
@@ -65,7 +66,7 @@ def test_evaluation_is_exact_at_one_two_and_three_ranks(one_and_two, env, tmp_pa
     matrices = []
     for n in (1, 2, 3):
         out = tmp_path / f"eval{n}.json"
-        run(torchrun(n, "cifar_dist.evaluate") + [str(one), "--json", str(out), "data.synthetic_test=301"], env)
+        run(torchrun(n, "-m", "cifar_dist.evaluate", str(one), "--json", str(out), "data.synthetic_test=301"), env)
         result = json.loads(out.read_text())
         assert result["world_size"] == n
         matrices.append(result["confusion_matrix"])
@@ -76,7 +77,7 @@ def test_evaluation_is_exact_at_one_two_and_three_ranks(one_and_two, env, tmp_pa
 def test_a_crashed_rank_ends_the_job_within_bounded_time(env, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     run_dir = tmp_path / "crash"
-    cmd = torchrun(2) + [*TINY, "train.epochs=200", f"run.dir={run_dir}"]
+    cmd = torchrun(2, "-m", "cifar_dist.train", *TINY, "train.epochs=200", f"run.dir={run_dir}")
     launcher = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -108,13 +109,15 @@ def test_ranks_that_did_not_join_one_group_fail_at_start(env, tmp_path):
 
 
 def test_a_global_batch_that_does_not_split_evenly_is_a_config_error(env, tmp_path):
-    proc = run(torchrun(2) + [*TINY, "train.batch_size=63", f"run.dir={tmp_path / 'odd'}"], env, check=False)
+    cmd = torchrun(2, "-m", "cifar_dist.train", *TINY, "train.batch_size=63", f"run.dir={tmp_path / 'odd'}")
+    proc = run(cmd, env, check=False)
     assert proc.returncode != 0
     assert "train.batch_size: 63 does not split evenly over 2 ranks" in proc.stderr
     assert not (tmp_path / "odd").exists()
 
 
 def test_sync_batchnorm_on_cpu_ranks_is_refused_clearly(env, tmp_path):
-    proc = run(torchrun(2) + [*TINY, "train.sync_bn=true", f"run.dir={tmp_path / 'sbn'}"], env, check=False)
+    cmd = torchrun(2, "-m", "cifar_dist.train", *TINY, "train.sync_bn=true", f"run.dir={tmp_path / 'sbn'}")
+    proc = run(cmd, env, check=False)
     assert proc.returncode != 0 and "train.sync_bn=true needs CUDA devices" in proc.stderr
 

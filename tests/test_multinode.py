@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import PY, ROOT, TINY, read_jsonl, run
+from conftest import PY, ROOT, TINY, read_jsonl, run, torchrun
 from slurm_fixtures import (
     dev_cluster,
     dev_cluster_cmd,
@@ -92,8 +92,7 @@ def test_two_nodes_train_like_two_ranks_on_one_node(two_node_run, menv, tmp_path
     """The same config as 2 gloo ranks on this machine (torchrun): the same loss at every step."""
     overrides = [f"{k}={v}" for k, v in CONFIG.items()]
     ref = tmp_path / "one-node"
-    run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-         "localhost:0", "-m", "cifar_dist.train", *TINY, *overrides, "seed=0", f"run.dir={ref}"],
+    run(torchrun(2, "-m", "cifar_dist.train", *TINY, *overrides, "seed=0", f"run.dir={ref}"),
         {**menv, "OMP_NUM_THREADS": "1"})
     assert json.loads((ref / "summary.json").read_text())["world_size"] == 2
     assert_same_training(ref, two_node_run, exact=False)

@@ -10,9 +10,8 @@ import subprocess
 import time
 
 import pytest
-import torch
 import yaml
-from conftest import read_jsonl, without_timing
+from conftest import assert_same_run, read_jsonl
 from slurm_fixtures import (
     dev_cluster,
     job_ids,
@@ -44,18 +43,6 @@ def cluster():
 @pytest.fixture
 def senv(cluster, cache_dir, tmp_path):
     return slurm_env(cache_dir, tmp_path)
-
-
-def assert_same_run(a, b):
-    """The same training: bit-identical final weights, the same records and final evaluation."""
-    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
-    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
-    assert without_timing(read_jsonl(a / "metrics.jsonl")) == without_timing(read_jsonl(b / "metrics.jsonl"))
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    for key in ("test_accuracy", "test_loss", "confusion_matrix", "steps"):
-        assert sa[key] == sb[key], key
 
 
 def test_grid_sweep_is_one_job_array_that_returns_at_once(tmp_path, senv):
