@@ -3,7 +3,11 @@ side in one run, on the real CIFAR-10 JPEG archive: the project's time to reach 
 seed loop reaches in its full schedule, against the seed loop's time.
 
     python benchmarks/bench_vs_seed.py --data ../shared/data/cifar10-jpeg.tar.gz \\
-        [--nets medium,blitz] [--repeats 3] [--ranks 2] [--seed-loop ../shared/baselines/seed_loop.py]
+        [--runs medium:medium_sprint medium blitz] [--repeats 3] [--ranks 2] \\
+        [--recorded medium=1293:0.729 --seed-epochs medium=2] [--seed-loop ../shared/baselines/seed_loop.py]
+
+Each of --runs is NET or NET:CONFIG (a shipped config; default: the net's own), one table row each;
+the seed loop runs once per net.
 
 The seed loop's time is its training loop alone (it decodes JPEGs in its DataLoader every
 epoch); the project's time is metrics.jsonl's `time`: training and its evaluations, without the
@@ -37,6 +41,24 @@ def run_seed_loop(seed_loop: Path, net: str, image_root: Path, epochs: int) -> d
     return {"seconds": float(m[1]), "images_per_second": float(m[2]), "accuracy": float(m[3]) / 100}
 
 
+def seed_baseline(seed_loop: Path, net: str, image_root: Path, recorded: str | None, epochs: int | None) -> dict:
+    """The seed loop's full-schedule seconds and accuracy: run here in full, or recorded (SECONDS:ACCURACY)
+    with `epochs` of it timed here and scaled to the full schedule (`here`)."""
+    full = SEED_EPOCHS[net]
+    if recorded is None:
+        seed = run_seed_loop(seed_loop, net, image_root, full)
+        return {**seed, "here": seed["seconds"],
+                "label": f"{full} epochs here: {seed['seconds']:,.0f} s, {100 * seed['accuracy']:.1f}%"}
+    seconds, accuracy = (float(v) for v in recorded.split(":"))
+    seed = {"seconds": seconds, "accuracy": accuracy,
+            "label": f"{full} epochs: {seconds:,.0f} s recorded, {100 * accuracy:.1f}%"}
+    if epochs:  # the same loop timed here, for a fair per-epoch comparison on this machine
+        part = run_seed_loop(seed_loop, net, image_root, epochs)
+        seed["here"] = part["seconds"] / epochs * full
+        seed["label"] += f"; here {part['seconds'] / epochs:,.0f} s/epoch ({epochs} timed)"
+    return seed
+
+
 def run_project(config: str, data: Path, ranks: int, run_dir: Path, extra: list[str]) -> list[dict]:
     if ranks == 1:
         launcher = [PY, "-m", "cifar_dist.train"]
@@ -65,13 +87,11 @@ def time_to(records: list[dict], accuracy: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="cifar10-jpeg.tar.gz")
-    parser.add_argument("--nets", default="medium,blitz")
+    parser.add_argument("--runs", nargs="+", default=["medium", "blitz"], metavar="NET[:CONFIG]")
     parser.add_argument("--repeats", type=int, default=3, help="project runs per net")
     parser.add_argument("--ranks", type=int, default=1, help="project ranks (data-parallel on this machine)")
     parser.add_argument("--seed-loop", type=Path, default=ROOT.parent / "shared" / "baselines" / "seed_loop.py")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for the project runs")
-    parser.add_argument("--configs", nargs="*", default=[], metavar="NET=CONFIG",
-                        help="the shipped config to run per net (default: the net's name), e.g. medium=medium_gpu")
     parser.add_argument("--recorded", nargs="*", default=[], metavar="NET=SECONDS:ACCURACY",
                         help="use a recorded seed-loop result instead of running it (labelled so in the table), "
                              "e.g. medium=1293:0.729 from ../shared/baselines/README.md")
@@ -91,42 +111,35 @@ def main() -> None:
                        check=True, cwd=ROOT)
         decode_seconds = time.perf_counter() - t
 
-        rows, notes = [], []
-        configs = dict(c.split("=", 1) for c in args.configs)
+        rows, notes, seeds = [], [], {}
         recorded = dict(r.split("=", 1) for r in args.recorded)
         seed_epochs = {k: int(v) for k, v in (e.split("=", 1) for e in args.seed_epochs)}
-        for net in args.nets.split(","):
-            if net in recorded:
-                seconds, accuracy = recorded[net].split(":")
-                seed = {"seconds": float(seconds), "accuracy": float(accuracy)}
-                label = f"{SEED_EPOCHS[net]} epochs: {seed['seconds']:,.0f} s recorded, {100 * seed['accuracy']:.1f}%"
-                if net in seed_epochs:  # the same loop timed here, for a fair per-epoch comparison
-                    part = run_seed_loop(args.seed_loop, net, image_root, seed_epochs[net])
-                    seed["here"] = part["seconds"] / seed_epochs[net] * SEED_EPOCHS[net]
-                    label += f"; here {part['seconds'] / seed_epochs[net]:,.0f} s/epoch ({seed_epochs[net]} timed)"
-            else:
-                seed = run_seed_loop(args.seed_loop, net, image_root, SEED_EPOCHS[net])
-                seed["here"] = seed["seconds"]
-                label = f"{SEED_EPOCHS[net]} epochs here: {seed['seconds']:,.0f} s, {100 * seed['accuracy']:.1f}%"
-            print(f"seed {net}: {seed}", flush=True)
+        for item in args.runs:
+            net, _, config = item.partition(":")
+            config = config or net
+            if net not in seeds:
+                seeds[net] = seed_baseline(args.seed_loop, net, image_root, recorded.get(net), seed_epochs.get(net))
+                print(f"seed {net}: {seeds[net]}", flush=True)
+            seed = seeds[net]
             hits, finals, totals = [], [], []
             for i in range(args.repeats):
-                records = run_project(configs.get(net, net), args.data, args.ranks, tmp_path / f"{net}-{i}", args.extra)
+                records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}", args.extra)
                 evals = [r for r in records if "test_accuracy" in r]
                 hit = time_to(records, seed["accuracy"])
-                print(f"project {net} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
+                print(f"project {config} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
                       f"{evals[-1]['test_accuracy']:.2%} at {evals[-1]['time']} s", flush=True)
                 if hit is not None:
                     hits.append(hit)
                 finals.append(100 * evals[-1]["test_accuracy"])
                 totals.append(evals[-1]["time"])
-            rows.append([net, label, f"{spread(hits)} ({len(hits)}/{args.repeats} reached it)",
+            rows.append([f"{net} (`--config {config}`)", seed["label"], f"{spread(hits)} ({len(hits)}/{args.repeats} reached it)",
                          spread([seed["seconds"] / h for h in hits], "{:.1f}x"),
                          spread([seed["here"] / h for h in hits], "{:.1f}x") if "here" in seed else "n/a",
                          spread(finals, "{:.1f}%"), spread(totals)])
         notes += [f"data: {args.data.name}; the project's one-time decode into its cache took {decode_seconds:.0f} s "
                   f"(cache {env_cache}), not counted below",
-                  f"project: `cifar-dist train --config {configs or 'NET'}` (shipped recipe) on {args.ranks} rank(s)"
+                  f"project: `cifar-dist train --config CONFIG` (shipped recipes) on {args.ranks} rank(s)"
+                  + (" (torchrun, gloo, 1 thread each)" if args.ranks > 1 else "")
                   + (f", overrides {' '.join(args.extra)}" if args.extra else ""),
                   "seed loop: its own training loop time (batch 4-5, DataLoader with 2 workers), run in this same "
                   "invocation (all of it, or the epochs named, scaled to its full schedule)"]
