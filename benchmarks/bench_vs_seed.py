@@ -123,7 +123,7 @@ def main() -> None:
             seed = seeds[net]
             hits, finals, totals = [], [], []
             for i in range(args.repeats):
-                records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}", args.extra)
+                records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}", [*args.extra, f"seed={i}"])
                 evals = [r for r in records if "test_accuracy" in r]
                 hit = time_to(records, seed["accuracy"])
                 print(f"project {config} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
@@ -138,7 +138,8 @@ def main() -> None:
                          spread(finals, "{:.1f}%"), spread(totals)])
         notes += [f"data: {args.data.name}; the project's one-time decode into its cache took {decode_seconds:.0f} s "
                   f"(cache {env_cache}), not counted below",
-                  f"project: `cifar-dist train --config CONFIG` (shipped recipes) on {args.ranks} rank(s)"
+                  f"project: `cifar-dist train --config CONFIG seed=i` (shipped recipes; run i of each row has seed i) "
+                  f"on {args.ranks} rank(s)"
                   + (" (torchrun, gloo, 1 thread each)" if args.ranks > 1 else "")
                   + (f", overrides {' '.join(args.extra)}" if args.extra else ""),
                   "seed loop: its own training loop time (batch 4-5, DataLoader with 2 workers), run in this same "
