@@ -187,8 +187,10 @@ def job_state(job_id: str, env: dict[str, str]) -> str:
 
 
 def release(job_id: str, env: dict[str, str]) -> None:
-    """Slurm holds a requeued job back for about two minutes; start it now."""
-    scontrol(["update", f"JobId={job_id}", "StartTime=now"], env)
+    """Slurm holds a requeued job back for about two minutes; start it now. Its answer is not
+    checked: a job that started meanwhile is no longer pending, and that is what was wanted."""
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=with_conf(env), capture_output=True,
+                   timeout=30)
 
 
 def task_pids(job_id: str, rank: int) -> list[int]:

@@ -138,9 +138,15 @@ def test_rank_death_on_second_node_ends_job_and_requeue_resumes(two_node_run, me
 
     scontrol(["requeue", job], menv)
     wait_for(lambda: job_state(job, menv) == "PENDING", 30, "the requeued job to be pending", sweep_dir)
-    release(job, menv)
-    wait_for(lambda: status(sweep_dir, menv)[0]["state"] in ("running", "done"), 60, "the requeued job to start",
-             sweep_dir)
+
+    def started() -> bool:
+        # Slurm may set the requeued job's two-minute hold just after it shows PENDING, undoing an
+        # early release: release again until it runs (idempotent).
+        if job_state(job, menv) == "PENDING":
+            release(job, menv)
+        return status(sweep_dir, menv)[0]["state"] in ("running", "done")
+
+    wait_for(started, 180, "the requeued job to start", sweep_dir, poll=2)
     wait_done(sweep_dir, menv)
     log = (sweep_dir / "submitit" / f"{job}_0_log.out").read_text()
     assert "resumed from" in log, logs(sweep_dir)
