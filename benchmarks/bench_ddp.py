@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PY, ROOT, append_table, spread  # noqa: E402
+from common import ROOT, append_table, spread, train_launcher  # noqa: E402
 
 CPU_RUN = ["model.name=medium", "data.source=synthetic", "data.synthetic_train=10240", "data.synthetic_test=1000",
            "train.epochs=2", "train.batch_size=256", "train.log_every=20", "eval.every=0", "run.progress=none"]
@@ -29,11 +29,8 @@ def cpu_images_per_second(ranks: int, tmp: Path, i: int) -> float:
     import subprocess
 
     run_dir = tmp / f"r{ranks}-{i}"
-    launcher = [PY, "-m", "cifar_dist.train"] if ranks == 1 else [
-        PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "localhost:0", "-m", "cifar_dist.train"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
-    subprocess.run(launcher + CPU_RUN + [f"run.dir={run_dir}"], check=True, cwd=ROOT, env=env)
+    subprocess.run(train_launcher(ranks) + CPU_RUN + [f"run.dir={run_dir}"], check=True, cwd=ROOT, env=env)
     return json.loads((run_dir / "summary.json").read_text())["images_per_second"]
 
 

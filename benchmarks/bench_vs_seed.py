@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PY, ROOT, append_table, spread  # noqa: E402
+from common import PY, ROOT, append_table, spread, train_launcher  # noqa: E402
 
 SEED_EPOCHS = {"blitz": 2, "medium": 20}  # the tutorials' own schedules
 
@@ -60,16 +60,11 @@ def seed_baseline(seed_loop: Path, net: str, image_root: Path, recorded: str | N
 
 
 def run_project(config: str, data: Path, ranks: int, run_dir: Path, extra: list[str]) -> list[dict]:
-    if ranks == 1:
-        launcher = [PY, "-m", "cifar_dist.train"]
-    else:
-        launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", "localhost:0", "-m", "cifar_dist.train"]
     env = dict(os.environ)
     if ranks > 1 and not _has_gpu():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
-    subprocess.run(launcher + ["--config", config, "data.source=imagefolder", f"data.path={data}", f"run.dir={run_dir}",
-                               "run.progress=none", *extra], check=True, cwd=ROOT, env=env)
+    args = ["--config", config, "data.source=imagefolder", f"data.path={data}", f"run.dir={run_dir}", "run.progress=none"]
+    subprocess.run(train_launcher(ranks) + args + extra, check=True, cwd=ROOT, env=env)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

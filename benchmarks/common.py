@@ -18,6 +18,14 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PY = sys.executable
 
 
+def train_launcher(ranks: int) -> list[str]:
+    """`python -m cifar_dist.train` for one rank, under torchrun (free port) for several."""
+    if ranks == 1:
+        return [PY, "-m", "cifar_dist.train"]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "localhost:0", "-m", "cifar_dist.train"]
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     info = Path("/proc/cpuinfo")
