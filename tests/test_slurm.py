@@ -18,7 +18,7 @@ from slurm_fixtures import (
     logs,
     newest_step,
     record,
-    release,
+    restart_requeued,
     slurm_env,
     squeue,
     status,
@@ -100,8 +100,9 @@ def test_one_point_as_two_slurm_tasks_is_two_gloo_ranks(tmp_path, senv):
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 1, "rank 0 alone writes"
 
 
-# Known flake (about 1 run in 3 on a loaded 2-core VM): around a requeue, Slurm's queue and the
-# sweep's status disagree for a moment and the point reads as failed. Not yet understood; one rerun.
+# Failed once in three full runs on a loaded 2-core VM: point 000 read as "ended without a result"
+# after the early release. Probably the dev cluster's lost requeue that restart_requeued now
+# handles (seen in the multi-node test), but not seen here; one rerun stays as a guard for CI.
 @pytest.mark.flaky(reruns=1)
 def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
     # Two points that train identically (checkpoint.keep does not change training): 000 is
@@ -119,7 +120,7 @@ def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
     assert stops and int(stops[-1].removeprefix("step_")) < 120, "a checkpoint at the stop, before the end"
     assert not (run0 / "summary.json").exists()
 
-    release(target, senv)
+    restart_requeued(target, sweep_dir, senv)
     wait_done(sweep_dir, senv)
     log = (sweep_dir / "submitit" / f"{target}_0_log.out").read_text()
     assert f"resumed from {run0 / 'checkpoints' / stops[-1]}" in log, logs(sweep_dir)
