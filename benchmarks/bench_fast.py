@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PY, ROOT, append_table, spread  # noqa: E402
 
@@ -33,15 +35,14 @@ def framework_run(config: str, data: Path, run_dir: Path, extra: list[str]) -> t
 
 def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> float:
     """Seconds per step of the same step function in a bare loop: no records, no DDP wrapper."""
-    import torch
-
     from cifar_dist.config import load_config
     from cifar_dist.data import TrainBatches, load_dataset
     from cifar_dist.models import build_model
     from cifar_dist.train import autocast_context, make_optimizer, make_step
 
     cfg = load_config(config, ["data.source=imagefolder", f"data.path={data}", *extra])
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: to try the script out
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     ds = load_dataset(cfg.data).to(device)
     batches = TrainBatches(ds.train_x, ds.train_y, cfg.data, cfg.train.batch_size, 0, 1, cfg.seed, torch.channels_last)
     net = build_model(cfg.model.name).to(device, memory_format=torch.channels_last)
@@ -49,11 +50,11 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
     for s in range(10):
         step(*batches.batch(0, s))
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for s in range(steps):
         step(*batches.batch(1 + s // batches.steps_per_epoch, s % batches.steps_per_epoch))
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / steps
 
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--config", default="fast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--extra", nargs="*", default=[])
+    parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop timed")
     args = parser.parse_args()
     accs, secs, compiles, step_secs = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,10 +76,10 @@ def main() -> None:
             last_train = [r for r in records if "train_loss" in r][-1]
             step_secs.append(last_train["time"] / last_train["step"])
             print(f"run {i}: {accs[-1]:.2f}% in {secs[-1]:.2f} s (+{compiles[-1]:.1f} s compile)", flush=True)
-    bare = bare_step_seconds(args.config, args.data, args.extra, steps=200)
+    bare = bare_step_seconds(args.config, args.data, args.extra, steps=args.bare_steps)
     overhead = [100 * (s / bare - 1) for s in step_secs]
     append_table(
-        f"`{args.config}` recipe on one GPU: accuracy and time",
+        f"`{args.config}` recipe on {'one GPU' if torch.cuda.is_available() else 'the CPU'}: accuracy and time",
         [f"data: {args.data.name}; `cifar-dist train --config {args.config}` {' '.join(args.extra)}",
          f"mean test accuracy {statistics.mean(accs):.2f}% over {len(accs)} runs (seeds 0..{len(accs) - 1})",
          f"bare loop of the same step: {1000 * bare:.2f} ms/step; framework overhead = framework ms/step / bare - 1"],
