@@ -52,8 +52,11 @@ def versions() -> str:
 
 
 def git_version() -> str:
+    """The commit, marked when tracked files differ from it (the numbers are then not that commit's)."""
     proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + (" with uncommitted changes" if dirty else "")
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:

@@ -43,6 +43,7 @@ class DataConfig:
     synthetic_train: int = 5000  # images, synthetic source only
     synthetic_test: int = 1000
     flip: bool = True  # random horizontal flip, p = 0.5
+    flip_alternate: bool = False  # each image's coin is tossed once, then mirrored every other epoch (airbench)
     translate: int = 2  # pixels: random crop of the reflect-padded image, +-translate each way
     cutout: int = 0  # pixels: side of a random square set to the mean; 0 = off
 
@@ -56,8 +57,12 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4  # L2, applied by SGD to every parameter
     label_smoothing: float = 0.1
-    warmup_epochs: float = 1.0  # linear ramp from 0 to lr, then the decay below
-    schedule: str = "linear"  # decay after warm-up to 0 at the last step: linear | cosine | constant
+    warmup_epochs: float = 1.0  # linear ramp from lr x warmup_start to lr, then the decay below
+    warmup_start: float = 0.0  # the warm-up's first step's lr, as a fraction of lr
+    schedule: str = "linear"  # decay after warm-up to lr x final_lr at the last step: linear | cosine | constant
+    final_lr: float = 0.0  # the last step's lr, as a fraction of lr
+    bias_lr_scale: float = 1.0  # BatchNorm biases: lr x this, weight_decay / this (the same decay per step)
+    lookahead_every: int = 0  # steps between Lookahead pulls of the weights to their slow average; 0 = off
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) or per rank
     log_every: int = 50  # optimiser steps between training records
@@ -69,6 +74,7 @@ class EvalConfig:
     every: int = 1  # epochs between evaluations; 0 = only at the end
     batch_size: int = 1000  # images per forward pass, per rank
     tta_flip: bool = False  # average logits of the image and its mirror
+    tta_translate: int = 0  # pixels: also the image shifted diagonally each way (weights 1/2, 1/4, 1/4)
 
 
 @dataclass
@@ -270,6 +276,7 @@ def validate(cfg: Config) -> None:
         need(_get(cfg, key) >= 10, key, "must be >= 10 (one image per class)")
     need(cfg.data.translate <= 16, "data.translate", "must be <= 16 pixels")
     need(cfg.data.cutout <= 32, "data.cutout", "must be <= 32 pixels")
+    need(cfg.data.flip or not cfg.data.flip_alternate, "data.flip_alternate", "needs data.flip=true")
     need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.lr > 0, "train.lr", "must be > 0")
@@ -279,11 +286,16 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     need(0 <= cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs", "must be in [0, train.epochs]")
     one_of("train.schedule", ("linear", "cosine", "constant"))
+    for key in ("train.warmup_start", "train.final_lr"):
+        need(0 <= _get(cfg, key) <= 1, key, "must be in [0, 1] (a fraction of train.lr)")
+    need(cfg.train.bias_lr_scale > 0, "train.bias_lr_scale", "must be > 0")
+    need(cfg.train.lookahead_every >= 0, "train.lookahead_every", "must be >= 0")
     one_of("train.precision", ("auto", "fp32", "bf16"))
     one_of("train.device", ("auto", "cpu", "cuda"))
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(0 <= cfg.eval.tta_translate <= 4, "eval.tta_translate", "must be in [0, 4] pixels")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
     need(cfg.checkpoint.keep >= 2, "checkpoint.keep", "must be >= 2 (a corrupt newest one falls back to the previous)")

@@ -343,18 +343,25 @@ class TrainBatches:
         return x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
     def plan(self, epoch: int) -> dict[str, torch.Tensor]:
-        """The epoch's order and every sample's augmentation draws, indexed by sample."""
+        """The epoch's order and every sample's augmentation draws, indexed by sample. With
+        `flip_alternate`, a sample's flip is its epoch-0 coin, inverted on odd epochs: every image
+        is seen both ways round in any two consecutive epochs (airbench's derandomised flip)."""
         if self._plan is None or self._plan[0] != epoch:
-            n, t, dev = len(self.labels), self.cfg.translate, self.images.device
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            plan = {
-                "order": torch.randperm(n, generator=g),
-                "flip": torch.rand(n, generator=g) < 0.5,
-                "shift": torch.randint(-t, t + 1, (n, 2), generator=g),
-                "cutout": torch.randint(0, IMAGE_SIZE, (n, 2), generator=g),
-            }
-            self._plan = (epoch, {k: v.to(dev) for k, v in plan.items()})
+            plan = self.draws(epoch)
+            if self.cfg.flip_alternate:
+                plan["flip"] = self.draws(0)["flip"] ^ bool(epoch % 2)
+            self._plan = (epoch, {k: v.to(self.images.device) for k, v in plan.items()})
         return self._plan[1]
+
+    def draws(self, epoch: int) -> dict[str, torch.Tensor]:
+        n, t = len(self.labels), self.cfg.translate
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        return {
+            "order": torch.randperm(n, generator=g),
+            "flip": torch.rand(n, generator=g) < 0.5,
+            "shift": torch.randint(-t, t + 1, (n, 2), generator=g),
+            "cutout": torch.randint(0, IMAGE_SIZE, (n, 2), generator=g),
+        }
 
 
 def augment(images: torch.Tensor, idx: torch.Tensor, draws: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:

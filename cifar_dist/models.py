@@ -55,18 +55,21 @@ class MediumNet(nn.Module):
 
 
 class ConvBlock(nn.Sequential):
-    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU: halves the resolution."""
+    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU: halves the resolution.
+
+    As in airbench: each conv starts as the identity on its first `cin` output channels (dirac
+    init, the rest PyTorch's default), and BatchNorm has fast running statistics (momentum 0.4),
+    a tiny eps and a frozen scale of 1: only its bias trains (see train.bias_lr_scale).
+    """
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(cout),
-            nn.GELU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.GELU(),
-        )
+        convs = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.Conv2d(cout, cout, 3, padding=1, bias=False)]
+        norms = [nn.BatchNorm2d(cout, eps=1e-12, momentum=0.4) for _ in range(2)]
+        for conv in convs:
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+        for norm in norms:
+            norm.weight.requires_grad_(False)
+        super().__init__(convs[0], nn.MaxPool2d(2), norms[0], nn.GELU(), convs[1], norms[1], nn.GELU())
 
 
 class FastNet(nn.Module):

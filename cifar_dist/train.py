@@ -71,7 +71,8 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     net = make_net(cfg, dist, data.train_x, len(data.classes), memory_format)
     model = dist.prepare(net, cfg.train.sync_bn)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, total_steps)
-    pos = resume(run, cfg, dist, net, optimizer, scheduler)
+    lookahead = Lookahead(net, cfg.train.lookahead_every, total_steps)
+    pos = resume(run, cfg, dist, net, optimizer, scheduler, lookahead)
     if pos.step >= total_steps and run.summary:
         dist.print(f"run {run.path} already finished at step {pos.step}: test accuracy {run.summary['test_accuracy']:.2%}")
         return run.summary
@@ -85,10 +86,11 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
 
     def do_eval() -> EvalResult:
         return evaluate(net, data.test_x, data.test_y, len(data.classes), dist, cfg.eval.batch_size, cfg.eval.tta_flip,
-                        autocast, memory_format, n_samples=cfg.tracking.log_images)
+                        autocast, memory_format, n_samples=cfg.tracking.log_images, tta_translate=cfg.eval.tta_translate)
 
     def save(test_accuracy: float | None = None) -> None:
-        state = checkpoint_state(cfg, dist, net, optimizer, scheduler, pos, clock.elapsed(), records.lines, data.classes)
+        state = checkpoint_state(cfg, dist, net, optimizer, scheduler, lookahead, pos, clock.elapsed(), records.lines,
+                                 data.classes)
         dist.main_only(lambda: checkpoint.save(run.path, pos.step, state, cfg.checkpoint.keep, test_accuracy))
 
     dist.install_stop_handlers()
@@ -100,6 +102,7 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
         for x, y in batches.epoch(epoch, start=pos.offset):
             pos.pending.append(step_fn(x, y))
             pos.step += 1
+            lookahead.after(pos.step)
             pos.offset += 1
             if pos.step % cfg.train.log_every == 0 or pos.offset == batches.steps_per_epoch:
                 record = train_record(pos, dist, scheduler, clock, batches.steps_per_epoch)
@@ -156,21 +159,57 @@ def make_net(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes:
 
 def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_steps: int):
     t = cfg.train
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale), lr=t.lr, momentum=t.momentum,
+                                nesterov=t.nesterov)
     warmup = max(1, round(t.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:  # LR multiplier before optimiser step `step` (0-based)
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+            return t.warmup_start + (1 - t.warmup_start) * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         if t.schedule == "linear":
-            return max(0.0, 1 - progress)
+            return t.final_lr + (1 - t.final_lr) * (1 - progress)
         if t.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return t.final_lr + (1 - t.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(net: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float) -> list[dict[str, Any]]:
+    """The trainable parameters; with bias_lr_scale != 1, BatchNorm biases in a group of their own
+    at lr x scale and weight_decay / scale, so that their decay per step (lr x weight_decay) is
+    the others' (airbench's scaled BatchNorm biases, 64x there)."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    if bias_lr_scale == 1:
+        return [{"params": trainable, "weight_decay": weight_decay}]
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+    biases = {id(m.bias) for m in net.modules() if isinstance(m, norms) and m.bias is not None and m.bias.requires_grad}
+    return [{"params": [p for p in trainable if id(p) not in biases], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if id(p) in biases], "lr": lr * bias_lr_scale,
+             "weight_decay": weight_decay / bias_lr_scale}]
+
+
+class Lookahead:
+    """airbench's Lookahead: every `every` optimiser steps (and after the last) the weights and
+    BatchNorm statistics are pulled to their slow average, avg = d * avg + (1 - d) * net, and
+    training goes on from it. d = 0.95**every * (step / total)**3: nothing early, most at the end.
+    every = 0: off. Every rank does the same on the same weights; rank 0's average is checkpointed."""
+
+    def __init__(self, net: nn.Module, every: int, total_steps: int):
+        self.every, self.total = every, total_steps
+        # state_dict()'s tensors share storage with the parameters and buffers: copies into them land in the net.
+        self.live = {k: v for k, v in net.state_dict().items() if v.is_floating_point()} if every else {}
+        self.avg = {k: v.detach().clone() for k, v in self.live.items()}
+
+    @torch.no_grad()
+    def after(self, step: int) -> None:
+        if not self.every or (step % self.every and step != self.total):
+            return
+        d = 0.95**self.every * (step / self.total) ** 3
+        for name, avg in self.avg.items():
+            avg.lerp_(self.live[name], 1 - d)
+            self.live[name].copy_(avg)
 
 
 def autocast_context(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
@@ -234,8 +273,8 @@ def train_record(pos: Position, dist: Distributed, scheduler, clock: Clock, step
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_state(cfg: Config, dist: Distributed, net: nn.Module, optimizer, scheduler, pos: Position,
-                     elapsed: float, records: int, classes: list[str]) -> dict[str, Any]:
+def checkpoint_state(cfg: Config, dist: Distributed, net: nn.Module, optimizer, scheduler, lookahead: Lookahead,
+                     pos: Position, elapsed: float, records: int, classes: list[str]) -> dict[str, Any]:
     """Everything needed to continue exactly: model, optimiser, schedule, position, and every
     rank's RNG states and pending losses (gathered to all ranks; rank 0 writes them)."""
     dist.broadcast_buffers(net)
@@ -244,6 +283,7 @@ def checkpoint_state(cfg: Config, dist: Distributed, net: nn.Module, optimizer, 
         "model": net.state_dict(),  # the plain module: no `module.` or `_orig_mod.` prefixes
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "lookahead": lookahead.avg,
         "position": {"step": pos.step, "epoch": pos.epoch, "offset": pos.offset, "elapsed": elapsed,
                      "records": records, "best_accuracy": pos.best_accuracy},
         "ranks": per_rank,
@@ -255,7 +295,8 @@ def checkpoint_state(cfg: Config, dist: Distributed, net: nn.Module, optimizer, 
     }
 
 
-def resume(run: RunDir, cfg: Config, dist: Distributed, net: nn.Module, optimizer, scheduler) -> Position:
+def resume(run: RunDir, cfg: Config, dist: Distributed, net: nn.Module, optimizer, scheduler,
+           lookahead: Lookahead) -> Position:
     """Continue from the newest valid checkpoint in the run dir, if any."""
     found = checkpoint.load_latest(run.path, warn=lambda m: dist.print(f"warning: {m}"))
     # Every rank must pick the same checkpoint; rank 0's choice wins.
@@ -268,6 +309,9 @@ def resume(run: RunDir, cfg: Config, dist: Distributed, net: nn.Module, optimize
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    saved = state.get("lookahead") or {}  # none when Lookahead was off (allow_config_change)
+    for name, avg in lookahead.avg.items():
+        avg.copy_(saved[name] if name in saved else lookahead.live[name])
     p = state["position"]
     pos = Position(p["step"], p["epoch"], p["offset"], p["elapsed"], p["records"], p["best_accuracy"])
     if state["world_size"] == dist.world:

@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from conftest import PY, ROOT, TINY, assert_same_run, read_jsonl, run, torchrun
 
 from cifar_dist import checkpoint
@@ -220,3 +221,19 @@ def test_checkpoints_every_few_seconds_of_wall_clock(module_env, tmp_path):
     by_clock = [s for s in steps if s not in (20, 40)]  # 20 and 40 are also saved after each evaluation
     # Kept: the newest 3, plus the best evaluated one when that is older.
     assert steps[-1] == 40 and 3 <= len(steps) <= 4 and by_clock
+
+
+def test_resume_with_lookahead_is_exact(reference, module_env, tmp_path):
+    """The slow average is part of the checkpoint: a run stopped between two Lookahead pulls
+    (every 3 steps; the stop at step 26) resumes to the same weights as one never stopped."""
+    args = [*CONFIG, "train.lookahead_every=3"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run([PY, "-m", "cifar_dist.train", *args, f"run.dir={whole}"], module_env)
+    proc = run(FAULTS + args + [f"run.dir={stopped}"], dict(module_env, CIFAR_DIST_FAULT="signal:1:5"), check=False)
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr
+    assert checkpoint.list_checkpoints(stopped)[-1].step == 26
+    run([PY, "-m", "cifar_dist.train", *args, f"run.dir={stopped}"], module_env)
+    assert_same_run(whole, stopped)
+    plain = torch.load(reference / "model.pt", weights_only=True)["state_dict"]
+    averaged = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(plain["fc4.weight"], averaged["fc4.weight"]), "Lookahead changed nothing"

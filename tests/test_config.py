@@ -48,11 +48,16 @@ def test_yaml_round_trip():
         ("data.path=/no/such/place", "data.path", "does not exist"),
         ("train.batch_size=0", "train.batch_size", "must be >= 1"),
         ("checkpoint.keep=1", "checkpoint.keep", "must be >= 2"),
+        ("train.warmup_start=1.5", "train.warmup_start", "must be in [0, 1]"),
+        ("train.final_lr=-0.1", "train.final_lr", "must be in [0, 1]"),
+        ("train.bias_lr_scale=0", "train.bias_lr_scale", "must be > 0"),
+        ("eval.tta_translate=9", "eval.tta_translate", "must be in [0, 4]"),
+        ("data.flip=false data.flip_alternate=true", "data.flip_alternate", "needs data.flip=true"),
         ("train", "override", "expected dotted.key=value"),
     ],
 )
 def test_bad_values_fail_in_process(override, key, problem):
-    overrides = [override] if override != "data.path=/no/such/place" else ["data.source=imagefolder", override]
+    overrides = override.split() if override != "data.path=/no/such/place" else ["data.source=imagefolder", override]
     with pytest.raises(ConfigError) as e:
         load_config("debug", overrides)
     assert str(e.value).startswith(key) and problem in str(e.value)

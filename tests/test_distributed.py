@@ -61,13 +61,15 @@ def test_only_rank_zero_prints_and_records(one_and_two):
 
 
 def test_evaluation_is_exact_at_one_two_and_three_ranks(one_and_two, env, tmp_path):
-    """301 test images: 3 ranks get 100, 100 and 101; nothing is padded or counted twice."""
+    """301 test images: 3 ranks get 100, 100 and 101; nothing is padded or counted twice (with
+    the multi-crop test-time augmentation on, so its views are exact at any world size too)."""
     one, _, _, _ = one_and_two
     env["OMP_NUM_THREADS"] = "1"
     matrices = []
     for n in (1, 2, 3):
         out = tmp_path / f"eval{n}.json"
-        run(torchrun(n, "-m", "cifar_dist.evaluate", str(one), "--json", str(out), "data.synthetic_test=301"), env)
+        run(torchrun(n, "-m", "cifar_dist.evaluate", str(one), "--json", str(out), "data.synthetic_test=301",
+                     "eval.tta_flip=true", "eval.tta_translate=1"), env)
         result = json.loads(out.read_text())
         assert result["world_size"] == n
         matrices.append(result["confusion_matrix"])
