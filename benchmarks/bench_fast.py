@@ -63,13 +63,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--config", default="fast")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="run i has seed first_seed + i")
     parser.add_argument("--extra", nargs="*", default=[])
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop timed")
     args = parser.parse_args()
     accs, secs, compiles, step_secs = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            summary, records = framework_run(args.config, args.data, Path(tmp) / f"r{i}", args.extra + [f"seed={i}"])
+            seed = [f"seed={args.first_seed + i}"]
+            summary, records = framework_run(args.config, args.data, Path(tmp) / f"r{i}", args.extra + seed)
             accs.append(100 * summary["test_accuracy"])
             secs.append(summary["train_seconds"])
             compiles.append(summary["compile_seconds"])
@@ -81,7 +83,8 @@ def main() -> None:
     append_table(
         f"`{args.config}` recipe on {'one GPU' if torch.cuda.is_available() else 'the CPU'}: accuracy and time",
         [f"data: {args.data.name}; `cifar-dist train --config {args.config}` {' '.join(args.extra)}",
-         f"mean test accuracy {statistics.mean(accs):.2f}% over {len(accs)} runs (seeds 0..{len(accs) - 1})",
+         f"mean test accuracy {statistics.mean(accs):.2f}% over {len(accs)} runs "
+         f"(seeds {args.first_seed}..{args.first_seed + len(accs) - 1})",
          f"bare loop of the same step: {1000 * bare:.2f} ms/step; framework overhead = framework ms/step / bare - 1"],
         ["test accuracy %", "train seconds", "compile seconds", "framework ms/step", "framework overhead"],
         [[spread(accs, "{:.2f}"), spread(secs, "{:.2f}"), spread(compiles, "{:.1f}"),
