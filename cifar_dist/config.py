@@ -63,6 +63,7 @@ class TrainConfig:
     final_lr: float = 0.0  # the last step's lr, as a fraction of lr
     bias_lr_scale: float = 1.0  # BatchNorm biases: lr x this, weight_decay / this (the same decay per step)
     lookahead_every: int = 0  # steps between Lookahead pulls of the weights to their slow average; 0 = off
+    whiten_bias_epochs: float = 0.0  # fast net: its whitening bias trains (as a BatchNorm bias) this long, then stays
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) or per rank
     log_every: int = 50  # optimiser steps between training records
@@ -290,6 +291,9 @@ def validate(cfg: Config) -> None:
         need(0 <= _get(cfg, key) <= 1, key, "must be in [0, 1] (a fraction of train.lr)")
     need(cfg.train.bias_lr_scale > 0, "train.bias_lr_scale", "must be > 0")
     need(cfg.train.lookahead_every >= 0, "train.lookahead_every", "must be >= 0")
+    need(0 <= cfg.train.whiten_bias_epochs <= cfg.train.epochs, "train.whiten_bias_epochs", "must be in [0, train.epochs]")
+    need(not cfg.train.whiten_bias_epochs or cfg.model.name == "fast", "train.whiten_bias_epochs",
+         "needs model.name=fast (the only net with a whitening layer)")
     one_of("train.precision", ("auto", "fp32", "bf16"))
     one_of("train.device", ("auto", "cpu", "cuda"))
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")

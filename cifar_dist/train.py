@@ -153,14 +153,16 @@ def make_net(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes:
     if hasattr(net, "init_from_data"):
         # Data-dependent init from a fixed slice of the training set: identical on every rank.
         net.init_from_data(normalize(train_x[:5000]).cpu())
+    if cfg.train.whiten_bias_epochs:  # trained early on only: its lr goes to 0 after (param_groups)
+        net.whiten.bias.requires_grad_(True)
     torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # dropout differs per rank, like its data
     return net.to(dist.device, memory_format=memory_format)
 
 
 def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_steps: int):
     t = cfg.train
-    optimizer = torch.optim.SGD(param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale), lr=t.lr, momentum=t.momentum,
-                                nesterov=t.nesterov)
+    groups = param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale, round(t.whiten_bias_epochs * steps_per_epoch))
+    optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
     warmup = max(1, round(t.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:  # LR multiplier before optimiser step `step` (0-based)
@@ -173,21 +175,34 @@ def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_step
             return t.final_lr + (1 - t.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def until(steps: int):  # an lr of 0 leaves a parameter exactly as it is: no step, no decay
+        return lambda step: factor(step) if step < steps else 0.0
+
+    factors = [until(g["steps"]) if "steps" in g else factor for g in groups]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
-def param_groups(net: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float) -> list[dict[str, Any]]:
-    """The trainable parameters; with bias_lr_scale != 1, BatchNorm biases in a group of their own
-    at lr x scale and weight_decay / scale, so that their decay per step (lr x weight_decay) is
-    the others' (airbench's scaled BatchNorm biases, 64x there)."""
+def param_groups(net: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float,
+                 whiten_bias_steps: int) -> list[dict[str, Any]]:
+    """The trainable parameters, at lr and weight_decay, except:
+    - with bias_lr_scale != 1, BatchNorm biases in a group at lr x scale and weight_decay / scale,
+      so that their decay per step (lr x weight_decay) is the others' (airbench: 64x);
+    - with whiten_bias_steps > 0, the fast net's whitening bias in a group like the BatchNorm
+      biases' that trains for that many steps only ("steps": make_optimizer's schedule then
+      gives it lr 0; airbench trains it for the first 3 epochs)."""
     trainable = [p for p in net.parameters() if p.requires_grad]
-    if bias_lr_scale == 1:
-        return [{"params": trainable, "weight_decay": weight_decay}]
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
     biases = {id(m.bias) for m in net.modules() if isinstance(m, norms) and m.bias is not None and m.bias.requires_grad}
-    return [{"params": [p for p in trainable if id(p) not in biases], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if id(p) in biases], "lr": lr * bias_lr_scale,
-             "weight_decay": weight_decay / bias_lr_scale}]
+    if bias_lr_scale == 1:
+        biases = set()
+    early = {id(net.whiten.bias)} if whiten_bias_steps else set()
+    scaled = {"lr": lr * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale}
+    groups = [{"params": [p for p in trainable if id(p) not in biases | early], "weight_decay": weight_decay}]
+    if biases:
+        groups.append({"params": [p for p in trainable if id(p) in biases], **scaled})
+    if early:
+        groups.append({"params": [net.whiten.bias], **scaled, "steps": whiten_bias_steps})
+    return groups
 
 
 class Lookahead:

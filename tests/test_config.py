@@ -51,6 +51,8 @@ def test_yaml_round_trip():
         ("train.warmup_start=1.5", "train.warmup_start", "must be in [0, 1]"),
         ("train.final_lr=-0.1", "train.final_lr", "must be in [0, 1]"),
         ("train.bias_lr_scale=0", "train.bias_lr_scale", "must be > 0"),
+        ("train.whiten_bias_epochs=-1", "train.whiten_bias_epochs", "must be in [0, train.epochs]"),
+        ("model.name=medium train.whiten_bias_epochs=1", "train.whiten_bias_epochs", "needs model.name=fast"),
         ("eval.tta_translate=9", "eval.tta_translate", "must be in [0, 4]"),
         ("data.flip=false data.flip_alternate=true", "data.flip_alternate", "needs data.flip=true"),
         ("train", "override", "expected dotted.key=value"),
