@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from cifar_dist.distributed import DistributedError
     from cifar_dist.predict import PredictError, load_classifier
     from cifar_dist.report import format_eval
+    from cifar_dist.train import autocast_context
 
     parser = argparse.ArgumentParser(prog="cifar-dist evaluate", description=main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="a run directory, its model.pt or a checkpoint's state.pt")
@@ -108,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         net, classes = load_classifier(args.checkpoint)
         if classes != data.classes:
             raise DataError(f"the model's classes {classes} are not the data's {data.classes}")
-        result = evaluate(net.to(dist.device), data.test_x, data.test_y, len(classes), dist, cfg.eval.batch_size,
-                          cfg.eval.tta_flip, tta_translate=cfg.eval.tta_translate)
+        # The run's precision and memory format: the same numbers as training's final evaluation.
+        fmt = torch.channels_last
+        result = evaluate(net.to(dist.device, memory_format=fmt), data.test_x, data.test_y, len(classes), dist,
+                          cfg.eval.batch_size, cfg.eval.tta_flip, autocast_context(cfg, dist.device), fmt,
+                          tta_translate=cfg.eval.tta_translate)
     except (ConfigError, DataError, DistributedError, PredictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

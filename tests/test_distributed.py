@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import PY, ROOT, TINY, read_jsonl, run, torchrun
+from conftest import PY, ROOT, TINY, read_jsonl, run, torchrun, train_cmd
 
 STEP_BY_STEP = [*TINY, "train.log_every=1"]  # a record per step: 40 steps over 2 epochs
 ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -75,6 +75,20 @@ def test_evaluation_is_exact_at_one_two_and_three_ranks(one_and_two, env, tmp_pa
         matrices.append(result["confusion_matrix"])
     assert matrices[0] == matrices[1] == matrices[2]
     assert sum(map(sum, matrices[0])) == 301
+
+
+def test_evaluate_command_repeats_the_runs_final_evaluation_in_its_precision(env, tmp_path):
+    """A bf16 run: `cifar_dist.evaluate` on its run dir autocasts as training did, so its loss
+    and confusion matrix are the summary's, not an fp32 evaluation's."""
+    run_dir, out = tmp_path / "bf16", tmp_path / "eval.json"
+    run(train_cmd(*TINY, "train.precision=bf16", "eval.tta_flip=true", f"run.dir={run_dir}"), env)
+    run([PY, "-m", "cifar_dist.evaluate", str(run_dir), "--json", str(out)], env)
+    summary, result = json.loads((run_dir / "summary.json").read_text()), json.loads(out.read_text())
+    assert result["test_loss"] == summary["test_loss"]
+    assert result["confusion_matrix"] == summary["confusion_matrix"]
+    fp32 = tmp_path / "fp32.json"
+    run([PY, "-m", "cifar_dist.evaluate", str(run_dir), "--json", str(fp32), "train.precision=fp32"], env)
+    assert json.loads(fp32.read_text())["test_loss"] != summary["test_loss"]  # the precision is what differs
 
 
 def test_a_crashed_rank_ends_the_job_within_bounded_time(env, tmp_path):
