@@ -53,7 +53,8 @@ def test_schedule_starts_and_ends_at_the_given_fractions():
 
 def test_batchnorm_biases_get_a_scaled_lr_and_the_same_decay_per_step():
     net = build_model("fast")
-    cfg = load_config("fast", ["train.lr=1.5", "train.weight_decay=0.002", "train.bias_lr_scale=64"])
+    cfg = load_config("fast", ["train.lr=1.5", "train.weight_decay=0.002", "train.bias_lr_scale=64",
+                               "train.whiten_bias_epochs=0"])
     optimizer, _ = make_optimizer(cfg, net, 10, 100)
     main, biases = optimizer.param_groups
     norm_biases = [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -63,7 +64,7 @@ def test_batchnorm_biases_get_a_scaled_lr_and_the_same_decay_per_step():
     assert biases["initial_lr"] == pytest.approx(64 * main["initial_lr"])
     assert biases["initial_lr"] * biases["weight_decay"] == pytest.approx(main["initial_lr"] * main["weight_decay"])
     # At scale 1 nothing is split: the optimiser (and its checkpoints) look as before.
-    plain, _ = make_optimizer(load_config("fast", ["train.bias_lr_scale=1"]), net, 10, 100)
+    plain, _ = make_optimizer(load_config("fast", ["train.bias_lr_scale=1", "train.whiten_bias_epochs=0"]), net, 10, 100)
     assert len(plain.param_groups) == 1
 
 
