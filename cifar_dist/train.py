@@ -161,7 +161,8 @@ def make_net(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes:
 
 def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_steps: int):
     t = cfg.train
-    groups = param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale, round(t.whiten_bias_epochs * steps_per_epoch))
+    # ceil: any whiten_bias_epochs > 0 is at least one step, so the bias never lands in the main group
+    groups = param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale, math.ceil(t.whiten_bias_epochs * steps_per_epoch))
     optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
     warmup = max(1, round(t.warmup_epochs * steps_per_epoch))
 

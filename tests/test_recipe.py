@@ -94,6 +94,21 @@ def test_whitening_bias_trains_for_its_epochs_then_stays(env, tmp_path):
     assert whiten["weight_decay"] == norm_biases["weight_decay"]
 
 
+def test_a_fraction_of_a_step_of_whitening_bias_training_is_one_step():
+    """A tiny train.whiten_bias_epochs still gives the bias its own group (one step), never the
+    main group's full schedule."""
+    net = build_model("fast")
+    net.whiten.bias.requires_grad_(True)  # as make_net does when train.whiten_bias_epochs > 0
+    optimizer, scheduler = make_optimizer(load_config("fast", ["train.whiten_bias_epochs=0.01"]), net, 10, 100)
+    whiten = optimizer.param_groups[-1]
+    assert whiten["params"] == [net.whiten.bias] and whiten["steps"] == 1
+    assert all(net.whiten.bias is not p for p in optimizer.param_groups[0]["params"])
+    assert whiten["lr"] > 0
+    optimizer.step()
+    scheduler.step()
+    assert whiten["lr"] == 0
+
+
 def test_fast_net_convs_start_as_identity_and_batchnorm_scales_are_frozen():
     net = build_model("fast")
     for block in net.layers:
