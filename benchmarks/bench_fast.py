@@ -1,11 +1,22 @@
-"""The `fast` recipe on a GPU: accuracy and training time over repeated runs, and the
-framework's per-step overhead against a bare loop of the same compiled step.
+"""The `fast` recipe on a GPU: accuracy and training time over repeated runs, the framework's
+per-step overhead against a bare loop of the same compiled step, and (with --peer) a public
+speed-run script run side by side on the same data.
 
-    python benchmarks/bench_fast.py --data .data/cifar10-jpeg.tar.gz [--repeats 5] [--config fast]
+    python benchmarks/bench_fast.py --data .data/cifar10-jpeg.tar.gz [--repeats 5] [--config fast] \\
+        [--peer .peer/airbench94.py]
 
 Training time is summary.json's `train_seconds`: first step to final evaluation, with the
 framework's records and final checkpoint, without process start-up, data upload and compile
 (`compile_seconds`, reported apart).
+
+The peer is a script of the airbench family (cifar10-airbench's legacy/airbench94.py or
+airbench94_compiled.py), fetched onto the GPU machine for the run only and never committed. It runs
+unchanged but for its data: it reads `cifar10/train.pt` and `cifar10/test.pt` (uint8 NHWC images,
+labels, class names) from its working directory, which this script writes from the project's own
+cache of the same archive, so both sides train and test on the same images. Its numbers are its
+own printout: test accuracy with its test-time augmentation, and its timed seconds (training and
+evaluation, without compile or data upload). It runs after the project's runs, so that a peer
+that fails costs the table only its own row.
 """
 
 from __future__ import annotations
@@ -49,13 +60,59 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10**6)
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
     for s in range(10):
-        step(*batches.batch(0, s))
+        step(*batches.batch(0, s % batches.steps_per_epoch))
     sync()
     t = time.perf_counter()
     for s in range(steps):
         step(*batches.batch(1 + s // batches.steps_per_epoch, s % batches.steps_per_epoch))
     sync()
     return (time.perf_counter() - t) / steps
+
+
+def write_peer_data(config: str, data: Path, extra: list[str], workdir: Path) -> None:
+    """The project's decoded data as the peer's loader reads it: {'images': uint8 (N, 32, 32, 3), 'labels', 'classes'}."""
+    from cifar_dist.config import load_config
+    from cifar_dist.data import load_dataset
+
+    ds = load_dataset(load_config(config, ["data.source=imagefolder", f"data.path={data}", *extra]).data)
+    (workdir / "cifar10").mkdir(parents=True)
+    for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
+        torch.save({"images": x.contiguous(), "labels": y, "classes": ds.classes}, workdir / "cifar10" / f"{split}.pt")
+
+
+def parse_peer(output: str) -> list[tuple[float, float]]:
+    """(test accuracy %, seconds) of each run: the rows the peer prints with epoch 'eval', read by
+    the column names of its own header row; its compile warm-up run (run 'warmup') is left out."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in output.splitlines()
+            if line.startswith("|")]
+    header = next((r for r in rows if "tta_val_acc" in r), None)
+    if header is None:
+        return []
+    run, epoch = header.index("run"), header.index("epoch")
+    acc, secs = header.index("tta_val_acc"), header.index("total_time_seconds")
+    runs, current = [], ""
+    for r in rows:
+        if r is header or len(r) != len(header):
+            continue
+        current = r[run] or current  # the peer prints a run's number on its first row only
+        if r[epoch] == "eval" and current != "warmup":
+            runs.append((100 * float(r[acc]), float(r[secs])))
+    return runs
+
+
+def peer_row(peer: Path, config: str, data: Path, extra: list[str]) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_peer_data(config, data, extra, Path(tmp))
+        proc = subprocess.run([PY, str(peer.resolve())], cwd=tmp, capture_output=True, text=True)
+    print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
+    runs = parse_peer(proc.stdout)
+    if proc.returncode or not runs:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        return [f"{peer.name} (peer)", f"failed (exit {proc.returncode}, {len(runs)} runs read): {last[:120]}",
+                "", "", "", "", "", ""]
+    accs, secs = [a for a, _ in runs], [s for _, s in runs]
+    return [f"{peer.name} (peer)", str(len(runs)), f"{statistics.mean(accs):.2f}", spread(accs, "{:.2f}"),
+            spread(secs, "{:.2f}"), "n/a (not timed by it)", "n/a", "n/a"]
 
 
 def main() -> None:
@@ -66,7 +123,10 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="run i has seed first_seed + i")
     parser.add_argument("--extra", nargs="*", default=[])
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop timed")
+    parser.add_argument("--peer", type=Path, help="a speed-run script to run beside (not part of this repository)")
     args = parser.parse_args()
+    if args.peer and not args.peer.is_file():
+        sys.exit(f"error: --peer {args.peer}: no such file")
     accs, secs, compiles, step_secs = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -80,15 +140,22 @@ def main() -> None:
             print(f"run {i}: {accs[-1]:.2f}% in {secs[-1]:.2f} s (+{compiles[-1]:.1f} s compile)", flush=True)
     bare = bare_step_seconds(args.config, args.data, args.extra, steps=args.bare_steps)
     overhead = [100 * (s / bare - 1) for s in step_secs]
+    rows = [[f"`cifar-dist train --config {args.config}`", str(len(accs)), f"{statistics.mean(accs):.2f}",
+             spread(accs, "{:.2f}"), spread(secs, "{:.2f}"), spread(compiles, "{:.1f}"),
+             spread([1000 * s for s in step_secs], "{:.2f}"), spread(overhead, "{:.1f}%")]]
+    if args.peer:
+        rows.append(peer_row(args.peer, args.config, args.data, args.extra))
     append_table(
         f"`{args.config}` recipe on {'one GPU' if torch.cuda.is_available() else 'the CPU'}: accuracy and time",
-        [f"data: {args.data.name}; `cifar-dist train --config {args.config}` {' '.join(args.extra)}",
-         f"mean test accuracy {statistics.mean(accs):.2f}% over {len(accs)} runs "
-         f"(seeds {args.first_seed}..{args.first_seed + len(accs) - 1})",
+        [f"data: {args.data.name}; `cifar-dist train --config {args.config}` {' '.join(args.extra)}; "
+         f"seeds {args.first_seed}..{args.first_seed + len(accs) - 1}",
+         "seconds: the project's summary.json train_seconds (first step to final evaluation, records and final "
+         "checkpoint included; no process start-up, data upload or compile)"
+         + ("; the peer's its own timer (training and its test-time-augmented evaluation; no compile, no upload), "
+            "on the project's decoded copy of the same data" if args.peer else ""),
          f"bare loop of the same step: {1000 * bare:.2f} ms/step; framework overhead = framework ms/step / bare - 1"],
-        ["test accuracy %", "train seconds", "compile seconds", "framework ms/step", "framework overhead"],
-        [[spread(accs, "{:.2f}"), spread(secs, "{:.2f}"), spread(compiles, "{:.1f}"),
-          spread([1000 * s for s in step_secs], "{:.2f}"), spread(overhead, "{:.1f}%")]])
+        ["side", "runs", "mean test accuracy %", "test accuracy %", "train seconds", "compile seconds", "ms/step",
+         "framework overhead"], rows)
 
 
 if __name__ == "__main__":

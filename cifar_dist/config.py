@@ -19,6 +19,7 @@ import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("blitz", "medium", "fast", "resnet18")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SOURCES = ("cifar10", "imagefolder", "synthetic")
 
 
@@ -30,6 +31,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "fast"  # blitz | medium | fast | resnet18
     compile: bool = False  # torch.compile the training forward/backward (GPU); weights saved plain
+    # torch.compile's mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.
+    # The CUDA-graph modes cut a small net's per-step launch cost; autotuning lengthens the compile.
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -265,6 +269,7 @@ def validate(cfg: Config) -> None:
         need(_get(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
 
     one_of("model.name", MODELS)
+    one_of("model.compile_mode", COMPILE_MODES)
     one_of("data.source", SOURCES)
     if cfg.data.source != "synthetic" and not (cfg.data.source == "cifar10" and cfg.data.download):
         need(bool(cfg.data.path), "data.path", f"is required for data.source={cfg.data.source}")

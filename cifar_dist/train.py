@@ -235,7 +235,7 @@ def autocast_context(cfg: Config, device: torch.device) -> contextlib.AbstractCo
 
 def make_step(cfg: Config, model: nn.Module, optimizer, scheduler, autocast):
     """One optimiser step on this rank's slice; returns the slice's mean loss (a tensor, no sync)."""
-    forward = torch.compile(model) if cfg.model.compile else model
+    forward = torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
     smoothing = cfg.train.label_smoothing
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

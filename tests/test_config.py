@@ -43,6 +43,7 @@ def test_yaml_round_trip():
         ("train.lr=fast", "train.lr", "expected float"),
         ("train.epochs=-1", "train.epochs", "must be >= 1"),
         ("model.name=vgg", "model.name", "must be one of"),
+        ("model.compile_mode=fastest", "model.compile_mode", "must be one of"),
         ("data.source=imagenet", "data.source", "must be one of"),
         ("data.source=imagefolder", "data.path", "is required"),
         ("data.path=/no/such/place", "data.path", "does not exist"),

@@ -5,6 +5,8 @@ against its definition, written out by hand."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from cifar_dist.data import TrainBatches, normalize
 from cifar_dist.distributed import Distributed
 from cifar_dist.evaluate import evaluate
 from cifar_dist.models import build_model
-from cifar_dist.train import Lookahead, make_optimizer
+from cifar_dist.train import Lookahead, make_optimizer, make_step
 
 
 def lrs(overrides: list[str], steps_per_epoch: int = 10) -> list[float]:
@@ -107,6 +109,20 @@ def test_a_fraction_of_a_step_of_whitening_bias_training_is_one_step():
     optimizer.step()
     scheduler.step()
     assert whiten["lr"] == 0
+
+
+@pytest.mark.parametrize("compile_, mode", [(True, "max-autotune"), (True, "default"), (False, "reduce-overhead")])
+def test_model_compile_mode_is_the_mode_torch_compile_gets(monkeypatch, compile_, mode):
+    """Wiring only: torch.compile is replaced by a recorder (a real compile takes ~50 s on this CPU,
+    and the CUDA-graph modes need a GPU)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: calls.append(mode) or model)
+    cfg = load_config("fast", [f"model.compile={str(compile_).lower()}", f"model.compile_mode={mode}"])
+    net = build_model("fast")
+    optimizer, scheduler = make_optimizer(cfg, net, 10, 100)
+    step = make_step(cfg, net, optimizer, scheduler, contextlib.nullcontext())
+    assert calls == ([mode] if compile_ else [])
+    assert step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])).ndim == 0
 
 
 def test_fast_net_convs_start_as_identity_and_batchnorm_scales_are_frozen():
