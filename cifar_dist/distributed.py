@@ -136,11 +136,14 @@ class Distributed:
 
     def agree(self, save: bool) -> tuple[bool, bool]:
         """(stop, save) on every rank: whether any rank has received a stop signal, and whether
-        any rank wants a checkpoint now. One small all-reduce at a step boundary."""
+        any rank wants a checkpoint now. One small all-reduce at every step boundary, on the gloo
+        side group with CPU tensors: on GPUs a reduction on the main group would end in a
+        device-to-host read each step, stalling the CPU until the GPU drained its queue."""
         if self.world == 1:
             return self._stop, save
-        flags = self.sum(torch.tensor([float(self._stop), float(save)], device=self.device))
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        flags = torch.tensor([int(self._stop), int(save)])
+        tdist.all_reduce(flags, op=tdist.ReduceOp.SUM, group=self._wait_group)
+        return bool(flags[0]), bool(flags[1])
 
     def close(self) -> None:
         if self.world > 1 and tdist.is_initialized():
