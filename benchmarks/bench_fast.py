@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -100,19 +101,28 @@ def parse_peer(output: str) -> list[tuple[float, float]]:
     return runs
 
 
-def peer_row(peer: Path, config: str, data: Path, extra: list[str]) -> list[str]:
+def peer_row(peer: Path, config: str, data: Path, extra: list[str], timeout: float | None) -> list[str]:
+    """The peer's table row. Past `timeout` seconds it is stopped and the runs it finished are kept
+    (it runs 25 by default), so that a slow peer cannot cost the whole benchmark."""
     with tempfile.TemporaryDirectory() as tmp:
         write_peer_data(config, data, extra, Path(tmp))
-        proc = subprocess.run([PY, str(peer.resolve())], cwd=tmp, capture_output=True, text=True)
-    print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
-    runs = parse_peer(proc.stdout)
-    if proc.returncode or not runs:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        return [f"{peer.name} (peer)", f"failed (exit {proc.returncode}, {len(runs)} runs read): {last[:120]}",
-                "", "", "", "", "", ""]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # its rows so far are readable if it is stopped
+        try:
+            proc = subprocess.run([PY, str(peer.resolve())], cwd=tmp, capture_output=True, text=True, env=env,
+                                  timeout=timeout)
+            out, err, problem = proc.stdout, proc.stderr, f"exit {proc.returncode}" if proc.returncode else ""
+        except subprocess.TimeoutExpired as e:  # its captured output is bytes whatever text= says
+            out, err = (b.decode(errors="replace") if isinstance(b, bytes) else b or "" for b in (e.stdout, e.stderr))
+            problem = f"stopped after {timeout:.0f} s"
+    print(out[-4000:], err[-2000:], flush=True)
+    runs = parse_peer(out)
+    name = f"{peer.name} (peer{', ' + problem if problem and runs else ''})"
+    if not runs or (problem and not problem.startswith("stopped")):
+        last = (err.strip() or out.strip() or "no output").splitlines()[-1]
+        return [name, f"failed ({problem or 'no result rows'}, {len(runs)} runs read): {last[:120]}", "", "", "", "", "", ""]
     accs, secs = [a for a, _ in runs], [s for _, s in runs]
-    return [f"{peer.name} (peer)", str(len(runs)), f"{statistics.mean(accs):.2f}", spread(accs, "{:.2f}"),
-            spread(secs, "{:.2f}"), "n/a (not timed by it)", "n/a", "n/a"]
+    return [name, str(len(runs)), f"{statistics.mean(accs):.2f}", spread(accs, "{:.2f}"), spread(secs, "{:.2f}"),
+            "n/a (not timed by it)", "n/a", "n/a"]
 
 
 def main() -> None:
@@ -124,6 +134,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[])
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop timed")
     parser.add_argument("--peer", type=Path, help="a speed-run script to run beside (not part of this repository)")
+    parser.add_argument("--peer-timeout", type=float, help="seconds; past them the peer is stopped, its finished runs kept")
     args = parser.parse_args()
     if args.peer and not args.peer.is_file():
         sys.exit(f"error: --peer {args.peer}: no such file")
@@ -144,7 +155,7 @@ def main() -> None:
              spread(accs, "{:.2f}"), spread(secs, "{:.2f}"), spread(compiles, "{:.1f}"),
              spread([1000 * s for s in step_secs], "{:.2f}"), spread(overhead, "{:.1f}%")]]
     if args.peer:
-        rows.append(peer_row(args.peer, args.config, args.data, args.extra))
+        rows.append(peer_row(args.peer, args.config, args.data, args.extra, args.peer_timeout))
     append_table(
         f"`{args.config}` recipe on {'one GPU' if torch.cuda.is_available() else 'the CPU'}: accuracy and time",
         [f"data: {args.data.name}; `cifar-dist train --config {args.config}` {' '.join(args.extra)}; "

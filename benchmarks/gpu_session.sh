@@ -10,7 +10,10 @@
 # Steps, most important first; each runs under what is left of DEADLINE (seconds, default 540), and
 # one that fails or runs out of time costs only itself. After each, benchmarks/RESULTS.md (with the
 # sections appended so far) and the log are copied to $OUT, so a call cut short still brings them back.
+#   check     tests/test_gpu.py (pytest): the checks that need a GPU, e.g. that a training step never
+#             waits for the GPU (seconds; a failure is known before anything is timed)
 #   fast      bench_fast.py: the fast recipe x5, framework overhead vs a bare loop, the peer if carried
+#             (its 25 runs, or as many as it finishes in 150 s)
 #   medium    bench_vs_seed.py: medium_gpu x3 against the seed loop (its recorded 20-epoch 838 s / 72.9%,
 #             1 epoch of it timed here: the whole loop takes ~14 min)
 #   ddp       bench_ddp.py: the DDP wrapper's cost at N = 1
@@ -24,7 +27,7 @@ DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 OUT=${OUT:-/tmp/out}
 SEED_LOOP=${SEED_LOOP:-.data/seed_loop.py}
 DEADLINE=${DEADLINE:-540}
-STEPS=${*:-fast medium ddp blitz autotune}
+STEPS=${*:-check fast medium ddp blitz autotune}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CIFAR_DIST_CACHE=/tmp/cifar-dist-cache
 LOG="$OUT/log.txt"
@@ -50,9 +53,10 @@ step install python3 -m pip install -q --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 step data python3 -m cifar_dist.cli data prepare data.source=imagefolder "data.path=$DATA"
 peer=()
-[ -f .peer/airbench94.py ] && peer=(--peer .peer/airbench94.py)
+[ -f .peer/airbench94.py ] && peer=(--peer .peer/airbench94.py --peer-timeout 150)
 for s in $STEPS; do
   case $s in
+    check) step check python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     fast) step fast python3 benchmarks/bench_fast.py --data "$DATA" --repeats 5 "${peer[@]}" ;;
     medium) step medium python3 benchmarks/bench_vs_seed.py --data "$DATA" --runs medium:medium_gpu --repeats 3 \
               --seed-loop "$SEED_LOOP" --recorded medium=838:0.729 --seed-epochs medium=1 ;;
@@ -60,7 +64,7 @@ for s in $STEPS; do
     blitz) step blitz python3 benchmarks/bench_vs_seed.py --data "$DATA" --runs blitz:blitz_gpu --repeats 3 \
              --seed-loop "$SEED_LOOP" --recorded blitz=87:0.235 ;;
     autotune) step autotune python3 benchmarks/bench_fast.py --data "$DATA" --repeats 3 --extra model.compile_mode=max-autotune ;;
-    *) echo "unknown step $s (fast, medium, ddp, blitz, autotune)"; exit 2 ;;
+    *) echo "unknown step $s (check, fast, medium, ddp, blitz, autotune)"; exit 2 ;;
   esac
 done
 echo "done in $SECONDS s; failed or skipped: ${failed[*]:-none}" | tee -a "$LOG"

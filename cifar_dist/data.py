@@ -10,6 +10,7 @@ held on the training device, and every random choice (order, flip, shift, cutout
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -303,9 +304,15 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int, n_classes: int) -> tuple[t
 
 def normalize(x_u8_nhwc: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W)."""
-    mean = torch.tensor(MEAN, device=x_u8_nhwc.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x_u8_nhwc.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x_u8_nhwc.device)
     return (x_u8_nhwc.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a tensor built from Python numbers on a GPU is a copy that waits for
+    the GPU's queue to drain, which every training step would otherwise pay."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -46,12 +46,13 @@ def make_archive(tmp_path: Path) -> Path:
     return archive
 
 
-def bench_fast(tmp_path: Path, env: dict, peer_code: str, repeats: int) -> str:
+def bench_fast(tmp_path: Path, env: dict, peer_code: str, repeats: int, *options: str) -> str:
     peer = tmp_path / "peer.py"
     peer.write_text(peer_code)
     results = tmp_path / "RESULTS.md"
     run([PY, "benchmarks/bench_fast.py", "--data", str(make_archive(tmp_path)), "--repeats", str(repeats),
-         "--bare-steps", "3", "--peer", str(peer), "--extra", *TINY_FAST], dict(env, CIFAR_DIST_RESULTS=str(results)))
+         "--bare-steps", "3", "--peer", str(peer), *options, "--extra", *TINY_FAST],
+        dict(env, CIFAR_DIST_RESULTS=str(results)))
     return results.read_text()
 
 
@@ -78,3 +79,10 @@ def test_a_failing_peer_costs_only_its_own_row(env, tmp_path):
     assert project[1] == "1" and 0 <= float(project[2]) <= 100
     assert peer[0] == "peer.py (peer)"
     assert peer[1].startswith("failed (exit 1, 0 runs read): RuntimeError: Found no NVIDIA driver")
+
+
+def test_a_peer_past_its_time_is_stopped_and_its_finished_runs_kept(env, tmp_path):
+    text = bench_fast(tmp_path, env, PEER + "import time; time.sleep(600)\n", 1, "--peer-timeout", "20")
+    header, project, peer = table_rows(text)
+    assert project[1] == "1"
+    assert peer[:2] == ["peer.py (peer, stopped after 20 s)", "3"]  # its rows were read although it never ended
