@@ -217,15 +217,17 @@ class Lookahead:
         # state_dict()'s tensors share storage with the parameters and buffers: copies into them land in the net.
         self.live = {k: v for k, v in net.state_dict().items() if v.is_floating_point()} if every else {}
         self.avg = {k: v.detach().clone() for k, v in self.live.items()}
+        # One multi-tensor kernel per pull, not two per tensor: launches matter on a GPU at ~4 ms a step.
+        self._pairs = [self.avg[k] for k in self.live], list(self.live.values())
 
     @torch.no_grad()
     def after(self, step: int) -> None:
         if not self.every or (step % self.every and step != self.total):
             return
         d = 0.95**self.every * (step / self.total) ** 3
-        for name, avg in self.avg.items():
-            avg.lerp_(self.live[name], 1 - d)
-            self.live[name].copy_(avg)
+        avg, live = self._pairs
+        torch._foreach_lerp_(avg, live, 1 - d)
+        torch._foreach_copy_(live, avg)
 
 
 def autocast_context(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
