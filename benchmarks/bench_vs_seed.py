@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,19 +42,20 @@ def run_seed_loop(seed_loop: Path, net: str, image_root: Path, epochs: int) -> d
     return {"seconds": float(m[1]), "images_per_second": float(m[2]), "accuracy": float(m[3]) / 100}
 
 
-def seed_baseline(seed_loop: Path, net: str, image_root: Path, recorded: str | None, epochs: int | None) -> dict:
+def seed_baseline(seed_loop: Path, net: str, image_root: Callable[[], Path], recorded: str | None,
+                  epochs: int | None) -> dict:
     """The seed loop's full-schedule seconds and accuracy: run here in full, or recorded (SECONDS:ACCURACY)
     with `epochs` of it timed here and scaled to the full schedule (`here`)."""
     full = SEED_EPOCHS[net]
     if recorded is None:
-        seed = run_seed_loop(seed_loop, net, image_root, full)
+        seed = run_seed_loop(seed_loop, net, image_root(), full)
         return {**seed, "here": seed["seconds"],
                 "label": f"{full} epochs here: {seed['seconds']:,.0f} s, {100 * seed['accuracy']:.1f}%"}
     seconds, accuracy = (float(v) for v in recorded.split(":"))
     seed = {"seconds": seconds, "accuracy": accuracy,
             "label": f"{full} epochs: {seconds:,.0f} s recorded, {100 * accuracy:.1f}%"}
     if epochs:  # the same loop timed here, for a fair per-epoch comparison on this machine
-        part = run_seed_loop(seed_loop, net, image_root, epochs)
+        part = run_seed_loop(seed_loop, net, image_root(), epochs)
         seed["here"] = part["seconds"] / epochs * full
         seed["label"] += f"; here {part['seconds'] / epochs:,.0f} s/epoch ({epochs} timed)"
     return seed
@@ -97,9 +99,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        with tarfile.open(args.data) as tar:
-            tar.extractall(tmp_path, filter="data")
-        image_root = next(p.parent for p in tmp_path.rglob("train") if (p.parent / "test").is_dir())
+
+        def image_root() -> Path:  # the seed loop reads an unpacked image tree; unpacked once, when first needed
+            if not (tmp_path / "images").exists():
+                with tarfile.open(args.data) as tar:
+                    tar.extractall(tmp_path / "images", filter="data")
+            return next(p.parent for p in (tmp_path / "images").rglob("train") if (p.parent / "test").is_dir())
         env_cache = os.environ.setdefault("CIFAR_DIST_CACHE", str(tmp_path / "cache"))
         t = time.perf_counter()
         subprocess.run([PY, "-m", "cifar_dist.cli", "data", "prepare", "data.source=imagefolder", f"data.path={args.data}"],
