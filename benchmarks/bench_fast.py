@@ -46,11 +46,12 @@ def framework_run(config: str, data: Path, run_dir: Path, extra: list[str]) -> t
 
 
 def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> float:
-    """Seconds per step of the same step function in a bare loop: no records, no DDP wrapper."""
+    """Seconds per step of the recipe's step (the same step function, and Lookahead's pulls) in a
+    bare loop: no records, no checkpoint checks, no DDP wrapper."""
     from cifar_dist.config import load_config
     from cifar_dist.data import TrainBatches, load_dataset
     from cifar_dist.models import build_model
-    from cifar_dist.train import autocast_context, make_optimizer, make_step
+    from cifar_dist.train import Lookahead, autocast_context, make_optimizer, make_step
 
     cfg = load_config(config, ["data.source=imagefolder", f"data.path={data}", *extra])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: to try the script out
@@ -58,14 +59,18 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     ds = load_dataset(cfg.data).to(device)
     batches = TrainBatches(ds.train_x, ds.train_y, cfg.data, cfg.train.batch_size, 0, 1, cfg.seed, torch.channels_last)
     net = build_model(cfg.model.name).to(device, memory_format=torch.channels_last)
+    if cfg.train.whiten_bias_epochs:  # as make_net does: its gradient is part of the recipe's step
+        net.whiten.bias.requires_grad_(True)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10**6)
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
+    lookahead = Lookahead(net, cfg.train.lookahead_every, 10**6)
     for s in range(10):
         step(*batches.batch(0, s % batches.steps_per_epoch))
     sync()
     t = time.perf_counter()
     for s in range(steps):
         step(*batches.batch(1 + s // batches.steps_per_epoch, s % batches.steps_per_epoch))
+        lookahead.after(s + 1)
     sync()
     return (time.perf_counter() - t) / steps
 
