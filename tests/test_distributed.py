@@ -81,7 +81,10 @@ def test_evaluate_command_repeats_the_runs_final_evaluation_in_its_precision(env
     """A bf16 run: `cifar_dist.evaluate` on its run dir autocasts as training did, so its loss
     and confusion matrix are the summary's, not an fp32 evaluation's."""
     run_dir, out = tmp_path / "bf16", tmp_path / "eval.json"
-    run(train_cmd(*TINY, "train.precision=bf16", "eval.tta_flip=true", f"run.dir={run_dir}"), env)
+    trained = run(train_cmd(*TINY, "train.precision=bf16", "eval.tta_flip=true", f"run.dir={run_dir}"), env)
+    # and the run says when bf16 is emulated on this CPU (tests/test_train.py checks the rule both ways)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert ("train.precision=bf16 on a CPU without bf16 instructions" in trained.stdout) == (not native)
     run([PY, "-m", "cifar_dist.evaluate", str(run_dir), "--json", str(out)], env)
     summary, result = json.loads((run_dir / "summary.json").read_text()), json.loads(out.read_text())
     assert result["test_loss"] == summary["test_loss"]
