@@ -303,14 +303,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# A point read as ended without a result is looked at again this much later before `wait` believes
+# it: a requeued Slurm job was once read so for a moment, between its old and its new life (seen
+# once in three CI runs; the state it showed was not caught).
+SETTLE_SECONDS = 10.0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     sweep_dir, record, _ = open_sweep(args.sweep_dir)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    seen_over = False
     while True:
         states = point_states(sweep_dir, record)
         if not any(s.state in ACTIVE for s in states):
-            print(status_table(states))
-            return 0 if all(s.state == "done" for s in states) else 1
+            if seen_over or all(s.state in ("done", "cancelled") for s in states):
+                print(status_table(states))
+                return 0 if all(s.state == "done" for s in states) else 1
+            seen_over = True
+            time.sleep(SETTLE_SECONDS)
+            continue
+        seen_over = False
         if deadline is not None and time.monotonic() >= deadline:
             print(status_table(states))
             print(f"wait: timed out after {args.timeout:g} s", file=sys.stderr)

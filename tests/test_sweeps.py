@@ -165,3 +165,25 @@ def test_max_points_lifts_the_cap(tmp_path):
     assert capped.returncode == 2 and "1,200 points exceeds the cap of 1,000" in capped.stderr
     lifted = submit([str(spec), "--dry-run", "--cluster", "local", "--max-points", "1200"], env, tmp_path)
     assert lifted.returncode == 0 and "1200 point(s)" in lifted.stdout
+
+
+@pytest.mark.parametrize(("reads", "code", "looks"), [
+    (["failed", "running", "done"], 0, 3),  # a moment's "ended without a result" (a requeue in passing) is not believed
+    (["failed", "failed"], 1, 2),  # read twice, SETTLE_SECONDS apart: it is over
+    (["done"], 0, 1),
+])
+def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, reads, code, looks):
+    """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
+    seen once on the real Slurm and cannot be produced on demand)."""
+    from jobs import submit as submit_module
+    from jobs.sweepdir import PointState
+
+    script = iter(reads)
+    seen, slept = [], []
+    monkeypatch.setattr(submit_module, "open_sweep", lambda d: (Path(d), {}, None))
+    monkeypatch.setattr(submit_module, "point_states", lambda d, r: seen.append(1) or [
+        PointState("000", "1_0", next(script), None, None, "", "lr=0.1")])
+    monkeypatch.setattr(submit_module.time, "sleep", slept.append)
+    assert submit_module.main(["wait", "sweeps/x", "--poll", "1"]) == code
+    assert len(seen) == looks
+    assert slept.count(submit_module.SETTLE_SECONDS) == (1 if "failed" in reads else 0)
