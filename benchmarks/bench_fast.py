@@ -50,17 +50,14 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     bare loop: no records, no checkpoint checks, no DDP wrapper."""
     from cifar_dist.config import load_config
     from cifar_dist.data import TrainBatches, load_dataset
-    from cifar_dist.models import build_model
-    from cifar_dist.train import Lookahead, autocast_context, make_optimizer, make_step
+    from cifar_dist.train import Lookahead, autocast_context, make_net, make_optimizer, make_step
 
     cfg = load_config(config, ["data.source=imagefolder", f"data.path={data}", *extra])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: to try the script out
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     ds = load_dataset(cfg.data).to(device)
     batches = TrainBatches(ds.train_x, ds.train_y, cfg.data, cfg.train.batch_size, 0, 1, cfg.seed, torch.channels_last)
-    net = build_model(cfg.model.name).to(device, memory_format=torch.channels_last)
-    if cfg.train.whiten_bias_epochs:  # as make_net does: its gradient is part of the recipe's step
-        net.whiten.bias.requires_grad_(True)
+    net = make_net(cfg, ds.train_x, len(ds.classes), torch.channels_last)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10**6)
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
     lookahead = Lookahead(net, cfg.train.lookahead_every, 10**6)

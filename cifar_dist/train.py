@@ -68,7 +68,7 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
                            cfg.seed, memory_format)
     total_steps = cfg.train.epochs * batches.steps_per_epoch
 
-    net = make_net(cfg, dist, data.train_x, len(data.classes), memory_format)
+    net = make_net(cfg, data.train_x, len(data.classes), memory_format, dist.rank)
     model = dist.prepare(net, cfg.train.sync_bn)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, total_steps)
     lookahead = Lookahead(net, cfg.train.lookahead_every, total_steps)
@@ -146,10 +146,11 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- building blocks
 
 
-def make_net(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes: int,
-             memory_format: torch.memory_format) -> nn.Module:
+def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format: torch.memory_format,
+             rank: int = 0) -> nn.Module:
+    """The recipe's net on train_x's device (benchmarks/bench_fast.py's bare loop builds it here too)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if dist.device.type == "cpu":
+    if train_x.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     net = build_model(cfg.model.name, num_classes)
     if hasattr(net, "init_from_data"):
@@ -157,8 +158,8 @@ def make_net(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes:
         net.init_from_data(normalize(train_x[:5000]).cpu())
     if cfg.train.whiten_bias_epochs:  # trained early on only: its lr goes to 0 after (param_groups)
         net.whiten.bias.requires_grad_(True)
-    torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # dropout differs per rank, like its data
-    return net.to(dist.device, memory_format=memory_format)
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout differs per rank, like its data
+    return net.to(train_x.device, memory_format=memory_format)
 
 
 def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_steps: int):
@@ -218,16 +219,15 @@ class Lookahead:
         self.every, self.total = every, total_steps
         # state_dict()'s tensors share storage with the parameters and buffers: copies into them land in the net.
         self.live = {k: v for k, v in net.state_dict().items() if v.is_floating_point()} if every else {}
-        self.avg = {k: v.detach().clone() for k, v in self.live.items()}
-        # One multi-tensor kernel per pull, not two per tensor: launches matter on a GPU at ~4 ms a step.
-        self._pairs = [self.avg[k] for k in self.live], list(self.live.values())
+        self.avg = {k: v.detach().clone() for k, v in self.live.items()}  # same keys, same order
 
     @torch.no_grad()
     def after(self, step: int) -> None:
         if not self.every or (step % self.every and step != self.total):
             return
         d = 0.95**self.every * (step / self.total) ** 3
-        avg, live = self._pairs
+        # One multi-tensor kernel per pull, not two per tensor: launches matter on a GPU at ~4 ms a step.
+        avg, live = list(self.avg.values()), list(self.live.values())
         torch._foreach_lerp_(avg, live, 1 - d)
         torch._foreach_copy_(live, avg)
 

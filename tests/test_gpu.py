@@ -8,8 +8,7 @@ import torch
 
 from cifar_dist.config import load_config
 from cifar_dist.data import TrainBatches
-from cifar_dist.models import build_model
-from cifar_dist.train import Lookahead, autocast_context, make_optimizer, make_step
+from cifar_dist.train import Lookahead, autocast_context, make_net, make_optimizer, make_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,8 +22,7 @@ def test_a_training_step_never_waits_for_the_gpu():
     images = torch.randint(0, 256, (5000, 32, 32, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (5000,), device=device)
     batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last)
-    net = build_model("fast").to(device, memory_format=torch.channels_last)
-    net.whiten.bias.requires_grad_(True)
+    net = make_net(cfg, images, 10, torch.channels_last)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10 * batches.steps_per_epoch)
     lookahead = Lookahead(net, cfg.train.lookahead_every, 10 * batches.steps_per_epoch)
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
