@@ -37,9 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PY, ROOT, append_table, spread  # noqa: E402
 
 
+def overrides(data: Path, extra: list[str]) -> list[str]:
+    """The key=value overrides of every run here: the archive, then the caller's."""
+    return ["data.source=imagefolder", f"data.path={data}", *extra]
+
+
 def framework_run(config: str, data: Path, run_dir: Path, extra: list[str]) -> tuple[dict, list[dict]]:
-    subprocess.run([PY, "-m", "cifar_dist.train", "--config", config, "data.source=imagefolder", f"data.path={data}",
-                    f"run.dir={run_dir}", "run.progress=none", *extra], check=True, cwd=ROOT)
+    subprocess.run([PY, "-m", "cifar_dist.train", "--config", config, f"run.dir={run_dir}", "run.progress=none",
+                    *overrides(data, extra)], check=True, cwd=ROOT)
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return summary, records
@@ -52,7 +57,7 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     from cifar_dist.data import TrainBatches, load_dataset
     from cifar_dist.train import Lookahead, autocast_context, make_net, make_optimizer, make_step
 
-    cfg = load_config(config, ["data.source=imagefolder", f"data.path={data}", *extra])
+    cfg = load_config(config, overrides(data, extra))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: to try the script out
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     ds = load_dataset(cfg.data).to(device)
@@ -77,7 +82,7 @@ def write_peer_data(config: str, data: Path, extra: list[str], workdir: Path) ->
     from cifar_dist.config import load_config
     from cifar_dist.data import load_dataset
 
-    ds = load_dataset(load_config(config, ["data.source=imagefolder", f"data.path={data}", *extra]).data)
+    ds = load_dataset(load_config(config, overrides(data, extra)).data)
     (workdir / "cifar10").mkdir(parents=True)
     for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
         torch.save({"images": x.contiguous(), "labels": y, "classes": ds.classes}, workdir / "cifar10" / f"{split}.pt")
@@ -112,17 +117,19 @@ def peer_row(peer: Path, config: str, data: Path, extra: list[str], timeout: flo
         try:
             proc = subprocess.run([PY, str(peer.resolve())], cwd=tmp, capture_output=True, text=True, env=env,
                                   timeout=timeout)
-            out, err, problem = proc.stdout, proc.stderr, f"exit {proc.returncode}" if proc.returncode else ""
+            out, err, stopped = proc.stdout, proc.stderr, False
+            problem = f"exit {proc.returncode}" if proc.returncode else ""
         except subprocess.TimeoutExpired as e:  # its captured output is bytes whatever text= says
             out, err = (b.decode(errors="replace") if isinstance(b, bytes) else b or "" for b in (e.stdout, e.stderr))
-            problem = f"stopped after {timeout:.0f} s"
+            stopped, problem = True, f"stopped after {timeout:.0f} s"
     print(out[-4000:], err[-2000:], flush=True)
     runs = parse_peer(out)
-    name = f"{peer.name} (peer{', ' + problem if problem and runs else ''})"
-    if not runs or (problem and not problem.startswith("stopped")):
+    if not runs or (problem and not stopped):
         last = (err.strip() or out.strip() or "no output").splitlines()[-1]
-        return [name, f"failed ({problem or 'no result rows'}, {len(runs)} runs read): {last[:120]}", "", "", "", "", "", ""]
+        return [f"{peer.name} (peer)", f"failed ({problem or 'no result rows'}, {len(runs)} runs read): {last[:120]}",
+                "", "", "", "", "", ""]
     accs, secs = [a for a, _ in runs], [s for _, s in runs]
+    name = f"{peer.name} (peer, {problem})" if stopped else f"{peer.name} (peer)"
     return [name, str(len(runs)), f"{statistics.mean(accs):.2f}", spread(accs, "{:.2f}"), spread(secs, "{:.2f}"),
             "n/a (not timed by it)", "n/a", "n/a"]
 

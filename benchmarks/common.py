@@ -37,9 +37,10 @@ def machine() -> str:
     try:
         import torch
 
+        from cifar_dist.train import cpu_has_bf16
+
         # bf16 on a CPU runs ~10x slower without these instructions: a CPU table means little without it.
-        bf16 = "native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "emulated"
-        extra = f" ({torch.backends.cpu.get_cpu_capability()}, bf16 {bf16})"
+        extra = f" ({torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if cpu_has_bf16() else 'emulated'})"
         if torch.cuda.is_available():
             extra += f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
