@@ -10,21 +10,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cifar_dist import schema
+from cifar_dist.errors import ConfigError
+from cifar_dist.schema import flatten
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("blitz", "medium", "fast", "resnet18")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SOURCES = ("cifar10", "imagefolder", "synthetic")
-
-
-class ConfigError(ValueError):
-    """A config mistake; the message names the key."""
 
 
 @dataclass
@@ -145,16 +144,6 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # ---------------------------------------------------------------------------- loading
 
 
@@ -180,84 +169,14 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
     cfg = Config()
     if config:
         path = resolve_config_path(config)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping of keys, not {type(data).__name__}")
-        apply_mapping(cfg, data)
+        schema.update(cfg, schema.read_yaml_mapping(path, "--config"))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        set_key(cfg, key.strip(), raw, from_text=True)
+        schema.set_key(cfg, key.strip(), raw, from_text=True)
     validate(cfg)
     return cfg
-
-
-def apply_mapping(cfg: Config, data: dict[str, Any], prefix: str = "") -> None:
-    """Set every leaf of a nested (or dotted-key) mapping on `cfg`."""
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and dataclasses.is_dataclass(_lookup(cfg, full)[2]):
-            apply_mapping(cfg, value, full + ".")
-        else:
-            set_key(cfg, full, value)
-
-
-def set_key(cfg: Config, key: str, value: Any, from_text: bool = False) -> None:
-    """Set `key` (dotted) to `value`, converted to the field's type; text comes from the CLI."""
-    parent, name, current = _lookup(cfg, key)
-    if dataclasses.is_dataclass(current):
-        raise ConfigError(f"{key}: is a section, set one of its keys ({key}.<name>=...)")
-    hint = typing.get_type_hints(type(parent))[name]
-    setattr(parent, name, _convert(key, hint, value, from_text))
-
-
-def _lookup(cfg: Config, key: str) -> tuple[Any, str, Any]:
-    obj: Any = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            where = ".".join(parts[:i]) or "the top level"
-            valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
-            raise ConfigError(f"{key}: unknown key (valid under {where}: {valid})")
-        if i == len(parts) - 1:
-            return obj, part, getattr(obj, part)
-        obj = getattr(obj, part)
-    raise AssertionError("unreachable")
-
-
-def _convert(key: str, hint: Any, value: Any, from_text: bool) -> Any:
-    origin = typing.get_origin(hint)
-    if from_text and hint is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"{key}: cannot parse {value!r}") from None
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if from_text:
-            return str(value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str) and from_text:
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list):
-            return [_convert(f"{key}[{i}]", item, v, False) for i, v in enumerate(value)]
-    name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
 
 
 def validate(cfg: Config) -> None:
@@ -315,12 +234,12 @@ def validate(cfg: Config) -> None:
 
 
 def _get(cfg: Config, key: str) -> Any:
-    return _lookup(cfg, key)[2]
+    return schema.lookup(cfg, key)[2]
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a config saved with `to_dict` (run dirs, checkpoints), strictly."""
     cfg = Config()
-    apply_mapping(cfg, data)
+    schema.update(cfg, data)
     validate(cfg)
     return cfg

@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from cifar_dist.config import ConfigError, config_from_dict, load_config, set_key, validate
+    from cifar_dist.config import ConfigError, config_from_dict, load_config, validate
     from cifar_dist.data import DataError, load_dataset
     from cifar_dist.distributed import DistributedError
     from cifar_dist.predict import PredictError, load_classifier
     from cifar_dist.report import format_eval
+    from cifar_dist.schema import set_key
     from cifar_dist.train import autocast_context
 
     parser = argparse.ArgumentParser(prog="cifar-dist evaluate", description=main.__doc__)

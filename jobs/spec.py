@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifar_dist.config import Config, ConfigError, apply_mapping, flatten, load_config, validate
+from cifar_dist.config import Config, ConfigError, load_config, validate
+from cifar_dist.schema import flatten
+from cifar_dist.schema import update as apply_mapping
 from jobs.clusters import Profile
 from jobs.strict import SpecError, check_keys, load_yaml_mapping, take
 

@@ -38,9 +38,9 @@ def test_yaml_round_trip():
     [
         ("train.epochz=3", "train.epochz", "unknown key"),
         ("bogus=1", "bogus", "unknown key"),
-        ("train.epochs=abc", "train.epochs", "expected int"),
-        ("train.epochs=2.5", "train.epochs", "expected int"),
-        ("train.lr=fast", "train.lr", "expected float"),
+        ("train.epochs=abc", "train.epochs", "expected an integer"),
+        ("train.epochs=2.5", "train.epochs", "expected an integer"),
+        ("train.lr=fast", "train.lr", "expected a number"),
         ("train.epochs=-1", "train.epochs", "must be >= 1"),
         ("model.name=vgg", "model.name", "must be one of"),
         ("model.compile_mode=fastest", "model.compile_mode", "must be one of"),

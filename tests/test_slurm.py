@@ -157,7 +157,7 @@ def test_cancel_stops_without_requeue_and_resubmit_resumes(tmp_path, senv):
 BAD_SPECS = {
     "unknown-key": ({"nmae": "x"}, "nmae: unknown key"),
     "unknown-config-key": ({"overrides": {"train.lrr": 0.1}}, "train.lrr: unknown key"),
-    "config-type": ({"overrides": {"train.lr": "fast"}}, "train.lr: expected float"),
+    "config-type": ({"overrides": {"train.lr": "fast"}}, "train.lr: expected a number"),
     "empty-grid": ({"sweep": {"grid": {"seed": []}}}, "sweep.grid.seed: empty list"),
     "no-sweep": ({"sweep": {}}, "sweep: empty"),
     "huge": ({"sweep": {"grid": {"seed": list(range(11)), "train.lr": [0.1] * 11, "data.flip": [True] * 11}}},
