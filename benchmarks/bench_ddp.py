@@ -11,7 +11,6 @@ the DDP wrapper at N = 1, so the wrapper's own overhead is known.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_table, spread, train_launcher  # noqa: E402
+
+from cifar_dist.rundir import RunDir
 
 CPU_RUN = ["model.name=medium", "data.source=synthetic", "data.synthetic_train=10240", "data.synthetic_test=1000",
            "train.epochs=2", "train.batch_size=256", "train.log_every=20", "eval.every=0", "run.progress=none"]
@@ -31,7 +32,7 @@ def cpu_images_per_second(ranks: int, tmp: Path, i: int) -> float:
     run_dir = tmp / f"r{ranks}-{i}"
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
     subprocess.run(train_launcher(ranks) + CPU_RUN + [f"run.dir={run_dir}"], check=True, cwd=ROOT, env=env)
-    return json.loads((run_dir / "summary.json").read_text())["images_per_second"]
+    return RunDir(run_dir).summary()["images_per_second"]
 
 
 def gpu_step_rates(steps: int) -> dict[str, float]:
@@ -43,7 +44,8 @@ def gpu_step_rates(steps: int) -> dict[str, float]:
     from cifar_dist.config import load_config
     from cifar_dist.data import TrainBatches
     from cifar_dist.models import build_model
-    from cifar_dist.train import autocast_context, make_optimizer, make_step
+    from cifar_dist.precision import autocast_context
+    from cifar_dist.recipe import make_optimizer, make_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     tdist.init_process_group("nccl", rank=0, world_size=1)
@@ -57,7 +59,7 @@ def gpu_step_rates(steps: int) -> dict[str, float]:
         net = build_model("fast").to(device, memory_format=torch.channels_last)
         model = DistributedDataParallel(net) if wrapped else net
         optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10 * batches.steps_per_epoch)
-        step = make_step(cfg, model, optimizer, scheduler, autocast_context(cfg, device))
+        step = make_step(cfg, model, optimizer, scheduler, autocast_context(cfg.train.precision, device))
         for s in range(20):
             step(*batches.batch(0, s % batches.steps_per_epoch))
         torch.cuda.synchronize()

@@ -22,7 +22,6 @@ that fails costs the table only its own row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PY, ROOT, append_table, spread  # noqa: E402
 
+from cifar_dist.rundir import RunDir
+
 
 def overrides(data: Path, extra: list[str]) -> list[str]:
     """The key=value overrides of every run here: the archive, then the caller's."""
@@ -45,8 +46,8 @@ def overrides(data: Path, extra: list[str]) -> list[str]:
 def framework_run(config: str, data: Path, run_dir: Path, extra: list[str]) -> tuple[dict, list[dict]]:
     subprocess.run([PY, "-m", "cifar_dist.train", "--config", config, f"run.dir={run_dir}", "run.progress=none",
                     *overrides(data, extra)], check=True, cwd=ROOT)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = RunDir(run_dir).summary()
+    records = RunDir(run_dir).metrics()
     return summary, records
 
 
@@ -55,7 +56,8 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     bare loop: no records, no checkpoint checks, no DDP wrapper."""
     from cifar_dist.config import load_config
     from cifar_dist.data import TrainBatches, load_dataset
-    from cifar_dist.train import Lookahead, autocast_context, make_net, make_optimizer, make_step
+    from cifar_dist.precision import autocast_context
+    from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
 
     cfg = load_config(config, overrides(data, extra))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: to try the script out
@@ -64,7 +66,7 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     batches = TrainBatches(ds.train_x, ds.train_y, cfg.data, cfg.train.batch_size, 0, 1, cfg.seed, torch.channels_last)
     net = make_net(cfg, ds.train_x, len(ds.classes), torch.channels_last)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10**6)
-    step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
+    step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg.train.precision, device))
     lookahead = Lookahead(net, cfg.train.lookahead_every, 10**6)
     for s in range(10):
         step(*batches.batch(0, s % batches.steps_per_epoch))

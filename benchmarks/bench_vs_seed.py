@@ -17,7 +17,6 @@ one-time decode into the cache (timed apart below) and without process start-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -30,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PY, ROOT, append_table, spread, train_launcher  # noqa: E402
+
+from cifar_dist.rundir import RunDir
 
 SEED_EPOCHS = {"blitz": 2, "medium": 20}  # the tutorials' own schedules
 
@@ -67,7 +68,7 @@ def run_project(config: str, data: Path, ranks: int, run_dir: Path, extra: list[
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
     args = ["--config", config, "data.source=imagefolder", f"data.path={data}", f"run.dir={run_dir}", "run.progress=none"]
     subprocess.run(train_launcher(ranks) + args + extra, check=True, cwd=ROOT, env=env)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run_dir).metrics()
 
 
 def _has_gpu() -> bool:

@@ -37,7 +37,7 @@ def machine() -> str:
     try:
         import torch
 
-        from cifar_dist.train import cpu_has_bf16
+        from cifar_dist.precision import cpu_has_bf16
 
         # bf16 on a CPU runs ~10x slower without these instructions: a CPU table means little without it.
         extra = f" ({torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if cpu_has_bf16() else 'emulated'})"

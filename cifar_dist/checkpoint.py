@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cifar_dist.rundir import CHECKPOINTS, fsync_dir, load_weights, write_atomic
+
 MARKER = "COMPLETE"
 STATE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -36,7 +38,7 @@ class Checkpoint:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accuracy: float | None = None) -> Path:
@@ -54,10 +56,10 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accura
     if final.exists():
         shutil.rmtree(final)  # a marker-less leftover of a killed write
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     marker = {"step": step, "size": (final / STATE).stat().st_size, "sha256": _sha256(final / STATE),
               "test_accuracy": test_accuracy, "saved_at": time.time()}
-    _write_atomic(final / MARKER, json.dumps(marker))
+    write_atomic(final / MARKER, json.dumps(marker))
     prune(run_dir, keep)
     return final
 
@@ -73,8 +75,7 @@ def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[Checkpoint,
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is data; one that would run code when unpickled is refused.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights(path)  # weights_only: a checkpoint that would run code when unpickled is refused
 
 
 def list_checkpoints(run_dir: Path, warn: Callable[[str], None] | None = None, verify: bool = True) -> list[Checkpoint]:
@@ -176,21 +177,3 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cifar_dist.errors import run_command
+
 USAGE = """usage: cifar-dist COMMAND [ARGS]
 
 commands:
@@ -27,32 +29,32 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         from cifar_dist.train import main as train_main
 
-        return train_main(rest, prog="cifar-dist train")
+        return run_command(lambda a: train_main(a, prog="cifar-dist train"), rest)
     if command == "evaluate":
         from cifar_dist.evaluate import main as evaluate_main
 
-        return evaluate_main(rest)
+        return run_command(evaluate_main, rest)
     if command == "predict":
         from cifar_dist.predict import main as predict_main
 
-        return predict_main(rest)
+        return run_command(predict_main, rest)
     if command == "compare":
         from cifar_dist.report import compare_main
 
-        return compare_main(rest)
+        return run_command(compare_main, rest)
     if command == "sweep":
         from jobs.submit import main as sweep_main
 
         return sweep_main(rest)
     if command == "data":
-        return data_main(rest)
+        return run_command(data_main, rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
 
 def data_main(argv: list[str]) -> int:
-    from cifar_dist.config import ConfigError, load_config
-    from cifar_dist.data import DataError, cache_path, load_cached
+    from cifar_dist.config import load_config
+    from cifar_dist.data import cache_path, load_cached
 
     parser = argparse.ArgumentParser(prog="cifar-dist data", description="Decode a data source into the cache ahead "
                                      "of training (for example on a login node with internet, before offline jobs).")
@@ -60,12 +62,8 @@ def data_main(argv: list[str]) -> int:
     parser.add_argument("--config", help="a shipped config name or a YAML path (its data section is used)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=imagefolder data.path=X")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        ds = load_cached(cfg.data)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    ds = load_cached(cfg.data)
     print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "
           f"classes {', '.join(ds.classes)}")
     return 0

@@ -18,17 +18,18 @@ import yaml
 
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError
+from cifar_dist.models import MODELS
 from cifar_dist.schema import flatten
+from cifar_dist.sources import SOURCES
+from cifar_dist.trackers import TRACKERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-MODELS = ("blitz", "medium", "fast", "resnet18")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SOURCES = ("cifar10", "imagefolder", "synthetic")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "fast"  # blitz | medium | fast | resnet18
+    name: str = "fast"  # a net registered in models.py: blitz | medium | fast | resnet18
     compile: bool = False  # torch.compile the training forward/backward (GPU); weights saved plain
     # torch.compile's mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.
     # The CUDA-graph modes cut a small net's per-step launch cost; autotuning lengthens the compile.
@@ -37,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # cifar10 | imagefolder | synthetic
+    source: str = "synthetic"  # a source registered in sources.py: cifar10 | imagefolder | synthetic
     path: str = ""  # cifar10: folder holding cifar-10-batches-py/; imagefolder: folder or .tar.gz
     download: bool = True  # cifar10 only: fetch with torchvision when missing (needs internet)
     cache_dir: str = ""  # decoded uint8 cache; "" -> $CIFAR_DIST_CACHE or ~/.cache/cifar-dist
@@ -99,7 +100,7 @@ class RunConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # wandb | none  (metrics.jsonl is always written)
+    backend: str = "none"  # a tracker registered in trackers.py: wandb | tensorboard | none (metrics.jsonl always)
     project: str = "cifar-dist"
     entity: str = ""
     group: str = ""  # runs of a sweep share the sweep's name
@@ -187,14 +188,13 @@ def validate(cfg: Config) -> None:
     def one_of(key: str, allowed: tuple[str, ...]) -> None:
         need(_get(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
 
-    one_of("model.name", MODELS)
+    one_of("model.name", tuple(MODELS))
     one_of("model.compile_mode", COMPILE_MODES)
-    one_of("data.source", SOURCES)
-    if cfg.data.source != "synthetic" and not (cfg.data.source == "cifar10" and cfg.data.download):
+    one_of("data.source", tuple(SOURCES))
+    source = SOURCES[cfg.data.source]
+    if source.needs_path:
         need(bool(cfg.data.path), "data.path", f"is required for data.source={cfg.data.source}")
-        need(Path(cfg.data.path).exists(), "data.path", "does not exist")
-    if cfg.data.source == "cifar10":
-        need(bool(cfg.data.path), "data.path", "is required for data.source=cifar10 (the download folder)")
+        need(Path(cfg.data.path).exists() or (source.downloads and cfg.data.download), "data.path", "does not exist")
     for key in ("data.train_subset", "data.test_subset", "data.translate", "data.cutout"):
         need(_get(cfg, key) >= 0, key, "must be >= 0")
     for key in ("data.synthetic_train", "data.synthetic_test"):
@@ -229,7 +229,7 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.keep >= 2, "checkpoint.keep", "must be >= 2 (a corrupt newest one falls back to the previous)")
     one_of("run.progress", ("auto", "bar", "lines", "none"))
     need(all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id", "may hold only letters, digits, - _ .")
-    one_of("tracking.backend", ("wandb", "none"))
+    one_of("tracking.backend", tuple(TRACKERS))
     need(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from cifar_dist.errors import UserError
+
 # A distinct exit code meaning "stopped on a signal after writing a checkpoint: resume me".
 # 75 is EX_TEMPFAIL in sysexits.h: a temporary failure, try again later.
 EXIT_REQUEUE = 75
@@ -30,7 +32,7 @@ WAIT_TIMEOUT = timedelta(hours=2)
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError):
     """The processes do not form the process group they were launched as."""
 
 

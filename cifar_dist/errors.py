@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(ValueError):
     """A mistake in what the user gave (config, data, run dir, checkpoint, spec); the message names it."""
@@ -10,3 +13,12 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A mistake in a config, a sweep spec or a cluster profile; the message names the key."""
+
+
+def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a command's main; a UserError becomes its one line on stderr and exit code 2."""
+    try:
+        return command(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,12 +1,29 @@
-"""The nets, chosen by name. Plain `nn.Module`s: they know nothing of devices or ranks."""
+"""The nets, chosen by name. Plain `nn.Module`s: they know nothing of devices or ranks.
+
+A new net is one class (or function) taking `num_classes`, decorated with `@register("name")`;
+`model.name=name` then selects it everywhere (config validation, training, predict, evaluate).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+MODELS: dict[str, Callable[[int], nn.Module]] = {}  # model.name -> constructor(num_classes)
 
+
+def register(name: str):
+    def add(make: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        MODELS[name] = make
+        return make
+
+    return add
+
+
+@register("blitz")
 class BlitzNet(nn.Module):
     """The PyTorch blitz tutorial's net (seed 000), layer for layer: 62,006 parameters."""
 
@@ -28,6 +45,7 @@ class BlitzNet(nn.Module):
         return self.fc3(x)
 
 
+@register("medium")
 class MediumNet(nn.Module):
     """The deeper CNN article's net (seed 001), layer for layer: 169,578 parameters."""
 
@@ -72,6 +90,7 @@ class ConvBlock(nn.Sequential):
         super().__init__(convs[0], nn.MaxPool2d(2), norms[0], nn.GELU(), convs[1], norms[1], nn.GELU())
 
 
+@register("fast")
 class FastNet(nn.Module):
     """A small, fast net in the airbench / ResNet-9 family (about 1.97M parameters).
 
@@ -110,6 +129,7 @@ class FastNet(nn.Module):
         return self.head(x) * self.logit_scale
 
 
+@register("resnet18")
 def resnet18(num_classes: int = 10) -> nn.Module:
     """torchvision's ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max pool."""
     import torchvision  # 2 s to import; only this net needs it
@@ -118,9 +138,6 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
-
-
-MODELS = {"blitz": BlitzNet, "medium": MediumNet, "fast": FastNet, "resnet18": resnet18}
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

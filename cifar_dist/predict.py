@@ -16,11 +16,14 @@ import torch
 from PIL import Image
 
 from cifar_dist import checkpoint
-from cifar_dist.data import IMAGE_SIZE, IMAGE_SUFFIXES, normalize
+from cifar_dist.data import normalize
+from cifar_dist.errors import UserError, run_command
 from cifar_dist.models import MODELS, build_model
+from cifar_dist.rundir import MODEL, load_weights
+from cifar_dist.sources import IMAGE_SIZE, IMAGE_SUFFIXES
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """The checkpoint cannot be used."""
 
 
@@ -28,15 +31,15 @@ def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str]]:
     """A run dir (its model.pt, else its newest checkpoint), a model.pt, or a checkpoint state.pt."""
     if path.is_dir():
         newest_first = reversed(checkpoint.list_checkpoints(path))
-        candidates = [path / "model.pt"] + [c.path / checkpoint.STATE for c in newest_first]
+        candidates = [path / MODEL] + [c.path / checkpoint.STATE for c in newest_first]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise PredictError(f"{path}: no model.pt and no valid checkpoint in this run directory")
+            raise PredictError(f"{path}: no {MODEL} and no valid checkpoint in this run directory")
         path = found
     if not path.is_file():
         raise PredictError(f"{path}: no such checkpoint file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_weights(path)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         raise PredictError(f"{path}: refused, not a plain-data checkpoint ({why})") from None
@@ -96,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
-    try:
-        net, classes = load_classifier(args.checkpoint)
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    results = predict(net, classes, image_files(args.images), max(1, args.top_k))
+    if args.top_k < 1:
+        raise PredictError(f"--top-k: must be >= 1, got {args.top_k}")
+    net, classes = load_classifier(args.checkpoint)
+    results = predict(net, classes, image_files(args.images), args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -115,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, sys.argv[1:]))

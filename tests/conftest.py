@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifar_dist.rundir import METRICS, MODEL, RunDir, load_weights
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -60,12 +62,12 @@ def assert_same_run(a: Path, b: Path) -> None:
     """Bit-identical final weights and identical records (wall-clock fields aside)."""
     import torch
 
-    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
-    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    wa = load_weights(a / MODEL)["state_dict"]
+    wb = load_weights(b / MODEL)["state_dict"]
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
-    assert without_timing(read_jsonl(b / "metrics.jsonl")) == without_timing(read_jsonl(a / "metrics.jsonl"))
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert without_timing(read_jsonl(b / METRICS)) == without_timing(read_jsonl(a / METRICS))
+    sa, sb = (RunDir(d).summary() for d in (a, b))
     for key in ("test_accuracy", "confusion_matrix", "test_loss", "steps", "per_class_accuracy"):
         assert sa[key] == sb[key], key
 

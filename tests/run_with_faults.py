@@ -16,6 +16,7 @@ import sys
 import time
 
 from cifar_dist import checkpoint, data, train
+from cifar_dist.errors import run_command
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
         data.TrainBatches.batch = batch
     elif kind == "slow_save":
         target = int(args[0])
-        original_write = checkpoint._write_atomic
+        original_write = checkpoint.write_atomic
 
         def write(path, text):
             if path.name == checkpoint.MARKER and path.parent.name == f"step_{target:08d}":
@@ -41,8 +42,8 @@ def main() -> int:
                 time.sleep(600)
             return original_write(path, text)
 
-        checkpoint._write_atomic = write
-    return train.main(sys.argv[1:])
+        checkpoint.write_atomic = write
+    return run_command(train.main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from conftest import PY, ROOT, TINY, assert_same_run, read_jsonl, run, torchrun
 
 from cifar_dist import checkpoint
 from cifar_dist.distributed import EXIT_REQUEUE
+from cifar_dist.rundir import CHECKPOINTS, METRICS, MODEL, SUMMARY, RunDir, load_weights
 
 # The medium net has dropout: an exact resume must restore every RNG state, not just weights.
 CONFIG = [*TINY, "model.name=medium", "train.log_every=3", "checkpoint.every_steps=7", "seed=5"]
@@ -45,7 +46,7 @@ def wait_for(predicate, proc, timeout=120):
 
 
 def last_step(run_dir) -> int:
-    f = run_dir / "metrics.jsonl"
+    f = run_dir / METRICS
     lines = f.read_text().splitlines() if f.exists() else []
     return json.loads(lines[-1])["step"] if lines else 0
 
@@ -53,18 +54,18 @@ def last_step(run_dir) -> int:
 def test_checkpoints_are_named_by_step_and_pruned(reference):
     # Saved every 7 steps, after each evaluation (steps 20 and 40) and at the end (40); keep=2 keeps the
     # newest two, plus the best by test accuracy when that is older.
-    accuracy = {r["step"]: r["test_accuracy"] for r in read_jsonl(reference / "metrics.jsonl") if "test_accuracy" in r}
+    accuracy = {r["step"]: r["test_accuracy"] for r in read_jsonl(reference / METRICS) if "test_accuracy" in r}
     best = max(accuracy, key=lambda step: (accuracy[step], step))
-    names = sorted(p.name for p in (reference / "checkpoints").iterdir())
+    names = sorted(p.name for p in (reference / CHECKPOINTS).iterdir())
     assert names == sorted({"step_00000035", "step_00000040", f"step_{best:08d}"})
-    marker = json.loads((reference / "checkpoints" / f"step_{best:08d}" / "COMPLETE").read_text())
+    marker = json.loads((reference / CHECKPOINTS / f"step_{best:08d}" / "COMPLETE").read_text())
     assert marker["test_accuracy"] == accuracy[best]
-    state = checkpoint.load_state(reference / "checkpoints" / "step_00000040" / "state.pt")
+    state = checkpoint.load_state(reference / CHECKPOINTS / "step_00000040" / "state.pt")
     assert {"model", "optimizer", "scheduler", "position", "ranks", "config_hash", "run_id"} <= state.keys()
     assert state["position"]["step"] == 40 and state["run_id"]
     assert set(state["ranks"][0]["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
-    marker = json.loads((reference / "checkpoints" / "step_00000040" / "COMPLETE").read_text())
+    marker = json.loads((reference / CHECKPOINTS / "step_00000040" / "COMPLETE").read_text())
     assert marker["step"] == 40 and marker["test_accuracy"] is not None
 
 
@@ -79,7 +80,7 @@ def test_real_signal_at_a_random_step_then_resume_is_exact(reference, module_env
     assert proc.returncode == EXIT_REQUEUE, err
     assert "exiting for requeue" in out
     stopped_at = checkpoint.list_checkpoints(run_dir)[-1].step
-    assert stopped_at >= target and not (run_dir / "summary.json").exists()
+    assert stopped_at >= target and not (run_dir / SUMMARY).exists()
     resumed = run(cmd, module_env)
     assert f"step_{stopped_at:08d}" in resumed.stdout
     assert_same_run(reference, run_dir)
@@ -127,7 +128,7 @@ def test_sigkill_while_a_checkpoint_is_written_loses_only_the_steps_since_the_pr
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
-    half_written = run_dir / "checkpoints" / "step_00000014"
+    half_written = run_dir / CHECKPOINTS / "step_00000014"
     assert (half_written / "state.pt").exists() and not (half_written / "COMPLETE").exists()
     resumed = run([PY, "-m", "cifar_dist.train", *args], module_env)
     assert f"checkpoint {half_written} has no completion marker" in resumed.stdout
@@ -186,7 +187,7 @@ def test_resume_skips_a_broken_newest_checkpoint_end_to_end(module_env, tmp_path
     resumed = run([PY, "-m", "cifar_dist.train", *args], module_env)
     assert f"warning: checkpoint {broken} is truncated" in resumed.stdout
     assert "step_00000028" in resumed.stdout  # the previous valid one
-    assert (run_dir / "summary.json").exists()
+    assert (run_dir / SUMMARY).exists()
 
 
 def test_a_result_changing_config_is_refused_with_the_keys_listed(reference, module_env, tmp_path):
@@ -204,13 +205,13 @@ def test_epochs_may_grow_and_config_change_can_be_allowed(reference, module_env,
     run_dir = tmp_path / "grow"
     shutil.copytree(reference, run_dir)
     run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", "train.epochs=3"], module_env)
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 60
-    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r]
+    assert RunDir(run_dir).summary()["steps"] == 60
+    steps = [r["step"] for r in read_jsonl(run_dir / METRICS) if "train_loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 60
     proc = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", "train.epochs=4", "train.lr=0.01",
                 "checkpoint.allow_config_change=true"], module_env)
     assert "resumed from" in proc.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 80
+    assert RunDir(run_dir).summary()["steps"] == 80
 
 
 def test_checkpoints_every_few_seconds_of_wall_clock(module_env, tmp_path):
@@ -234,6 +235,6 @@ def test_resume_with_lookahead_is_exact(reference, module_env, tmp_path):
     assert checkpoint.list_checkpoints(stopped)[-1].step == 26
     run([PY, "-m", "cifar_dist.train", *args, f"run.dir={stopped}"], module_env)
     assert_same_run(whole, stopped)
-    plain = torch.load(reference / "model.pt", weights_only=True)["state_dict"]
-    averaged = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    plain = load_weights(reference / MODEL)["state_dict"]
+    averaged = load_weights(whole / MODEL)["state_dict"]
     assert not torch.equal(plain["fc4.weight"], averaged["fc4.weight"]), "Lookahead changed nothing"

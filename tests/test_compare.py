@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -20,6 +19,7 @@ from cifar_dist.report import (
     compare_main,
     confusion_grid,
 )
+from cifar_dist.rundir import RunDir
 
 COMPARE = [PY, "-m", "cifar_dist.cli", "compare"]
 
@@ -57,7 +57,7 @@ def test_compare_table_and_plots_from_a_sweep_dir(sweep, env):
     table, classes = parse_table(main[1:]), parse_table(per_class[1:])
     assert set(table) == set(classes) == {"lr0.05", "lr0.1"}  # named by their paths below the common folder
     for label, row in table.items():
-        s = json.loads((sweep / "grid" / label / "summary.json").read_text())
+        s = RunDir(sweep / "grid" / label).summary()
         assert (row["seed"], row["train.lr"]) == {"lr0.05": ("0", "0.05"), "lr0.1": ("1", "0.1")}[label]
         assert row["final_acc"] == pct(s["test_accuracy"]) and row["best_acc"] == pct(s["best_test_accuracy"])
         assert row["train_s"] == f"{s['train_seconds']:.1f}" and row["images/s"] == f"{s['images_per_second']:.0f}"

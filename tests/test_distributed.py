@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import PY, ROOT, TINY, read_jsonl, run, torchrun, train_cmd
 
-from cifar_dist.train import cpu_has_bf16
+from cifar_dist.precision import cpu_has_bf16
+from cifar_dist.rundir import CHECKPOINTS, ENV, METRICS, MODEL, RunDir, load_weights
 
 STEP_BY_STEP = [*TINY, "train.log_every=1"]  # a record per step: 40 steps over 2 epochs
 ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -39,27 +40,27 @@ def test_two_gloo_ranks_equal_one_rank_step_by_step(one_and_two):
     summed instead of averaged, changes the losses from the second step on: the first epoch's 1e-5
     bound is the check for that (not tried with such a bug here)."""
     one, two, _, _ = one_and_two
-    a = [r for r in read_jsonl(one / "metrics.jsonl") if "train_loss" in r]
-    b = [r for r in read_jsonl(two / "metrics.jsonl") if "train_loss" in r]
+    a = [r for r in read_jsonl(one / METRICS) if "train_loss" in r]
+    b = [r for r in read_jsonl(two / METRICS) if "train_loss" in r]
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 41))
     for ra, rb in zip(a, b):
         rel = 1e-5 if ra["step"] <= 20 else 1e-2
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=rel, abs=1e-6), ra["step"]
         assert rb["lr"] == ra["lr"]
-    wa = torch.load(one / "model.pt", weights_only=True)["state_dict"]
-    wb = torch.load(two / "model.pt", weights_only=True)["state_dict"]
+    wa = load_weights(one / MODEL)["state_dict"]
+    wb = load_weights(two / MODEL)["state_dict"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=5e-3)
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
-    assert json.loads((one / "summary.json").read_text())["world_size"] == 1
+    assert RunDir(two).summary()["world_size"] == 2
+    assert RunDir(one).summary()["world_size"] == 1
 
 
 def test_only_rank_zero_prints_and_records(one_and_two):
     _, two, _, proc = one_and_two
     assert proc.stdout.count("done: test accuracy") == 1
     assert proc.stdout.count("step     40") == 1
-    assert json.loads((two / "env.json").read_text())["world_size"] == 2
-    assert len(list((two / "checkpoints").glob("step_*"))) == 1  # written once, by rank 0
+    assert json.loads((two / ENV).read_text())["world_size"] == 2
+    assert len(list((two / CHECKPOINTS).glob("step_*"))) == 1  # written once, by rank 0
 
 
 def test_evaluation_is_exact_at_one_two_and_three_ranks(one_and_two, env, tmp_path):
@@ -87,7 +88,7 @@ def test_evaluate_command_repeats_the_runs_final_evaluation_in_its_precision(env
     # and the run says when bf16 is emulated on this CPU (tests/test_train.py checks the rule both ways)
     assert ("train.precision=bf16 on a CPU without bf16 instructions" in trained.stdout) == (not cpu_has_bf16())
     run([PY, "-m", "cifar_dist.evaluate", str(run_dir), "--json", str(out)], env)
-    summary, result = json.loads((run_dir / "summary.json").read_text()), json.loads(out.read_text())
+    summary, result = RunDir(run_dir).summary(), json.loads(out.read_text())
     assert result["test_loss"] == summary["test_loss"]
     assert result["confusion_matrix"] == summary["confusion_matrix"]
     fp32 = tmp_path / "fp32.json"
@@ -102,7 +103,7 @@ def test_a_crashed_rank_ends_the_job_within_bounded_time(env, tmp_path):
     launcher = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+        while not (run_dir / METRICS).exists() or not (run_dir / METRICS).read_text():
             assert launcher.poll() is None and time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
         ranks = {p.environ().get("RANK"): p for p in psutil.Process(launcher.pid).children(recursive=True)

@@ -8,7 +8,8 @@ import torch
 
 from cifar_dist.config import load_config
 from cifar_dist.data import TrainBatches
-from cifar_dist.train import Lookahead, autocast_context, make_net, make_optimizer, make_step
+from cifar_dist.precision import autocast_context
+from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,7 +26,7 @@ def test_a_training_step_never_waits_for_the_gpu():
     net = make_net(cfg, images, 10, torch.channels_last)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10 * batches.steps_per_epoch)
     lookahead = Lookahead(net, cfg.train.lookahead_every, 10 * batches.steps_per_epoch)
-    step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg, device))
+    step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg.train.precision, device))
     step(*batches.batch(0, 0))  # the epoch's plan is uploaded here, and the first step's lazy set-up is done
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -10,6 +10,8 @@ import torch
 from conftest import PY, TINY, run, train_cmd
 from PIL import Image
 
+from cifar_dist.rundir import CHECKPOINTS, MODEL
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
@@ -44,13 +46,13 @@ def test_predict_good_and_bad_files(trained, env, tmp_path):
 def test_predict_a_folder_from_a_checkpoint_file_in_text(trained, env, tmp_path):
     for i in range(3):
         Image.new("RGB", (32, 32), (i * 80, 100, 50)).save(tmp_path / f"{i}.png")
-    ckpt = sorted((trained / "checkpoints").glob("step_*"))[-1] / "state.pt"
+    ckpt = sorted((trained / CHECKPOINTS).glob("step_*"))[-1] / "state.pt"
     proc = predict(env, "--checkpoint", str(ckpt), str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and all("%" in line for line in lines)
     # The same weights give the same answer from model.pt.
-    again = predict(env, "--checkpoint", str(trained / "model.pt"), str(tmp_path))
+    again = predict(env, "--checkpoint", str(trained / MODEL), str(tmp_path))
     assert again.stdout == proc.stdout
 
 
@@ -61,7 +63,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(env, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    evil = tmp_path / "model.pt"
+    evil = tmp_path / MODEL
     with open(evil, "wb") as f:
         pickle.dump({"model": "blitz", "classes": ["a"], "state_dict": Evil()}, f)
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")

@@ -17,9 +17,9 @@ from cifar_dist import checkpoint
 from cifar_dist.config import DataConfig, load_config
 from cifar_dist.data import TrainBatches, normalize
 from cifar_dist.distributed import Distributed
-from cifar_dist.evaluate import evaluate
+from cifar_dist.evaluation import evaluate
 from cifar_dist.models import build_model
-from cifar_dist.train import Lookahead, make_optimizer, make_step
+from cifar_dist.recipe import Lookahead, make_optimizer, make_step
 
 
 def lrs(overrides: list[str], steps_per_epoch: int = 10) -> list[float]:

@@ -23,8 +23,9 @@ from wandb_records import history, read_records, run_records, summary
 
 from cifar_dist.config import load_config
 from cifar_dist.distributed import EXIT_REQUEUE
-from cifar_dist.evaluate import EvalResult
-from cifar_dist.tracking import WANDB_CHECK_S, Records, RunDir, _wandb_unreachable
+from cifar_dist.metrics import EvalResult
+from cifar_dist.rundir import CONFIG, METRICS, RunDir
+from cifar_dist.trackers import WANDB_CHECK_S, Records, RunInfo, _wandb_unreachable
 
 # 10 steps per epoch of 64 images, 2 epochs; a training record every 3 steps and at each epoch's end.
 ARGS = [*TINY, "data.synthetic_train=640", "train.log_every=3", "tracking.backend=wandb", "tracking.log_images=4"]
@@ -65,9 +66,9 @@ def test_offline_wandb_holds_what_metrics_jsonl_holds(env, tmp_path):
     proc = run(train_cmd(*ARGS, f"run.dir={run_dir}", "tracking.group=sweep-7", "tracking.tags=tiny,ci",
                          "tracking.job_type=smoke", "run.name=tiny-wandb"), env)
     (log,) = wandb_files(run_dir)
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    final = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    records = read_jsonl(run_dir / METRICS)
+    final = RunDir(run_dir).summary()
+    config = yaml.safe_load((run_dir / CONFIG).read_text())
 
     # The run: our run id, the sweep's group, and the resolved config.
     (info,) = run_records(log)
@@ -113,7 +114,7 @@ def test_offline_wandb_holds_what_metrics_jsonl_holds(env, tmp_path):
 
 
 def last_step(run_dir: Path) -> int:
-    f = run_dir / "metrics.jsonl"
+    f = run_dir / METRICS
     lines = f.read_text().splitlines() if f.exists() else []
     return json.loads(lines[-1])["step"] if lines else 0
 
@@ -148,14 +149,14 @@ def test_a_resumed_run_continues_one_wandb_run_and_never_relogs_a_step(stop, env
 
     logs = wandb_files(run_dir)
     assert len(logs) == 2
-    run_id = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["id"]
+    run_id = yaml.safe_load((run_dir / CONFIG).read_text())["run"]["id"]
     assert [[r.run_id for r in run_records(f)] for f in logs] == [[run_id], [run_id]]
     parts = [history(f) for f in logs]
     steps = [row["_step"] for rows in parts for row in rows]
     assert steps == sorted(set(steps)), f"steps not strictly increasing across the two logs: {steps}"
     assert parts[1] and parts[1][0]["_step"] >= stopped_at  # the second process took over where the first stopped
     # Nothing lost, nothing changed: together the two logs hold every record of metrics.jsonl.
-    assert_rows_match(parts[0] + parts[1], read_jsonl(run_dir / "metrics.jsonl"))
+    assert_rows_match(parts[0] + parts[1], read_jsonl(run_dir / METRICS))
     if stop == "epoch_boundary":
         assert stopped_at == 10 and "test/accuracy" in parts[1][0] and "train/loss" in parts[1][0]
     # The printed upload command names both parts of the run.
@@ -203,7 +204,7 @@ def test_without_key_or_server_training_goes_offline_with_one_line(case, env, tm
     reason = "no API key" if case == "no_key" else "cannot start online (CommError"
     assert said[0].startswith("wandb: ") and reason in said[0] and "logging offline" in said[0]
     assert said[1].startswith("wandb: offline run saved in")
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
+    assert RunDir(run_dir).summary()["steps"] == 20
     (log,) = wandb_files(run_dir)
     assert [row["_step"] for row in history(log)] == [3, 6, 9, 10, 12, 15, 18, 20]
     # The online attempt costs seconds, not wandb's init timeout (30 s).
@@ -250,9 +251,10 @@ def train_line(step: int) -> dict:
     ([train_line(3), train_line(6), train_line(9), '{"step": 1'], 2, [9, 10]),
 ])
 def test_a_resumed_sink_sends_wandb_exactly_the_steps_it_lacks(written, keep, resent, wandb_here, tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in written))
-    records = Records(RunDir(tmp_path, "unit"), load_config(None, ["tracking.backend=wandb", "train.batch_size=64"]),
-                      CLASSES, torch.zeros(300, 32, 32, 3, dtype=torch.uint8), keep)
+    (tmp_path / METRICS).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in written))
+    cfg = load_config(None, ["tracking.backend=wandb", "train.batch_size=64"])
+    info = RunInfo(RunDir(tmp_path, "unit"), "unit", cfg.to_dict(), CLASSES, torch.zeros(300, 32, 32, 3, dtype=torch.uint8), 64)
+    records = Records(info, cfg.tracking, "wandb", keep)
     for step in (9, 10):
         records.log(train_line(step))
     result = EvalResult(torch.eye(10, dtype=torch.int64) * 30, 0.5, [(0, 0, 0)])
@@ -262,7 +264,7 @@ def test_a_resumed_sink_sends_wandb_exactly_the_steps_it_lacks(written, keep, re
                     "world_size": 1})
 
     # metrics.jsonl: the kept records, then the new ones; the torn line is gone.
-    assert read_jsonl(tmp_path / "metrics.jsonl")[:-1] == [*written[:keep], train_line(9), train_line(10)]
+    assert read_jsonl(tmp_path / METRICS)[:-1] == [*written[:keep], train_line(9), train_line(10)]
     (log,) = wandb_files(tmp_path)
     rows = history(log)
     assert [row["_step"] for row in rows] == resent

@@ -11,6 +11,8 @@ import yaml
 from conftest import PY, TINY, read_jsonl, run, train_cmd, without_timing
 from PIL import Image
 
+from cifar_dist.rundir import CONFIG, ENV, METRICS, MODEL, RunDir, load_weights
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_dir):
@@ -24,9 +26,9 @@ def tiny_run(tmp_path_factory, cache_dir):
 
 def test_short_training_clearly_learns(tiny_run):
     run_dir, proc = tiny_run
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDir(run_dir).summary()
     assert summary["test_accuracy"] > 0.6  # chance is 0.1
-    train = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r]
+    train = [r for r in read_jsonl(run_dir / METRICS) if "train_loss" in r]
     assert train[-1]["train_loss"] < 0.7 * train[0]["train_loss"]
     assert "test accuracy" in proc.stdout and "frog" in proc.stdout  # the per-class table
 
@@ -36,14 +38,14 @@ def test_run_directory_files_and_keys(tiny_run):
     for name in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "loss.png", "per_class_accuracy.png",
                  "model.pt"):
         assert (run_dir / name).is_file(), name
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = yaml.safe_load((run_dir / CONFIG).read_text())
     assert cfg["seed"] == 3 and cfg["run"]["dir"] == str(run_dir) and cfg["run"]["id"]
-    env = json.loads((run_dir / "env.json").read_text())
+    env = json.loads((run_dir / ENV).read_text())
     assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"].startswith(
         torch.__version__.split("+")[0])
     assert env["world_size"] == 1 and env["device"].startswith("cpu") and "code_version" in env
 
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / METRICS)
     assert all({"step", "epoch", "time"} <= r.keys() for r in records)
     train = [r for r in records if "train_loss" in r]
     evals = [r for r in records if "test_loss" in r]
@@ -52,7 +54,7 @@ def test_run_directory_files_and_keys(tiny_run):
     assert steps == sorted(steps) and steps[-1] == 40  # 1280 // 64 * 2 epochs
     assert [r["epoch"] for r in evals] == [1, 2]  # eval.every=1 (the default)
 
-    s = json.loads((run_dir / "summary.json").read_text())
+    s = RunDir(run_dir).summary()
     for key in ("test_accuracy", "per_class_accuracy", "confusion_matrix", "test_loss", "epochs", "train_seconds",
                 "images_per_second", "world_size", "device"):
         assert key in s, key
@@ -68,7 +70,7 @@ def test_run_directory_files_and_keys(tiny_run):
         with Image.open(run_dir / png) as im:
             assert im.format == "PNG" and im.size == (700, 450)
 
-    weights = torch.load(run_dir / "model.pt", weights_only=True)
+    weights = load_weights(run_dir / MODEL)
     assert weights["model"] == "blitz" and len(weights["classes"]) == 10
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights["state_dict"])
 
@@ -76,10 +78,10 @@ def test_run_directory_files_and_keys(tiny_run):
 def test_training_is_deterministic_on_cpu(tiny_run, env, tmp_path):
     run_dir, _ = tiny_run
     run(train_cmd(*TINY, f"run.dir={tmp_path / 'again'}", "seed=3"), env)
-    assert without_timing(read_jsonl(tmp_path / "again" / "metrics.jsonl")) == without_timing(
-        read_jsonl(run_dir / "metrics.jsonl"))
-    a = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "again" / "model.pt", weights_only=True)["state_dict"]
+    assert without_timing(read_jsonl(tmp_path / "again" / METRICS)) == without_timing(
+        read_jsonl(run_dir / METRICS))
+    a = load_weights(run_dir / MODEL)["state_dict"]
+    b = load_weights(tmp_path / "again" / MODEL)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -89,8 +91,8 @@ def test_cli_and_accelerate_launch_reach_the_same_training(env, tmp_path):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "cifar_dist/train.py"]
     run(accelerate + args + [f"run.dir={tmp_path / 'acc'}"], env)
-    a = read_jsonl(tmp_path / "cli" / "metrics.jsonl")
-    b = read_jsonl(tmp_path / "acc" / "metrics.jsonl")
+    a = read_jsonl(tmp_path / "cli" / METRICS)
+    b = read_jsonl(tmp_path / "acc" / METRICS)
     assert without_timing(a) == without_timing(b)
 
 
@@ -105,10 +107,10 @@ def test_an_existing_foreign_directory_is_never_overwritten(env, tmp_path):
 
 def test_a_finished_run_is_not_redone(tiny_run, env):
     run_dir, _ = tiny_run
-    before = (run_dir / "metrics.jsonl").read_text()
+    before = (run_dir / METRICS).read_text()
     proc = run(train_cmd(*TINY, f"run.dir={run_dir}", "seed=3"), env)
     assert "already finished" in proc.stdout
-    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert (run_dir / METRICS).read_text() == before
 
 
 def test_compiled_training_saves_plain_weights_and_reports_compile_time_apart(env, tmp_path):
@@ -118,12 +120,12 @@ def test_compiled_training_saves_plain_weights_and_reports_compile_time_apart(en
     cold = dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # compile for real, not from a cache
     run(train_cmd(*args, "model.compile=true", f"run.dir={tmp_path / 'compiled'}"), cold, timeout=600)
     run(train_cmd(*args, f"run.dir={tmp_path / 'plain'}"), env)
-    compiled = json.loads((tmp_path / "compiled" / "summary.json").read_text())
-    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    compiled = RunDir(tmp_path / "compiled").summary()
+    plain = RunDir(tmp_path / "plain").summary()
     assert compiled["compile_seconds"] > 1 and plain["compile_seconds"] == 0
     assert compiled["train_seconds"] < compiled["compile_seconds"]
     assert compiled["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-3)
-    weights = torch.load(tmp_path / "compiled" / "model.pt", weights_only=True)["state_dict"]
+    weights = load_weights(tmp_path / "compiled" / MODEL)["state_dict"]
     assert weights and not any("_orig_mod" in k or k.startswith("module.") for k in weights)
 
 
@@ -131,11 +133,10 @@ def test_compiled_training_saves_plain_weights_and_reports_compile_time_apart(en
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, native):
     """Emulated bf16 is ~10x slower than fp32 on a CPU without AVX512-BF16/AMX: the run says so.
     The CPU's answer is replaced here, so both cases are checked on any machine."""
-    from cifar_dist.config import load_config
-    from cifar_dist.train import slow_bf16_warning
+    from cifar_dist.precision import slow_bf16_warning
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
-    bf16, fp32 = load_config(None, ["train.precision=bf16"]), load_config(None, ["train.precision=fp32"])
+    bf16, fp32 = "bf16", "fp32"
     warning = slow_bf16_warning(bf16, torch.device("cpu"))
     assert (warning is not None) == (not native)
     assert warning is None or "add train.precision=fp32" in warning

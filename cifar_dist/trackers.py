@@ -1,155 +1,80 @@
-"""The run's records: its directory, metrics.jsonl, wandb, and what the console shows.
+"""Trackers: where a run's records go besides metrics.jsonl (which rank 0 always writes).
 
-Only rank 0 records; `open_records` gives other ranks a `NullRecords` that does nothing, so the
-loop never asks which rank it is.
+A tracker is one class behind a small interface (`Tracker`: `log` each record, `finish` with the
+summary), registered by name with `@register("name")`; `tracking.backend=name` selects it.
+Shipped: `wandb`, `tensorboard` (event files in `run.dir/tensorboard/`, for offline clusters),
+and `none`. Only rank 0 records: `open_records` gives other ranks `NullRecords`, so the loop
+never asks which rank it is. Trackers know nothing of the config class: they are told what they
+need (`RunInfo`, the `tracking.*` settings).
 """
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
-import platform
 import shlex
 import socket
-import subprocess
-import sys
 import threading
-import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import torch
-import yaml
 
-from cifar_dist.config import Config, ConfigError, config_from_dict, result_keys
-from cifar_dist.distributed import Distributed
-from cifar_dist.evaluate import EvalResult
-
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
+from cifar_dist.metrics import EvalResult
+from cifar_dist.rundir import METRICS, MetricsFile, RunDir
 
 
-class RunDirError(ValueError):
-    """The run directory cannot be used for this config; nothing was written."""
+class TrackingSettings(Protocol):
+    """The `tracking.*` keys a tracker reads (config.TrackingConfig)."""
 
-
-# ---------------------------------------------------------------------------- run directory
+    project: str
+    entity: str
+    group: str
+    job_type: str
+    tags: list[str]
 
 
 @dataclass
-class RunDir:
-    path: Path
-    run_id: str
+class RunInfo:
+    """What a tracker is told about the run."""
 
-    @property
-    def summary(self) -> dict[str, Any] | None:
-        f = self.path / SUMMARY
-        return json.loads(f.read_text()) if f.exists() else None
-
-
-def prepare_run_dir(cfg: Config, dist: Distributed) -> RunDir:
-    """Fix the run's id and directory (rank 0 decides, every rank agrees), refuse a directory
-    that holds something else, and record the resolved config and environment.
-
-    Updates `cfg.run.dir` and `cfg.run.id` in place so that config.yaml holds the real values.
-    """
-    decided = dist.broadcast(_decide_run_dir(cfg) if dist.is_main else None)
-    if isinstance(decided, str):
-        raise RunDirError(decided)
-    cfg.run.dir, cfg.run.id = decided
-    run = RunDir(Path(cfg.run.dir), cfg.run.id)
-
-    def write() -> None:
-        run.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(run.path / "config.yaml", cfg.to_yaml())
-        write_atomic(run.path / "env.json", json.dumps(environment(dist), indent=2))
-
-    dist.main_only(write)
-    return run
+    run: RunDir
+    name: str  # display name
+    config: dict[str, Any]  # the resolved config
+    classes: list[str]
+    test_images: torch.Tensor  # uint8 (N, 32, 32, 3), for captioned examples
+    batch_size: int  # images per optimiser step (global), for images/s
 
 
-def _decide_run_dir(cfg: Config) -> tuple[str, str] | str:
-    """(dir, id), or the one-line reason the directory cannot be used."""
-    run_id = cfg.run.id or uuid.uuid4().hex[:8]
-    if not cfg.run.dir:
-        return f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}", run_id
-    path = Path(cfg.run.dir)
-    if path.exists() and not path.is_dir():
-        return f"run.dir: {path} exists and is not a directory"
-    if not path.exists() or not any(path.iterdir()):
-        return str(path), run_id
-    saved = path / "config.yaml"
-    if not saved.is_file():
-        return f"run.dir: {path} is not empty and holds no cifar-dist run (no config.yaml); choose a new or empty run.dir"
-    try:
-        old = config_from_dict(yaml.safe_load(saved.read_text()))
-    except (ConfigError, yaml.YAMLError, TypeError) as e:
-        return f"run.dir: {saved} is not a readable run config ({e})"
-    if cfg.run.id and old.run.id and cfg.run.id != old.run.id:
-        return f"run.dir: {path} belongs to run id {old.run.id}, not {cfg.run.id}"
-    changed = diff_result_keys(old, cfg)
-    if changed and not cfg.checkpoint.allow_config_change:
-        return (f"run.dir: {path} holds a run with a different config ({'; '.join(changed)}); "
-                "use a new run.dir, or checkpoint.allow_config_change=true to resume anyway")
-    return str(path), old.run.id or run_id
+class Tracker:
+    """Receives rank 0's records. `previous` are the run's records from before this process (a
+    resume), of which the first `kept` stay; the rest are about to be redone."""
+
+    def __init__(self, info: RunInfo, settings: TrackingSettings, previous: list[dict[str, Any]], kept: int):
+        pass
+
+    def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass
 
 
-def diff_result_keys(old: Config, new: Config) -> list[str]:
-    a, b = result_keys(old), result_keys(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+TRACKERS: dict[str, type[Tracker]] = {"none": Tracker}  # tracking.backend -> its class
 
 
-def environment(dist: Distributed) -> dict[str, Any]:
-    packages = {}
-    for name in ("torch", "torchvision", "accelerate", "numpy", "pyyaml", "wandb", "submitit", "cifar-dist"):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
-    return {
-        "code_version": _git_version(),
-        "python": sys.version.split()[0],
-        "packages": packages,
-        "device": device_name(dist.device),
-        "world_size": dist.world,
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "argv": sys.argv,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }
+def register(name: str) -> Callable[[type[Tracker]], type[Tracker]]:
+    def add(cls: type[Tracker]) -> type[Tracker]:
+        TRACKERS[name] = cls
+        return cls
+
+    return add
 
 
-def _git_version() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if sha.returncode != 0:
-        return None
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------- records
+# ---------------------------------------------------------------------------- records: metrics.jsonl + the tracker
 
 
 class NullRecords:
@@ -157,7 +82,7 @@ class NullRecords:
 
     lines = 0
 
-    def log(self, record: dict[str, Any], eval_result: EvalResult | None = None) -> None:
+    def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
         pass
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -165,56 +90,71 @@ class NullRecords:
 
 
 class Records(NullRecords):
-    """metrics.jsonl (always) and wandb (`tracking.backend=wandb`), written by rank 0."""
+    """metrics.jsonl (always) and the `tracking.backend` tracker, written by rank 0."""
 
-    def __init__(self, run: RunDir, cfg: Config, classes: list[str], test_images: torch.Tensor, keep_lines: int):
-        self.path = run.path / METRICS
-        previous = self.path.read_text().splitlines() if self.path.exists() else []
+    def __init__(self, info: RunInfo, settings: TrackingSettings, backend: str, keep_lines: int):
         # Resume: drop the records written after the checkpoint; they are about to be redone.
-        kept = previous[:keep_lines]
-        write_atomic(self.path, "".join(line + "\n" for line in kept))
-        self.lines = len(kept)
-        self._file = open(self.path, "a")  # noqa: SIM115 - closed in finish()
-        self.wandb = None
-        if cfg.tracking.backend == "wandb":
-            # The sink works out from the previous records which steps wandb already has.
-            self.wandb = WandbSink(run, cfg, classes, test_images, _whole_records(previous), len(kept))
+        self.metrics = MetricsFile(info.run / METRICS, keep_lines)
+        # The tracker works out from the previous records which steps it already has.
+        self.tracker = TRACKERS[backend](info, settings, self.metrics.previous, self.metrics.lines)
 
-    def log(self, record: dict[str, Any], eval_result: EvalResult | None = None) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self.lines += 1
-        if self.wandb:
-            self.wandb.log(record, eval_result)
+    @property
+    def lines(self) -> int:  # type: ignore[override]
+        return self.metrics.lines
+
+    def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
+        self.metrics.append(record)
+        self.tracker.log(record, result)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        self._file.close()
-        if self.wandb:
-            self.wandb.finish(summary)
+        self.metrics.close()
+        self.tracker.finish(summary)
 
 
-def _whole_records(lines: list[str]) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl lines, up to a last line torn by a kill in mid-write."""
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+def open_records(is_main: bool, info: RunInfo, settings: TrackingSettings, backend: str, keep_lines: int) -> NullRecords:
+    return Records(info, settings, backend, keep_lines) if is_main else NullRecords()
 
 
-def open_records(dist: Distributed, run: RunDir, cfg: Config, classes: list[str], test_images: torch.Tensor,
-                 keep_lines: int) -> NullRecords:
-    return Records(run, cfg, classes, test_images, keep_lines) if dist.is_main else NullRecords()
+# ---------------------------------------------------------------------------- tensorboard
 
 
-def eval_record(step: int, epoch: int, elapsed: float, result: EvalResult, classes: list[str]) -> dict[str, Any]:
-    return {
-        "step": step, "epoch": epoch, "time": round(elapsed, 3),
-        "test_loss": result.loss, "test_accuracy": result.accuracy,
-        "per_class_accuracy": dict(zip(classes, result.per_class)),
-    }
+@register("tensorboard")
+class TensorBoardTracker(Tracker):
+    """TensorBoard event files in `run.dir/tensorboard/`, against the run's own global step:
+    the same scalars as wandb's (train/loss, train/lr, train/images_per_second, test/loss,
+    test/accuracy, test/acc/<class>) and the confusion matrix as an image. A resumed run purges
+    the steps it redoes (`purge_step`), so TensorBoard shows each step once."""
+
+    def __init__(self, info: RunInfo, settings: TrackingSettings, previous: list[dict[str, Any]], kept: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        redo_from = previous[kept - 1]["step"] + 1 if kept else 0
+        self.writer = SummaryWriter(str(info.run / "tensorboard"), purge_step=redo_from if previous else None)
+        self.classes, self.batch_size = info.classes, info.batch_size
+        self._since = (previous[kept - 1]["step"], previous[kept - 1]["time"]) if kept else (0, 0.0)
+
+    def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key == "per_class_accuracy":
+                for c, v in value.items():
+                    self.writer.add_scalar(f"test/acc/{c}", v, step)
+            elif key in WANDB_KEYS:
+                self.writer.add_scalar(WANDB_KEYS[key], value, step)
+        if "train_loss" in record:
+            steps, seconds = step - self._since[0], record["time"] - self._since[1]
+            if steps > 0 and seconds > 0:
+                self.writer.add_scalar("train/images_per_second", steps * self.batch_size / seconds, step)
+        self._since = (step, record["time"])
+        if result is not None:  # rows = true class, columns = predicted; shade = share of the true class
+            share = result.confusion.double() / result.confusion.sum(1, keepdim=True).clamp(min=1)
+            self.writer.add_image("test/confusion_matrix", share.float().unsqueeze(0), step)
+        self.writer.flush()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.writer.add_text("summary", f"final test accuracy {summary['test_accuracy']:.4f}, "
+                             f"best {summary['best_test_accuracy']:.4f}, {summary['train_seconds']} s")
+        self.writer.close()
 
 
 # ---------------------------------------------------------------------------- wandb
@@ -225,7 +165,8 @@ WANDB_KEYS = {"time": "train/seconds", "train_loss": "train/loss", "lr": "train/
 WANDB_CHECK_S = 3.0  # seconds at most that finding the wandb server unreachable may add to a run's start
 
 
-class WandbSink:
+@register("wandb")
+class WandbTracker(Tracker):
     """wandb on rank 0, against our own global step; offline, with one line saying why, when there
     is no API key or no network.
 
@@ -237,19 +178,18 @@ class WandbSink:
     has: all before the last record's step, and that one too when the last record is an evaluation.
     """
 
-    def __init__(self, run: RunDir, cfg: Config, classes: list[str], test_images: torch.Tensor,
-                 previous: list[dict[str, Any]], kept: int):
+    def __init__(self, info: RunInfo, settings: TrackingSettings, previous: list[dict[str, Any]], kept: int):
         import wandb
 
-        self.wandb, self.classes, self.test_images, self.batch_size = wandb, classes, test_images, cfg.train.batch_size
+        self.wandb, self.classes, self.test_images, self.batch_size = wandb, info.classes, info.test_images, info.batch_size
         mode, why_offline = _wandb_mode()
         if why_offline:
             print(f"wandb: {why_offline}; logging offline (the path and 'wandb sync' command come at the end)", flush=True)
-        t = cfg.tracking
+        t = settings
         init_args = dict(
-            project=t.project, entity=t.entity or None, name=cfg.run.name or run.path.name, group=t.group or None,
-            job_type=t.job_type, tags=t.tags or None, config=cfg.to_dict(), id=run.run_id, resume="allow",
-            dir=str(run.path), settings=wandb.Settings(init_timeout=30, silent=True),
+            project=t.project, entity=t.entity or None, name=info.name, group=t.group or None,
+            job_type=t.job_type, tags=t.tags or None, config=info.config, id=info.run.run_id, resume="allow",
+            dir=str(info.run.path), settings=wandb.Settings(init_timeout=30, silent=True),
         )
         # Quiet from the start (the credentials message comes before init's own settings apply); ours are the lines to read.
         wandb.setup(wandb.Settings(silent=True))

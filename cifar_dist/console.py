@@ -1,0 +1,73 @@
+"""What rank 0 prints while a run trains: a progress bar on a terminal, plain lines in logs
+(Slurm output files), the per-class evaluation table; nothing on other ranks."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from cifar_dist.config import Config
+from cifar_dist.distributed import Distributed
+from cifar_dist.metrics import EvalResult
+
+
+class Console:
+    """Rank 0's console: a progress bar on a terminal, plain lines in logs (Slurm), nothing
+    on other ranks."""
+
+    def __init__(self, dist: Distributed, cfg: Config, steps_per_epoch: int, classes: list[str]):
+        mode = cfg.run.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if dist.is_main else "none"
+        self.dist, self.cfg, self.steps_per_epoch, self.classes = dist, cfg, steps_per_epoch, classes
+        self.bar = None
+        self.last_step = 0
+
+    def start(self, run: Any, n_params: int, n_train: int, total_steps: int, pos: Any) -> None:
+        if self.mode == "none":
+            return
+        c = self.cfg
+        print(f"run {run.path}  id {run.run_id}\n"
+              f"model {c.model.name} ({n_params:,} parameters) on {self.dist.world} x {self.dist.device.type}  "
+              f"data {c.data.source}: {n_train:,} training images, {self.steps_per_epoch} steps/epoch of "
+              f"{c.train.batch_size}  epochs {c.train.epochs}", flush=True)
+        self.last_step = pos.step
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=pos.step, unit="step", dynamic_ncols=True, leave=False)
+
+    def train(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.last_step)
+            self.bar.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.3g}")
+        elif self.mode == "lines":
+            print(f"epoch {record['epoch']:6.2f}  step {record['step']:6d}  loss {record['train_loss']:.4f}  "
+                  f"lr {record['lr']:.4g}  {record['time']:8.1f} s", flush=True)
+        self.last_step = record["step"]
+
+    def eval(self, record: dict[str, Any], result: EvalResult) -> None:
+        if self.mode == "none":
+            return
+        if self.bar is not None:
+            self.bar.clear()
+        print(format_eval(record, result, self.classes), flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.mode != "none":
+            print(f"done: test accuracy {summary['test_accuracy']:.2%} (best {summary['best_test_accuracy']:.2%}) "
+                  f"in {summary['train_seconds']:.1f} s, {summary['images_per_second']:,.0f} images/s", flush=True)
+
+
+def format_eval(record: dict[str, Any], result: EvalResult, classes: list[str]) -> str:
+    """The seeds' per-class accuracy printout, as a table with the class counts."""
+    totals = result.confusion.sum(1).tolist()
+    width = max(len(c) for c in classes)
+    lines = [f"epoch {record['epoch']}  step {record['step']}  test accuracy {result.accuracy:.2%}  "
+             f"loss {result.loss:.4f}  ({int(result.confusion.sum())} images)"]
+    for name, acc, total in zip(classes, result.per_class, totals):
+        lines.append(f"  {name:>{width}}  {acc:7.2%}  {'#' * round(acc * 20):<20}  of {total}")
+    return "\n".join(lines)

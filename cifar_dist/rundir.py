@@ -1,0 +1,214 @@
+"""The run directory: the one place that knows its layout and how its files are written and read.
+
+    <run dir>/config.yaml      the resolved config (written first, before training)
+    <run dir>/env.json         code version, package versions, device, world size, host
+    <run dir>/metrics.jsonl    one JSON object per record (training records and evaluations)
+    <run dir>/summary.json     the final evaluation and timings (written last: the run is done)
+    <run dir>/model.pt         the final weights, for predict and evaluate
+    <run dir>/loss.png, per_class_accuracy.png
+    <run dir>/checkpoints/     step_<global step>/ (checkpoint.py)
+    <run dir>/.lock            held (flock) by the process training in it; names its holder
+
+Every whole-file write is atomic and durable (`write_atomic`: temporary file, fsync, rename,
+fsync of the folder), so a kill or a power cut leaves the old file or the new one. metrics.jsonl
+is appended a line at a time; `read_jsonl` is its one reader, tolerant of a last line torn by a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_dist.errors import UserError
+
+CONFIG = "config.yaml"
+ENV = "env.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MODEL = "model.pt"
+CHECKPOINTS = "checkpoints"
+LOSS_PLOT = "loss.png"
+CLASS_PLOT = "per_class_accuracy.png"
+LOCK = ".lock"
+
+
+class RunDirError(UserError):
+    """The run directory cannot be used; nothing was written."""
+
+
+class RunDir:
+    """A run directory and the files in it."""
+
+    def __init__(self, path: Path | str, run_id: str = "", created: bool = False):
+        self.path = Path(path)
+        self.run_id = run_id
+        self.created = created  # this process made the directory (a failed start removes it)
+        self._lock: Any = None  # the open, flocked .lock file while this process holds the run
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def is_run(self) -> bool:
+        return (self.path / SUMMARY).is_file() or (self.path / CONFIG).is_file()
+
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json, or None while the run is unfinished; a damaged one is a one-line error."""
+        return read_json(self.path / SUMMARY)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / METRICS)
+
+    # ---- the lock: one process trains in a run dir at a time
+
+    def lock(self) -> None:
+        """Hold the run dir for this process (released when it ends, however it ends), or raise
+        naming the holder. The kernel drops a flock with its process, so a killed run never blocks."""
+        f = open(self.path / LOCK, "a+")  # noqa: SIM115 - held open for the life of the run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"run.dir: {self.path} is in use by {holder}; wait for it or choose another run.dir") from None
+        self._lock = f
+
+    def name_holder(self) -> None:
+        """Say in the lock file who holds it (after the checks: a refused start changes nothing)."""
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._lock.flush()
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data` all at once, durably: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """JSON that is JSON: a NaN or infinity is refused (ValueError), never written."""
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MetricsFile:
+    """metrics.jsonl, appended a line at a time (flushed, so a reader sees whole records)."""
+
+    def __init__(self, path: Path, keep: int):
+        """Keep the first `keep` records (a resumed run redoes what came after its checkpoint)."""
+        self.path = path
+        self.previous = read_jsonl(path)  # every whole record a previous process wrote
+        kept = self.previous[:keep]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.records = list(kept)
+        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    @property
+    def lines(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.records.append(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, up to the first line that is not a whole JSON object (a
+    line torn by a kill in mid-write is the last; nothing after a damaged line is trusted)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+    return records
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None when absent; an empty or damaged one is a RunDirError naming it."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: damaged ({e}); delete it to let the run redo it") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: damaged (not a JSON object)")
+    return data
+
+
+# ---------------------------------------------------------------------------- model.pt
+
+
+def save_model(path: Path, model_name: str, classes: list[str], state_dict: dict[str, torch.Tensor]) -> None:
+    """The final weights as plain data: `torch.load(weights_only=True)` reads them back."""
+    torch_save_atomic(path, {"model": model_name, "classes": classes, "state_dict": state_dict})
+
+
+def torch_save_atomic(path: Path, obj: Any) -> None:
+    """`torch.save` with `write_atomic`'s promise: the old file or the whole new one, durably."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def load_weights(path: Path) -> dict[str, Any]:
+    """A model.pt or checkpoint file as plain data; a file that would run code when unpickled is refused."""
+    return torch.load(path, map_location="cpu", weights_only=True)
