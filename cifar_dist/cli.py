@@ -10,11 +10,11 @@ from cifar_dist.errors import run_command
 USAGE = """usage: cifar-dist COMMAND [ARGS]
 
 commands:
-  train    [--config NAME|PATH] [--print-config] [key=value ...]   train (and evaluate) one run
+  train    [--config NAME|PATH ...] [--print-config] [key=value ...]  train (and evaluate) one run
   evaluate RUN_DIR|FILE [--json OUT] [key=value ...]                 exact test-set evaluation, any world size
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
-  data prepare [--config NAME|PATH] [key=value ...]                   decode the data into the cache
+  data prepare [--config NAME|PATH ...] [key=value ...]               decode the data into the cache
   sweep    SPEC.yaml | status|wait|cancel|resubmit SWEEP_DIR            Slurm sweeps (= python jobs/submit.py)
 
 'cifar-dist COMMAND --help' for a command's options."""
@@ -53,15 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str]) -> int:
-    from cifar_dist.config import load_config
+    from cifar_dist.config import add_config_arguments, load_config
     from cifar_dist.data import cache_path, load_cached
 
     parser = argparse.ArgumentParser(prog="cifar-dist data", description="Decode a data source into the cache ahead "
                                      "of training (for example on a login node with internet, before offline jobs).")
     parser.add_argument("action", choices=["prepare"])
-    parser.add_argument("--config", help="a shipped config name or a YAML path (its data section is used)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=imagefolder data.path=X")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, " (its data section is used)")
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     ds = load_cached(cfg.data)
     print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "

@@ -7,9 +7,11 @@ line on stderr and exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,12 +167,12 @@ def resolve_config_path(name_or_path: str) -> Path:
     return shipped
 
 
-def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- the YAML file `config` (name or path) <- `key=value` overrides, then validate."""
+def load_config(config: str | Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- each YAML file in `config` (names or paths; later files win, as in Hydra's
+    defaults list) <- `key=value` overrides, then validate."""
     cfg = Config()
-    if config:
-        path = resolve_config_path(config)
-        schema.update(cfg, schema.read_yaml_mapping(path, "--config"))
+    for name in [config] if isinstance(config, str) else config or []:
+        schema.update(cfg, schema.read_yaml_mapping(resolve_config_path(name), "--config"))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -178,6 +180,14 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         schema.set_key(cfg, key.strip(), raw, from_text=True)
     validate(cfg)
     return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """--config (repeatable) and key=value overrides, in any order, for every command that takes a config."""
+    parser.add_argument("--config", action="append", metavar="NAME|PATH",
+                        help=f"a shipped config ({', '.join(shipped_configs())}) or a YAML path; repeat it to "
+                             f"compose (later files win){what}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 data.source=imagefolder")
 
 
 def validate(cfg: Config) -> None:

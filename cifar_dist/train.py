@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cifar_dist import checkpoint
-from cifar_dist.config import Config, ConfigError, config_hash, load_config
+from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import TrainBatches, load_dataset
 from cifar_dist.distributed import EXIT_REQUEUE, Distributed
@@ -277,10 +277,9 @@ def finish_run(run: RunDir, cfg: Config, state: TrainState, classes: list[str], 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train") -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(prog=prog, description="Train a CIFAR-10 classifier (data-parallel under a launcher).")
-    parser.add_argument("--config", help="a shipped config name (debug, blitz, medium, fast, resnet18) or a YAML path")
+    add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 model.name=medium")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after --config
     return args, load_config(args.config, args.overrides)
 
 

@@ -107,3 +107,34 @@ def test_every_entry_point_reaches_the_same_parser(env):
     for cmd in ([PY, "-m", "cifar_dist.train"], [PY, "-m", "cifar_dist.cli", "train"], [PY, "cifar_dist/train.py"]):
         proc = run(cmd + ["--config", "debug", "train.epochs=9", "--print-config"], env)
         assert yaml.safe_load(proc.stdout)["train"]["epochs"] == 9, cmd
+
+
+@pytest.mark.parametrize("number", ["1e-3", "1E-3", "0.001", ".001", "1_0e-4"])
+def test_numbers_as_people_write_them_in_overrides_and_yaml(number, tmp_path):
+    assert load_config("debug", [f"train.lr={number}"]).train.lr == pytest.approx(0.001)
+    f = tmp_path / "lr.yaml"
+    f.write_text(f"train: {{lr: {number}}}\n")
+    assert load_config(str(f)).train.lr == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "1e999"])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", [f"train.lr={value}"])
+    assert str(e.value).startswith("train.lr:")
+
+
+def test_overrides_go_before_or_after_config_and_configs_compose(env, tmp_path):
+    extra = tmp_path / "more.yaml"
+    extra.write_text("train: {epochs: 9, lr: 0.3}\n")
+    proc = run([PY, "-m", "cifar_dist.cli", "train", "train.lr=0.01", "--config", "medium", "--config", str(extra),
+                "seed=4", "--print-config"], env)
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["model"]["name"] == "medium"  # from the first file
+    assert printed["train"]["epochs"] == 9  # the later file wins
+    assert printed["train"]["lr"] == 0.01 and printed["seed"] == 4  # overrides, wherever they stand, win over files
+
+
+def test_help_names_every_shipped_config(env):
+    out = run([PY, "-m", "cifar_dist.cli", "train", "--help"], env).stdout
+    assert all(name in " ".join(out.split()) for name in shipped_configs())
