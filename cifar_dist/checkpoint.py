@@ -46,8 +46,8 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accura
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    if (final / MARKER).exists():
-        return final  # already written (a resume that saves the step it resumed from)
+    if (final / MARKER).exists() and _check(final, verify=True) is None:
+        return final  # already written and whole (a resume that saves the step it resumed from)
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

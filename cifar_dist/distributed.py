@@ -32,6 +32,20 @@ WAIT_TIMEOUT = timedelta(hours=2)
 T = TypeVar("T")
 
 
+_stop_requested = False  # set by a stop signal; read at step boundaries
+
+
+def install_stop_handlers() -> None:
+    """From here on SIGUSR1/SIGUSR2/SIGTERM only set a flag (the loop acts at a step boundary), so a
+    signal during start-up (data decoding, compile) is never fatal either: the run then stops with 75."""
+    def on_signal(signum: int, frame: Any) -> None:
+        global _stop_requested
+        _stop_requested = True
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+
+
 class DistributedError(UserError):
     """The processes do not form the process group they were launched as."""
 
@@ -69,7 +83,6 @@ class Distributed:
         if not self.is_main:
             warnings.filterwarnings("ignore")  # quiet ranks: errors still reach stderr
         self._wait_group = tdist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if self.world > 1 else None
-        self._stop = False
 
     # ---- rank-0 gate
 
@@ -127,14 +140,7 @@ class Distributed:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return self.accelerator.prepare(net)
 
-    # ---- stop signals: the handler only sets a flag; the loop acts at a step boundary
-
-    def install_stop_handlers(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop = True
+    # ---- stop signals: the handler only sets a flag (install_stop_handlers); the loop acts at a step boundary
 
     def agree(self, save: bool) -> tuple[bool, bool]:
         """(stop, save) on every rank: whether any rank has received a stop signal, and whether
@@ -142,8 +148,8 @@ class Distributed:
         side group with CPU tensors: on GPUs a reduction on the main group would end in a
         device-to-host read each step, stalling the CPU until the GPU drained its queue."""
         if self.world == 1:
-            return self._stop, save
-        flags = torch.tensor([int(self._stop), int(save)])
+            return _stop_requested, save
+        flags = torch.tensor([int(_stop_requested), int(save)])
         tdist.all_reduce(flags, op=tdist.ReduceOp.SUM, group=self._wait_group)
         return bool(flags[0]), bool(flags[1])
 

@@ -58,7 +58,6 @@ def _claim(cfg: Config) -> RunDir | str:
         run.unlock()
         _take_back(path, created, had_lock)
         return str(e) if isinstance(e, RunDirError) else f"run.dir: cannot use {path} ({e.strerror})"
-    run.name_holder()
     return run
 
 
@@ -103,6 +102,7 @@ def abandon(run: RunDir, dist: Distributed) -> None:
 def record_start(run: RunDir, cfg: Config, dist: Distributed) -> None:
     """config.yaml (resolved) and env.json, by rank 0; the others wait for them."""
     def write() -> None:
+        run.name_holder()
         write_atomic(run / CONFIG, cfg.to_yaml())
         write_json(run / ENV, environment(dist))
 

@@ -8,6 +8,7 @@ submitit and the tests.
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import sys
 import time
@@ -20,8 +21,8 @@ from cifar_dist import checkpoint
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import TrainBatches, load_dataset
-from cifar_dist.distributed import EXIT_REQUEUE, Distributed
-from cifar_dist.errors import run_command
+from cifar_dist.distributed import EXIT_REQUEUE, Distributed, install_stop_handlers
+from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
 from cifar_dist.metrics import EvalResult, eval_record
 from cifar_dist.models import count_parameters
@@ -40,7 +41,12 @@ class Stopped(Exception):
     """Stopped on a signal after writing a checkpoint; the run resumes from it when restarted."""
 
 
+class NonFiniteLoss(UserError):
+    """Training diverged (a NaN or infinite loss); the run stops without writing the bad state."""
+
+
 def train(cfg: Config) -> dict[str, Any]:
+    install_stop_handlers()  # first: a pre-emption during start-up must end in exit 75 too, not a kill
     dist = Distributed(cfg.train.device)
     try:
         return _train(cfg, dist)
@@ -58,6 +64,9 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     try:
         state, model = build_state(cfg, dist, data.train_x, len(data.classes), batches.steps_per_epoch)
         pending = resume(run, cfg, dist, state)
+        if dist.agree(False)[0]:  # stopped during start-up: nothing trained, nothing to save
+            dist.print("stop signal during start-up; exiting for requeue")
+            raise Stopped(str(run.path))
     except BaseException:
         abandon(run, dist)
         raise
@@ -110,7 +119,6 @@ class Loop:
             self.compile_seconds = self.warm_up()
         total_steps = cfg.train.epochs * self.batches.steps_per_epoch
         self.console.start(self.run_dir, count_parameters(self.state.net), len(self.data.train_y), total_steps, pos)
-        dist.install_stop_handlers()
         self.clock = Clock(pos.elapsed)
         self.last_save = time.monotonic()
         result = saved = None
@@ -167,15 +175,22 @@ class Loop:
 
     def evaluate(self) -> EvalResult:
         cfg, data = self.cfg, self.data
-        return evaluate(self.state.net, data.test_x, data.test_y, len(data.classes), self.dist, cfg.eval.batch_size,
-                        cfg.eval.tta_flip, self.autocast, MEMORY_FORMAT, n_samples=cfg.tracking.log_images,
-                        tta_translate=cfg.eval.tta_translate)
+        result = evaluate(self.state.net, data.test_x, data.test_y, len(data.classes), self.dist, cfg.eval.batch_size,
+                          cfg.eval.tta_flip, self.autocast, MEMORY_FORMAT, n_samples=cfg.tracking.log_images,
+                          tta_translate=cfg.eval.tta_translate)
+        if not math.isfinite(result.loss):
+            raise NonFiniteLoss(f"test loss is {result.loss} at step {self.state.position.step}: the weights are not "
+                                "finite; lower train.lr, or find the first bad layer with train.detect_anomaly=true")
+        return result
 
     def train_record(self) -> dict[str, Any]:
         """The mean loss over the global batches since the last record (one all-reduce)."""
         pos, dist = self.state.position, self.dist
         local = torch.stack(self.pending).float().sum()
         loss = float(dist.sum(local)) / (dist.world * len(self.pending))
+        if not math.isfinite(loss):  # nothing after the last checkpoint is kept; no NaN reaches a file
+            raise NonFiniteLoss(f"train loss is {loss} by step {pos.step} (epoch {pos.epoch + 1}): training diverged; "
+                                "lower train.lr, or find the first bad layer with train.detect_anomaly=true")
         self.pending.clear()
         return {"step": pos.step, "epoch": round(pos.epoch + pos.offset / self.batches.steps_per_epoch, 4),
                 "time": round(self.clock.elapsed(), 3), "train_loss": loss, "lr": self.state.scheduler.get_last_lr()[0]}
@@ -226,7 +241,11 @@ def resume(run: RunDir, cfg: Config, dist: Distributed, state: TrainState) -> li
     saved = found[1] if found and str(found[0].path) == chosen else checkpoint.load_state(Path(chosen) / checkpoint.STATE)
     if saved.get("config_hash") != config_hash(cfg) and not cfg.checkpoint.allow_config_change:
         raise RunDirError(f"checkpoint {chosen} was written by a different config; use checkpoint.allow_config_change=true")
-    state.load_state_dict(saved)
+    try:
+        state.load_state_dict(saved)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # another net's weights (allow_config_change)
+        why = " ".join(str(e).split())[:200]
+        raise RunDirError(f"checkpoint {chosen} does not fit this config's model or optimiser ({why})") from None
     pending = []
     if saved["world_size"] == dist.world:
         mine = saved["ranks"][dist.rank]
@@ -236,6 +255,11 @@ def resume(run: RunDir, cfg: Config, dist: Distributed, state: TrainState) -> li
         dist.print(f"note: resuming {saved['world_size']} ranks' checkpoint on {dist.world}; dropout RNG streams restart")
     pos = state.position
     dist.print(f"resumed from {chosen} (step {pos.step}, epoch {pos.epoch}, {pos.offset} steps into it)")
+    if (before := saved["config"]["train"]["epochs"]) != cfg.train.epochs:
+        lr_then = saved["scheduler"]["_last_lr"][0]
+        lr_now = cfg.train.lr * state.scheduler.lr_lambdas[0](pos.step)
+        dist.print(f"note: train.epochs {before} -> {cfg.train.epochs}: the LR schedule is stretched to the new length, "
+                   f"so the LR at step {pos.step} goes from {lr_then:.4g} to {lr_now:.4g} and decays from there")
     return pending
 
 

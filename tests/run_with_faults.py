@@ -5,6 +5,8 @@ must hit a precise moment (a real signal at an epoch boundary, a kill during a c
                                                batch STEP of epoch EPOCH (on RANK only, if given)
     CIFAR_DIST_FAULT=slow_save:STEP            the checkpoint of STEP pauses before its marker is
                                                written (the test kills the process then)
+    CIFAR_DIST_FAULT=signal_decode:SIG         this process sends itself SIG (e.g. TERM) while it
+                                               decodes the data into the cache
 The fault goes through the product's real code paths: a real signal, a real partial write.
 """
 
@@ -32,6 +34,14 @@ def main() -> int:
             return original(self, e, s)
 
         data.TrainBatches.batch = batch
+    elif kind == "signal_decode":
+        original_decode = data.decode
+
+        def decode(cfg):
+            os.kill(os.getpid(), getattr(signal, f"SIG{args[0]}"))
+            return original_decode(cfg)
+
+        data.decode = decode
     elif kind == "slow_save":
         target = int(args[0])
         original_write = checkpoint.write_atomic

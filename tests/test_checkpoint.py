@@ -238,3 +238,55 @@ def test_resume_with_lookahead_is_exact(reference, module_env, tmp_path):
     plain = load_weights(reference / MODEL)["state_dict"]
     averaged = load_weights(whole / MODEL)["state_dict"]
     assert not torch.equal(plain["fc4.weight"], averaged["fc4.weight"]), "Lookahead changed nothing"
+
+
+def test_a_damaged_final_checkpoint_is_rewritten_and_the_run_then_says_it_is_finished(reference, module_env, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / SUMMARY).unlink()  # as if killed after the final checkpoint, before summary.json
+    final = break_newest(run_dir, "garbage", tmp_path)
+    assert final.name == "step_00000040"
+    again = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}"], module_env)
+    assert f"warning: checkpoint {final}" in again.stdout  # the damaged one named, the previous one used ...
+    assert checkpoint.list_checkpoints(run_dir)[-1].path == final  # ... and the final one written again, whole
+    assert_same_run(reference, run_dir)
+    finished = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}"], module_env)
+    assert "already finished" in finished.stdout and "warning" not in finished.stdout
+
+
+def test_a_checkpoint_of_another_net_is_refused_in_one_line_and_nothing_is_rewritten(reference, module_env, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", "model.name=blitz",
+                "checkpoint.allow_config_change=true"], module_env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
+    assert "does not fit this config's model" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_step_and_writes_no_nan(module_env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([PY, "-m", "cifar_dist.train", *CONFIG, "train.lr=1e9", f"run.dir={run_dir}"], module_env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train loss is nan by step ") and "train.detect_anomaly" in last
+    assert not (run_dir / SUMMARY).exists()
+    for path in run_dir.rglob("*"):
+        if path.suffix in (".json", ".jsonl", ".yaml"):
+            assert "NaN" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("sig", ["TERM", "USR1"])
+def test_a_stop_signal_during_data_decoding_exits_75_and_leaves_nothing(module_env, tmp_path, sig):
+    run_dir = tmp_path / "run"
+    cache = tmp_path / "cache"  # a cache of its own: the data is decoded in this run
+    proc = run(FAULTS + [*CONFIG, f"run.dir={run_dir}", f"data.cache_dir={cache}"],
+               dict(module_env, CIFAR_DIST_FAULT=f"signal_decode:{sig}"), check=False)
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr[-2000:]
+    assert "stop signal during start-up" in proc.stdout
+    assert not run_dir.exists()
+    resumed = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", f"data.cache_dir={cache}"], module_env)
+    assert "decoding" not in resumed.stdout  # the cache was finished before the stop
+    assert RunDir(run_dir).summary()["steps"] == 40
