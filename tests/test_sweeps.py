@@ -15,8 +15,8 @@ import yaml
 from conftest import ROOT
 from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
 
-from jobs.spec import expand, load_spec, make_points
-from jobs.strict import SpecError
+from cifar_dist.sweep.spec import expand, load_spec, make_points
+from cifar_dist.sweep.strict import SpecError
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
 
@@ -175,8 +175,8 @@ def test_max_points_lifts_the_cap(tmp_path):
 def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, reads, code, looks):
     """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
     seen once on the real Slurm and cannot be produced on demand)."""
-    from jobs import submit as submit_module
-    from jobs.sweepdir import PointState
+    from cifar_dist.sweep import commands as submit_module
+    from cifar_dist.sweep.record import PointState
 
     script = iter(reads)
     seen, slept = [], []

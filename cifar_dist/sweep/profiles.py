@@ -10,10 +10,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.strict import SpecError, check_keys, load_yaml_mapping, take
+from cifar_dist.sweep.strict import SpecError, check_keys, load_yaml_mapping, take
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
-PROFILE_DIR = SLURM_DIR / "clusters"
+SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
+PROFILE_DIR = Path(__file__).parent / "clusters"
 DEV_CLUSTER = SLURM_DIR / "dev-cluster.sh"
 PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -50,7 +50,7 @@ def load_profile(name: str) -> Profile:
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise SpecError(f"cluster: unknown cluster profile {name!r} (known: {', '.join(profile_names())}; "
-                        f"add {path.relative_to(SLURM_DIR.parent)})")
+                        f"add {path})")
     data = load_yaml_mapping(path, f"cluster profile {name}")
     where = f"cluster profile {name}: "
     check_keys(data, tuple(f for f in Profile.__dataclass_fields__ if f != "name"), where)

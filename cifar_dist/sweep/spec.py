@@ -29,8 +29,8 @@ from typing import Any
 from cifar_dist.config import Config, ConfigError, load_config, validate
 from cifar_dist.schema import flatten
 from cifar_dist.schema import update as apply_mapping
-from jobs.clusters import Profile
-from jobs.strict import SpecError, check_keys, load_yaml_mapping, take
+from cifar_dist.sweep.profiles import Profile
+from cifar_dist.sweep.strict import SpecError, check_keys, load_yaml_mapping, take
 
 TOP_KEYS = ("name", "cluster", "base", "overrides", "sweep", "resources")
 # The name becomes the Slurm job name, the sweep dir's name and part of every run id.

@@ -26,9 +26,9 @@ from typing import Any
 
 from submitit.core.utils import JobPaths, pickle_load
 
-from jobs.clusters import ClusterError
-from jobs.strict import SpecError
-from jobs.task import CANCELLED, SLOTS, STOPPED
+from cifar_dist.sweep.profiles import ClusterError
+from cifar_dist.sweep.strict import SpecError
+from cifar_dist.sweep.task import CANCELLED, SLOTS, STOPPED
 
 RECORD = "sweep.json"
 ACTIVE = ("pending", "running", "requeued")
