@@ -175,15 +175,15 @@ def test_max_points_lifts_the_cap(tmp_path):
 def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, reads, code, looks):
     """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
     seen once on the real Slurm and cannot be produced on demand)."""
-    from cifar_dist.sweep import commands as submit_module
+    from cifar_dist.sweep import commands
     from cifar_dist.sweep.record import PointState
 
     script = iter(reads)
     seen, slept = [], []
-    monkeypatch.setattr(submit_module, "open_sweep", lambda d: (Path(d), {}, None))
-    monkeypatch.setattr(submit_module, "point_states", lambda d, r: seen.append(1) or [
+    monkeypatch.setattr(commands, "open_sweep", lambda d: None)
+    monkeypatch.setattr(commands, "sweep_states", lambda sweep: seen.append(1) or [
         PointState("000", "1_0", next(script), None, None, "", "lr=0.1")])
-    monkeypatch.setattr(submit_module.time, "sleep", slept.append)
-    assert submit_module.main(["wait", "sweeps/x", "--poll", "1"]) == code
+    monkeypatch.setattr(commands.time, "sleep", slept.append)
+    assert commands.main(["wait", "sweeps/x", "--poll", "1"]) == code
     assert len(seen) == looks
-    assert slept.count(submit_module.SETTLE_SECONDS) == (1 if "failed" in reads else 0)
+    assert slept.count(commands.SETTLE_SECONDS) == (1 if "failed" in reads else 0)

@@ -9,8 +9,10 @@ from typing import Any
 
 import yaml
 
+from cifar_dist.errors import ConfigError
 
-class SpecError(ValueError):
+
+class SpecError(ConfigError):
     """A mistake in a sweep spec, a cluster profile or the command line; the message names the key."""
 
 
