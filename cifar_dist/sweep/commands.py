@@ -90,6 +90,7 @@ def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str, point
         "name": spec.name,
         "uid": uid,
         "profile": profile.name,
+        "profile_path": profile.path,
         "executor": executor.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resources": dataclasses.asdict(spec.resources),
@@ -146,7 +147,8 @@ class Sweep:
 def open_sweep(path: str) -> Sweep:
     sweep_dir = Path(path).absolute()
     record = load_record(sweep_dir)
-    executor = EXECUTORS[record["executor"]](sweep_dir, load_profile(record["profile"]))
+    profile = load_profile(record["profile"], record.get("profile_path"))
+    executor = EXECUTORS[record["executor"]](sweep_dir, profile)
     executor.connect()
     return Sweep(sweep_dir, record, executor)
 

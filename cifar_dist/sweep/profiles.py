@@ -1,20 +1,32 @@
-"""Cluster profiles: every fact about one Slurm cluster in one file, `slurm/clusters/<name>.yaml`
+"""Cluster profiles: every fact about one Slurm cluster in one YAML file, `<name>.yaml`
 (partitions, account, node sizes, module loads, the environment tasks need). Sweep specs name a
-profile and never repeat these facts; nothing cluster-specific lives in cifar_dist/."""
+profile and never repeat these facts; nothing cluster-specific lives in the rest of cifar_dist/.
+
+A profile name is looked up in this order; the first folder holding `<name>.yaml` wins:
+
+1. `$CIFAR_DIST_CLUSTERS`, a folder (your own profiles, wherever they live);
+2. `./slurm/clusters/`, relative to the current directory (a project's own profiles);
+3. the profiles shipped with the package, `cifar_dist/sweep/clusters/`: `local` and `local2`
+   (the dev clusters of slurm/dev-cluster.sh) and `example-gpu` (a template to copy).
+
+Profiles with `dev_cluster: true` point Slurm's commands at the dev cluster's config, found as
+slurm/dev-cluster.sh writes it: `${CIFAR_DIST_SLURM_DIR:-/tmp/cifar-dist-slurm}/slurm.conf`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifar_dist.sweep.strict import SpecError, check_keys, load_yaml_mapping, take
+from cifar_dist import schema
+from cifar_dist.errors import ConfigError
 
-SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
-PROFILE_DIR = Path(__file__).parent / "clusters"
-DEV_CLUSTER = SLURM_DIR / "dev-cluster.sh"
+PROFILES_VARIABLE = "CIFAR_DIST_CLUSTERS"
+PROJECT_PROFILES = Path("slurm") / "clusters"  # relative to the current directory
+SHIPPED_PROFILES = Path(__file__).resolve().parent / "clusters"
 PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -24,10 +36,11 @@ class ClusterError(RuntimeError):
 
 
 @dataclass
-class Profile:
-    name: str
+class ClusterFacts:
+    """The keys of a profile file, each with its default."""
+
     description: str = ""
-    dev_cluster: bool = False  # the project's dev cluster: Slurm commands get `slurm/dev-cluster.sh env` (SLURM_CONF)
+    dev_cluster: bool = False  # the project's dev cluster (slurm/dev-cluster.sh): Slurm commands get its SLURM_CONF
     partitions: list[str] = field(default_factory=list)  # allowed partitions, the first is the default; [] = any
     account: str = ""  # default --account; "" = none
     qos: str = ""  # default --qos; "" = none
@@ -40,80 +53,83 @@ class Profile:
     env: dict[str, str] = field(default_factory=dict)  # set by each task before its process group starts
 
 
+@dataclass
+class Profile(ClusterFacts):
+    name: str = ""  # the file's name without .yaml
+    path: str = ""  # the file it was read from
+
+
+def profile_dirs() -> list[Path]:
+    """The folders searched for profiles, in order."""
+    dirs = [PROJECT_PROFILES.absolute(), SHIPPED_PROFILES]
+    own = os.environ.get(PROFILES_VARIABLE)
+    if own:
+        if not Path(own).is_dir():
+            raise ConfigError(f"{PROFILES_VARIABLE}: {own} is not a folder (of cluster profiles, <name>.yaml)")
+        dirs.insert(0, Path(own).absolute())
+    return dirs
+
+
 def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in profile_dirs() for p in d.glob("*.yaml")})
 
 
-def load_profile(name: str) -> Profile:
+def find_profile(name: str) -> Path:
     if not PROFILE_NAME.fullmatch(name):
-        raise SpecError(f"cluster: {name!r} is not a profile name (letters, digits, - and _)")
-    path = PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise SpecError(f"cluster: unknown cluster profile {name!r} (known: {', '.join(profile_names())}; "
-                        f"add {path})")
-    data = load_yaml_mapping(path, f"cluster profile {name}")
+        raise ConfigError(f"cluster: {name!r} is not a profile name (letters, digits, - and _)")
+    dirs = profile_dirs()
+    for d in dirs:
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    raise ConfigError(f"cluster: unknown cluster profile {name!r} (known: {', '.join(profile_names())}; "
+                      f"searched {', '.join(map(str, dirs))}; add {name}.yaml to one of them)")
+
+
+def load_profile(name: str, path: str | Path | None = None) -> Profile:
+    """The profile `name`, from `path` when given and still there (a sweep's record keeps the
+    file its profile came from), else looked up in the profile folders."""
+    path = Path(path) if path and Path(path).is_file() else find_profile(name)
     where = f"cluster profile {name}: "
-    check_keys(data, tuple(f for f in Profile.__dataclass_fields__ if f != "name"), where)
-    p = Profile(
-        name=name,
-        description=take(data, "description", str, where, ""),
-        dev_cluster=take(data, "dev_cluster", bool, where, False),
-        partitions=_strings(take(data, "partitions", list, where, []), "partitions", where),
-        account=take(data, "account", str, where, ""),
-        qos=take(data, "qos", str, where, ""),
-        max_nodes=take(data, "max_nodes", int, where, 1),
-        cpus_per_node=take(data, "cpus_per_node", int, where, 1),
-        gpus_per_node=take(data, "gpus_per_node", int, where, 0),
-        mem_per_node_gb=take(data, "mem_per_node_gb", float, where, 0.0),
-        max_time_min=take(data, "max_time_min", int, where, 0),
-        setup=_strings(take(data, "setup", list, where, []), "setup", where),
-        env=_env(take(data, "env", dict, where, {}), where),
-    )
+    data = schema.read_yaml_mapping(path, f"cluster profile {name}")
+    env = data.get("env")
+    if isinstance(env, dict):  # YAML reads `VAR: 1` as a number; a variable's value is text
+        data["env"] = {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in env.items()}
+    try:
+        facts = schema.build(ClusterFacts, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    p = Profile(**dataclasses.asdict(facts), name=name, path=str(path))
     for key in ("max_nodes", "cpus_per_node"):
         if getattr(p, key) < 1:
-            raise SpecError(f"{where}{key}: must be >= 1, got {getattr(p, key)}")
+            raise ConfigError(f"{where}{key}: must be >= 1, got {getattr(p, key)}")
     for key in ("gpus_per_node", "mem_per_node_gb", "max_time_min"):
         if getattr(p, key) < 0:
-            raise SpecError(f"{where}{key}: must be >= 0, got {getattr(p, key)}")
+            raise ConfigError(f"{where}{key}: must be >= 0, got {getattr(p, key)}")
+    for key in ("partitions", "setup"):
+        for i, line in enumerate(getattr(p, key)):
+            if "\n" in line:
+                raise ConfigError(f"{where}{key}[{i}]: expected a one-line string, got {line!r}")
+    for k in p.env:
+        if not ENV_NAME.fullmatch(k):
+            raise ConfigError(f"{where}env: {k!r} is not an environment variable name")
     return p
 
 
-def _strings(values: list, key: str, where: str) -> list[str]:
-    for i, v in enumerate(values):
-        if not isinstance(v, str) or "\n" in v:
-            raise SpecError(f"{where}{key}[{i}]: expected a one-line string, got {v!r}")
-    return values
-
-
-def _env(values: dict, where: str) -> dict[str, str]:
-    out = {}
-    for k, v in values.items():
-        if not isinstance(k, str) or not ENV_NAME.fullmatch(k):
-            raise SpecError(f"{where}env: {k!r} is not an environment variable name")
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            raise SpecError(f"{where}env.{k}: expected a string or number, got {v!r}")
-        out[k] = str(v)
-    return out
+def dev_cluster_conf() -> Path:
+    """The dev cluster's slurm.conf, where slurm/dev-cluster.sh writes it (`dev-cluster.sh env` prints it)."""
+    return Path(os.environ.get("CIFAR_DIST_SLURM_DIR") or "/tmp/cifar-dist-slurm") / "slurm.conf"
 
 
 def submit_environment(profile: Profile) -> dict[str, str]:
     """Variables the Slurm commands (sbatch, squeue, scancel) need for this profile: for the dev
-    cluster, what `slurm/dev-cluster.sh env` prints, so that nothing has to be exported by hand."""
+    cluster, its SLURM_CONF, so that nothing has to be exported by hand."""
     if not profile.dev_cluster:
         return {}
-    proc = subprocess.run(["bash", str(DEV_CLUSTER), "env"], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise ClusterError(f"cluster profile {profile.name}: {DEV_CLUSTER} env failed: {proc.stderr.strip()}")
-    out = {}
-    for line in proc.stdout.splitlines():
-        key, sep, value = line.removeprefix("export ").partition("=")
-        if line.startswith("export ") and sep and ENV_NAME.fullmatch(key):
-            out[key] = value
-    conf = out.get("SLURM_CONF", "")
-    if conf and not Path(conf).is_file():  # Slurm's commands would retry for a minute, then fail
+    conf = dev_cluster_conf()
+    if not conf.is_file():  # Slurm's commands would retry for a minute, then fail
         raise ClusterError(f"cluster profile {profile.name}: the dev cluster is not up (no {conf}); "
-                           f"start it with: {DEV_CLUSTER.relative_to(SLURM_DIR.parent)} up")
-    return out
+                           "start it with: slurm/dev-cluster.sh up")
+    return {"SLURM_CONF": str(conf)}
 
 
 def apply_submit_environment(profile: Profile) -> None:

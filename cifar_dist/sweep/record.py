@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cifar_dist.errors import UserError
 from cifar_dist.sweep import submitit_compat
-from cifar_dist.sweep.strict import SpecError
 
 RECORD = "sweep.json"
 ACTIVE = ("pending", "running", "requeued")
@@ -38,7 +38,7 @@ CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one 
 def load_record(sweep_dir: Path) -> dict[str, Any]:
     path = sweep_dir / RECORD
     if not path.is_file():
-        raise SpecError(f"{sweep_dir}: not a sweep dir (no {RECORD})")
+        raise UserError(f"{sweep_dir}: not a sweep dir (no {RECORD})")
     return json.loads(path.read_text())
 
 
