@@ -1,5 +1,6 @@
-"""Sweep specs without a cluster: expansion (grid x random, seeded), the dry run's exact sbatch
-script against a golden file, and the fallbacks that need no Slurm (local and debug executors)."""
+"""Sweep specs without a cluster: expansion (grid x random, seeded), mistakes, cluster profiles
+and their lookup, the dry run's exact sbatch script against a golden file, and the fallbacks
+that need no Slurm (local and debug executors)."""
 
 from __future__ import annotations
 

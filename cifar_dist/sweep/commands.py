@@ -6,8 +6,8 @@
     python jobs/submit.py cancel SWEEP_DIR
     python jobs/submit.py resubmit SWEEP_DIR --failed
 
-The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node
-sizes, module loads, task environment). `--cluster` picks the submitit *executor*: `slurm`
+The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
+loads, task environment). `--cluster` picks the submitit *executor* (executors.py): `slurm`
 (sbatch), `local` (processes on this machine, no Slurm), `debug` (in this process, one point
 after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local.
 

@@ -1,15 +1,15 @@
 """The sweep directory: the record of what was submitted, and each point's state read back
 without Slurm accounting (sacct fails on clusters without slurmdbd, the dev cluster included).
 
-    <sweep dir>/sweep.json        name, profile, executor, resources, points (values, run id, run
-                                  dir, resolved config, job ids), submissions
+    <sweep dir>/sweep.json        name, profile (and its file), executor, resources, points (values,
+                                  run id, run dir, resolved config, job ids), submissions
     <sweep dir>/spec.yaml         the spec as given
     <sweep dir>/runs/<point>/     each point's run dir (config.yaml, metrics.jsonl, checkpoints/, ...)
     <sweep dir>/submitit/         submitit's sbatch script, pickles and logs (<job id>_<task>_log.out)
     <sweep dir>/cancelled         job ids stopped by `cancel` (tasks read it to not requeue)
     <sweep dir>/slots/            the local executor's run slots (it starts every point at once)
 
-A point's state comes from, in order: the queue (squeue, or the local executor's process), the
+A point's state comes from, in order: the queue (its executor's `queue_states`), the
 run dir (summary.json = done), submitit's result pickle of task 0 (an error = failed, the
 stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
 """
