@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(compare_main, rest)
     if command == "sweep":
-        from jobs.submit import main as sweep_main
+        from cifar_dist.sweep.commands import main as sweep_main
 
         return sweep_main(rest)
     if command == "data":

@@ -1,5 +1,6 @@
-"""Sweep specs without a cluster: expansion (grid x random, seeded), the dry run's exact sbatch
-script against a golden file, and the fallbacks that need no Slurm (local and debug executors)."""
+"""Sweep specs without a cluster: expansion (grid x random, seeded), mistakes, cluster profiles
+and their lookup, the dry run's exact sbatch script against a golden file, and the fallbacks
+that need no Slurm (local and debug executors)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import yaml
 from conftest import ROOT
 from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
 
-from jobs.spec import expand, load_spec, make_points
-from jobs.strict import SpecError
+from cifar_dist.errors import ConfigError
+from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
+from cifar_dist.sweep.spec import expand, load_spec, make_points
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
 
@@ -81,9 +83,74 @@ def test_points_get_fixed_run_ids_dirs_and_group(tmp_path):
     ({"base": "nosuchconfig"}, "base: unknown config 'nosuchconfig'"),
 ])
 def test_spec_mistakes_name_the_key(tmp_path, fields, message):
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(ConfigError) as e:
         make_points(load_spec(spec_file(tmp_path, **fields)), tmp_path / "sw", "x")
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"name": "x", "base": "debug", "sweep": {"grid": {"seed": [0]}}, "resources": {"mem": "1e-3", "time_min": "30"}},
+     None),  # numbers as people write them, as in the training config
+    ({"base": "debug", "sweep": {"grid": {"seed": [0]}}}, "name: missing"),
+    ({"name": "x", "base": "debug", "sweep": {"random": {"params": {"seed": {"int": [0, 1]}}}}}, "sweep.random.n: missing"),
+    ({"name": "x", "base": "debug", "sweep": [1]}, "sweep: expected a mapping, got [1]"),
+    ({"name": "x", "base": 3, "sweep": {"grid": {"seed": [0]}}}, "base: expected a string, got 3"),
+])
+def test_spec_top_level_types_and_required_keys(tmp_path, fields, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    if message is None:
+        spec = load_spec(path)
+        assert (spec.cluster, spec.resources.mem, spec.resources.time_min, spec.resources.nodes) == ("local", 1e-3, 30, 1)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(path)
+
+
+def test_profiles_are_found_in_the_documented_order(tmp_path, monkeypatch):
+    """$CIFAR_DIST_CLUSTERS, then ./slurm/clusters/, then the shipped profiles; the first file wins."""
+    own, project = tmp_path / "own", tmp_path / "slurm" / "clusters"
+    for folder in (own, project):
+        folder.mkdir(parents=True)
+        (folder / "local.yaml").write_text(f"description: {folder.name}\n")
+    (project / "mine.yaml").write_text("max_nodes: 4\nenv: {NCCL_IB_DISABLE: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIFAR_DIST_CLUSTERS", raising=False)
+    assert load_profile("local").description == "clusters"
+    mine = load_profile("mine")
+    assert (mine.max_nodes, mine.env, mine.path) == (4, {"NCCL_IB_DISABLE": "1"}, str(project / "mine.yaml"))
+    monkeypatch.setenv("CIFAR_DIST_CLUSTERS", str(own))
+    assert load_profile("local").description == "own"
+    assert load_profile("example-gpu").path == str(SHIPPED_PROFILES / "example-gpu.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_profile("nowhere")
+    assert "unknown cluster profile 'nowhere' (known: example-gpu, local, local2, mine; searched " in str(e.value)
+    assert all(str(d) in str(e.value) for d in (own, project, SHIPPED_PROFILES))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_nodes: two", "cluster profile bad: max_nodes: expected an integer, got 'two'"),
+    ("name: bad", "cluster profile bad: name: unknown key (valid: description,"),
+    ("cpus_per_node: 0", "cluster profile bad: cpus_per_node: must be >= 1, got 0"),
+    ("env: {A: true}", "cluster profile bad: env.A: expected a string, got True"),
+    ("env: {1A: x}", "cluster profile bad: env: '1A' is not an environment variable name"),
+    ('setup: ["a\\nb"]', "cluster profile bad: setup[0]: expected a one-line string"),
+])
+def test_profile_mistakes_name_the_key(tmp_path, monkeypatch, text, message):
+    (tmp_path / "bad.yaml").write_text(text + "\n")
+    monkeypatch.setenv("CIFAR_DIST_CLUSTERS", str(tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_profile("bad")
+
+
+def test_dev_cluster_profiles_find_its_config_without_the_repository(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_DIST_SLURM_DIR", str(tmp_path))
+    local = load_profile("local")
+    with pytest.raises(ClusterError, match="the dev cluster is not up .* start it with: slurm/dev-cluster.sh up"):
+        submit_environment(local)
+    (tmp_path / "slurm.conf").write_text("")
+    assert submit_environment(local) == {"SLURM_CONF": str(tmp_path / "slurm.conf")}
+    assert submit_environment(load_profile("example-gpu")) == {}
 
 
 def normalise(text: str, sweep_dir: Path) -> str:
@@ -175,15 +242,15 @@ def test_max_points_lifts_the_cap(tmp_path):
 def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, reads, code, looks):
     """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
     seen once on the real Slurm and cannot be produced on demand)."""
-    from jobs import submit as submit_module
-    from jobs.sweepdir import PointState
+    from cifar_dist.sweep import commands
+    from cifar_dist.sweep.record import PointState
 
     script = iter(reads)
     seen, slept = [], []
-    monkeypatch.setattr(submit_module, "open_sweep", lambda d: (Path(d), {}, None))
-    monkeypatch.setattr(submit_module, "point_states", lambda d, r: seen.append(1) or [
+    monkeypatch.setattr(commands, "open_sweep", lambda d: None)
+    monkeypatch.setattr(commands, "sweep_states", lambda sweep: seen.append(1) or [
         PointState("000", "1_0", next(script), None, None, "", "lr=0.1")])
-    monkeypatch.setattr(submit_module.time, "sleep", slept.append)
-    assert submit_module.main(["wait", "sweeps/x", "--poll", "1"]) == code
+    monkeypatch.setattr(commands.time, "sleep", slept.append)
+    assert commands.main(["wait", "sweeps/x", "--poll", "1"]) == code
     assert len(seen) == looks
-    assert slept.count(submit_module.SETTLE_SECONDS) == (1 if "failed" in reads else 0)
+    assert slept.count(commands.SETTLE_SECONDS) == (1 if "failed" in reads else 0)

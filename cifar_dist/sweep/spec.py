@@ -2,7 +2,7 @@
 anything is submitted.
 
     name: lr-sweep
-    cluster: local            # a profile in slurm/clusters/
+    cluster: local            # a cluster profile (profiles.py)
     base: medium              # a shipped config name, or a YAML path (relative to this file)
     overrides: {train.epochs: 2}
     sweep:
@@ -24,13 +24,14 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from cifar_dist.config import Config, ConfigError, load_config, validate
-from cifar_dist.schema import flatten
-from cifar_dist.schema import update as apply_mapping
-from jobs.clusters import Profile
-from jobs.strict import SpecError, check_keys, load_yaml_mapping, take
+from cifar_dist import schema
+from cifar_dist.config import Config, load_config, validate
+from cifar_dist.errors import ConfigError
+from cifar_dist.sweep.profiles import Profile
+
+T = TypeVar("T")
 
 TOP_KEYS = ("name", "cluster", "base", "overrides", "sweep", "resources")
 # The name becomes the Slurm job name, the sweep dir's name and part of every run id.
@@ -85,16 +86,16 @@ class Distribution:
 @dataclass
 class RandomSweep:
     n: int
-    seed: int
     params: dict[str, Distribution]
+    seed: int = 0
 
 
 @dataclass
 class Spec:
     path: Path
     name: str
-    cluster: str
     base: str
+    cluster: str = "local"  # a cluster profile's name
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, for every point
     grid: dict[str, list[Any]] = field(default_factory=dict)
     random: RandomSweep | None = None
@@ -119,44 +120,73 @@ class Point:
 
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
-    data = load_yaml_mapping(path, "spec")
-    check_keys(data, TOP_KEYS, "")
-    name = take(data, "name", str, "")
+    data = schema.read_yaml_mapping(path, "spec")
+    _check_keys(data, TOP_KEYS, "")
+    name = _given(data, "name", str, required=True)
     if not NAME.fullmatch(name):
-        raise SpecError(f"name: {name!r} may hold only letters, digits, - _ . (at most 64; it names the Slurm job, "
-                        "the sweep dir and the run ids)")
-    sweep = take(data, "sweep", dict, "")
-    check_keys(sweep, ("grid", "random"), "sweep.")
-    spec = Spec(
-        path=path,
-        name=name,
-        cluster=take(data, "cluster", str, "", "local"),
-        base=take(data, "base", str, ""),
-        overrides=_flat(take(data, "overrides", dict, "", {}), "overrides"),
-        grid=_grid(take(sweep, "grid", dict, "sweep.", {})),
-        random=_random(take(sweep, "random", dict, "sweep.", None)),
-        resources=_resources(take(data, "resources", dict, "", {})),
-    )
+        raise ConfigError(f"name: {name!r} may hold only letters, digits, - _ . (at most 64; it names the Slurm job, "
+                          "the sweep dir and the run ids)")
+    sweep = _given(data, "sweep", dict, required=True)
+    _check_keys(sweep, ("grid", "random"), "sweep.")
+    spec = _with_given(Spec(path=path, name=name, base=_given(data, "base", str, required=True),
+                            resources=_resources(_given(data, "resources", dict) or {})),
+                       cluster=_given(data, "cluster", str),
+                       overrides=_flat(_given(data, "overrides", dict), "overrides"),
+                       grid=_grid(_given(sweep, "grid", dict, "sweep.")),
+                       random=_random(_given(sweep, "random", dict, "sweep.")))
     if not spec.grid and spec.random is None:
-        raise SpecError("sweep: empty (give grid and/or random; a single run is grid: {seed: [0]})")
+        raise ConfigError("sweep: empty (give grid and/or random; a single run is grid: {seed: [0]})")
     _check_key_sets(spec)
     return spec
 
 
-def _flat(mapping: dict[Any, Any], where: str) -> dict[str, Any]:
+def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{where}{key}: unknown key (valid: {', '.join(allowed)})")
+
+
+def _given(data: dict[str, Any], key: str, hint: Any, where: str = "", required: bool = False) -> Any:
+    """data[key] as `hint` (dict: any mapping; else the strict loader's conversion); None when
+    absent or null, which leaves the field's default (on its dataclass) in place."""
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{where}{key}: missing")
+        return None
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        return value
+    return schema.convert(f"{where}{key}", hint, value)
+
+
+def _with_given(obj: T, **values: Any) -> T:
+    """`obj` with every value that was given; an absent one (None) keeps the field's default."""
+    for key, value in values.items():
+        if value is not None:
+            setattr(obj, key, value)
+    return obj
+
+
+def _flat(mapping: dict[Any, Any] | None, where: str) -> dict[str, Any] | None:
+    if mapping is None:
+        return None
     for key in mapping:
         if not isinstance(key, str):
-            raise SpecError(f"{where}: key {key!r} is not a dotted config key")
-    return flatten(mapping)
+            raise ConfigError(f"{where}: key {key!r} is not a dotted config key")
+    return schema.flatten(mapping)
 
 
-def _grid(grid: dict[Any, Any]) -> dict[str, list[Any]]:
+def _grid(grid: dict[Any, Any] | None) -> dict[str, list[Any]] | None:
+    if grid is None:
+        return None
     out = _flat(grid, "sweep.grid")
     for key, values in out.items():
         if not isinstance(values, list):
-            raise SpecError(f"sweep.grid.{key}: expected a list of values, got {values!r}")
+            raise ConfigError(f"sweep.grid.{key}: expected a list of values, got {values!r}")
         if not values:
-            raise SpecError(f"sweep.grid.{key}: empty list, so the sweep has no points")
+            raise ConfigError(f"sweep.grid.{key}: empty list, so the sweep has no points")
     return out
 
 
@@ -164,15 +194,15 @@ def _random(data: dict[str, Any] | None) -> RandomSweep | None:
     if data is None:
         return None
     where = "sweep.random."
-    check_keys(data, ("n", "seed", "params"), where)
-    n = take(data, "n", int, where)
+    _check_keys(data, ("n", "seed", "params"), where)
+    n = _given(data, "n", int, where, required=True)
     if n < 1:
-        raise SpecError(f"sweep.random.n: must be >= 1, got {n}")
-    params = take(data, "params", dict, where)
+        raise ConfigError(f"sweep.random.n: must be >= 1, got {n}")
+    params = _given(data, "params", dict, where, required=True)
     if not params:
-        raise SpecError("sweep.random.params: empty (give at least one key and its distribution)")
-    return RandomSweep(n=n, seed=take(data, "seed", int, where, 0),
-                       params={k: _distribution(k, v) for k, v in _flat_params(params).items()})
+        raise ConfigError("sweep.random.params: empty (give at least one key and its distribution)")
+    return _with_given(RandomSweep(n=n, params={k: _distribution(k, v) for k, v in _flat_params(params).items()}),
+                       seed=_given(data, "seed", int, where))
 
 
 def _flat_params(params: dict[Any, Any]) -> dict[str, Any]:
@@ -180,7 +210,7 @@ def _flat_params(params: dict[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         if not isinstance(key, str):
-            raise SpecError(f"sweep.random.params: key {key!r} is not a dotted config key")
+            raise ConfigError(f"sweep.random.params: key {key!r} is not a dotted config key")
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             out.update({f"{key}.{k}": v for k, v in _flat_params(value).items()})  # a section, not a distribution
         else:
@@ -192,60 +222,44 @@ def _distribution(key: str, value: Any) -> Distribution:
     where = f"sweep.random.params.{key}"
     forms = "{choice: [a, b, ...]}, {uniform: [low, high]}, {loguniform: [low, high]} or {int: [low, high]}"
     if not isinstance(value, dict) or len(value) != 1:
-        raise SpecError(f"{where}: expected one of {forms}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {forms}, got {value!r}")
     kind, args = next(iter(value.items()))
     if kind not in DISTRIBUTIONS:
-        raise SpecError(f"{where}: unknown distribution {kind!r} (choice, uniform, loguniform, int)")
+        raise ConfigError(f"{where}: unknown distribution {kind!r} (choice, uniform, loguniform, int)")
     if kind == "choice":
         if not isinstance(args, list) or not args:
-            raise SpecError(f"{where}.choice: expected a non-empty list of values, got {args!r}")
+            raise ConfigError(f"{where}.choice: expected a non-empty list of values, got {args!r}")
         return Distribution(kind, args)
     number = int if kind == "int" else (int, float)
     if (not isinstance(args, list) or len(args) != 2
             or any(isinstance(a, bool) or not isinstance(a, number) for a in args)):
         what = "integers" if kind == "int" else "numbers"
-        raise SpecError(f"{where}.{kind}: expected [low, high], two {what}, got {args!r}")
+        raise ConfigError(f"{where}.{kind}: expected [low, high], two {what}, got {args!r}")
     low, high = args
     if not (low <= high if kind == "int" else low < high):
-        raise SpecError(f"{where}.{kind}: low must be {'<=' if kind == 'int' else '<'} high, got {args!r}")
+        raise ConfigError(f"{where}.{kind}: low must be {'<=' if kind == 'int' else '<'} high, got {args!r}")
     if kind == "loguniform" and low <= 0:
-        raise SpecError(f"{where}.loguniform: low must be > 0, got {args!r}")
+        raise ConfigError(f"{where}.loguniform: low must be > 0, got {args!r}")
     return Distribution(kind, [low, high])
 
 
 def _resources(data: dict[str, Any]) -> Resources:
-    where = "resources."
-    check_keys(data, tuple(Resources.__dataclass_fields__), where)
-    r = Resources(
-        nodes=take(data, "nodes", int, where, 1),
-        gpus_per_node=take(data, "gpus_per_node", int, where, 0),
-        tasks_per_node=take(data, "tasks_per_node", int, where, 1),
-        cpus_per_task=take(data, "cpus_per_task", int, where, 1),
-        mem=take(data, "mem", float, where, None),
-        time_min=take(data, "time_min", int, where, 60),
-        array_parallelism=take(data, "array_parallelism", int, where, None),
-        signal_delay_s=take(data, "signal_delay_s", int, where, 90),
-        max_timeouts=take(data, "max_timeouts", int, where, 3),
-        partition=take(data, "partition", str, where, None),
-        account=take(data, "account", str, where, None),
-        qos=take(data, "qos", str, where, None),
-        constraint=take(data, "constraint", str, where, None),
-    )
+    r = schema.build(Resources, data, "resources.")
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
         if getattr(r, key) is not None and getattr(r, key) < 1:
-            raise SpecError(f"resources.{key}: must be >= 1, got {getattr(r, key)}")
+            raise ConfigError(f"resources.{key}: must be >= 1, got {getattr(r, key)}")
     for key in ("gpus_per_node", "signal_delay_s", "max_timeouts"):
         if getattr(r, key) < 0:
-            raise SpecError(f"resources.{key}: must be >= 0, got {getattr(r, key)}")
+            raise ConfigError(f"resources.{key}: must be >= 0, got {getattr(r, key)}")
     if r.mem is not None and r.mem <= 0:
-        raise SpecError(f"resources.mem: must be > 0 GB, got {r.mem}")
+        raise ConfigError(f"resources.mem: must be > 0 GB, got {r.mem}")
     if r.signal_delay_s >= 60 * r.time_min:
-        raise SpecError(f"resources.signal_delay_s: {r.signal_delay_s} s is not shorter than the time limit "
-                        f"(time_min {r.time_min} = {60 * r.time_min} s), so no run would get to train")
+        raise ConfigError(f"resources.signal_delay_s: {r.signal_delay_s} s is not shorter than the time limit "
+                          f"(time_min {r.time_min} = {60 * r.time_min} s), so no run would get to train")
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(r, key)
         if value is not None and not SLURM_VALUE.fullmatch(value):
-            raise SpecError(f"resources.{key}: {value!r} is not a Slurm name (letters, digits and _ . , : | & * [ ] + -)")
+            raise ConfigError(f"resources.{key}: {value!r} is not a Slurm name (letters, digits and _ . , : | & * [ ] + -)")
     return r
 
 
@@ -253,10 +267,10 @@ def _check_key_sets(spec: Spec) -> None:
     swept_random = set(spec.random.params) if spec.random else set()
     for key in sorted(set(spec.overrides) | set(spec.grid) | swept_random):
         if key in RESERVED or any(key.startswith(r + ".") for r in RESERVED):
-            raise SpecError(f"{key}: set by the sweep for every point (run dir and id fixed at submit time, "
-                            "tracking.group = the sweep name); remove it")
+            raise ConfigError(f"{key}: set by the sweep for every point (run dir and id fixed at submit time, "
+                              "tracking.group = the sweep name); remove it")
     for key in sorted(set(spec.grid) & swept_random):
-        raise SpecError(f"{key}: in both sweep.grid and sweep.random; sweep it once")
+        raise ConfigError(f"{key}: in both sweep.grid and sweep.random; sweep it once")
 
 
 # ---------------------------------------------------------------------------- fitting the cluster
@@ -266,21 +280,21 @@ def check_fits(r: Resources, profile: Profile) -> None:
     """Resources that the cluster profile cannot give are refused before submission."""
     prof = f"cluster profile {profile.name!r}"
     if r.nodes > profile.max_nodes:
-        raise SpecError(f"resources.nodes: {r.nodes} nodes, but {prof} allows at most {profile.max_nodes}")
+        raise ConfigError(f"resources.nodes: {r.nodes} nodes, but {prof} allows at most {profile.max_nodes}")
     if r.gpus_per_node > profile.gpus_per_node:
-        raise SpecError(f"resources.gpus_per_node: {r.gpus_per_node}, but {prof} nodes have {profile.gpus_per_node}")
+        raise ConfigError(f"resources.gpus_per_node: {r.gpus_per_node}, but {prof} nodes have {profile.gpus_per_node}")
     if r.gpus_per_node and r.tasks_per_node != r.gpus_per_node:
-        raise SpecError(f"resources.tasks_per_node: {r.tasks_per_node}, but must equal gpus_per_node "
-                        f"({r.gpus_per_node}): one task per GPU")
+        raise ConfigError(f"resources.tasks_per_node: {r.tasks_per_node}, but must equal gpus_per_node "
+                          f"({r.gpus_per_node}): one task per GPU")
     if r.tasks_per_node * r.cpus_per_task > profile.cpus_per_node:
-        raise SpecError(f"resources.cpus_per_task: {r.tasks_per_node} tasks x {r.cpus_per_task} CPUs per node, "
-                        f"but {prof} nodes have {profile.cpus_per_node} CPUs")
+        raise ConfigError(f"resources.cpus_per_task: {r.tasks_per_node} tasks x {r.cpus_per_task} CPUs per node, "
+                          f"but {prof} nodes have {profile.cpus_per_node} CPUs")
     if r.mem is not None and profile.mem_per_node_gb and r.mem > profile.mem_per_node_gb:
-        raise SpecError(f"resources.mem: {r.mem:g} GB, but {prof} nodes have {profile.mem_per_node_gb:g} GB")
+        raise ConfigError(f"resources.mem: {r.mem:g} GB, but {prof} nodes have {profile.mem_per_node_gb:g} GB")
     if profile.max_time_min and r.time_min > profile.max_time_min:
-        raise SpecError(f"resources.time_min: {r.time_min}, but {prof} allows at most {profile.max_time_min} minutes")
+        raise ConfigError(f"resources.time_min: {r.time_min}, but {prof} allows at most {profile.max_time_min} minutes")
     if profile.partitions and r.partition is not None and r.partition not in profile.partitions:
-        raise SpecError(f"resources.partition: {r.partition!r} is not one of {prof}'s: {', '.join(profile.partitions)}")
+        raise ConfigError(f"resources.partition: {r.partition!r} is not one of {prof}'s: {', '.join(profile.partitions)}")
 
 
 # ---------------------------------------------------------------------------- expanding
@@ -306,7 +320,7 @@ def make_points(spec: Spec, sweep_dir: Path, uid: str, max_points: int = MAX_POI
     """Every point with its run id, run dir and validated config; the first mistake raises."""
     n = count_points(spec)
     if n > max_points:
-        raise SpecError(f"sweep: {n:,} points exceeds the cap of {max_points:,} (use --max-points to allow more)")
+        raise ConfigError(f"sweep: {n:,} points exceeds the cap of {max_points:,} (use --max-points to allow more)")
     base = base_config(spec)
     width = max(3, len(str(n - 1)))
     points = []
@@ -322,12 +336,12 @@ def base_config(spec: Spec) -> Config:
     try:
         cfg = load_config(_resolve_base(spec))
     except ConfigError as e:
-        raise SpecError(f"base: {str(e).removeprefix('--config: ')}") from None
+        raise ConfigError(f"base: {str(e).removeprefix('--config: ')}") from None
     try:
-        apply_mapping(cfg, spec.overrides)
+        schema.update(cfg, spec.overrides)
         validate(cfg)
     except ConfigError as e:
-        raise SpecError(f"overrides: {e}") from None
+        raise ConfigError(f"overrides: {e}") from None
     return cfg
 
 
@@ -345,7 +359,7 @@ def _point_config(spec: Spec, base: Config, values: dict[str, Any], name: str, r
     cfg = copy.deepcopy(base)
     where = f"point {name} ({describe(values)})"
     try:
-        apply_mapping(cfg, values)
+        schema.update(cfg, values)
         cfg.run.dir, cfg.run.id, cfg.tracking.group = str(run_dir), run_id, spec.name
         cfg.run.name = f"{spec.name}/{name} {describe(values)}".strip()
         # Jobs may start in another directory (a resubmission, a node's scratch): fix paths now.
@@ -355,11 +369,11 @@ def _point_config(spec: Spec, base: Config, values: dict[str, Any], name: str, r
                 setattr(cfg.data, key, str(Path(value).absolute()))
         validate(cfg)
     except ConfigError as e:
-        raise SpecError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     world = spec.resources.world_size
     if cfg.train.batch_size % world:
-        raise SpecError(f"{where}: train.batch_size: {cfg.train.batch_size} does not split evenly over {world} ranks "
-                        f"(resources: {spec.resources.nodes} nodes x {spec.resources.tasks_per_node} tasks)")
+        raise ConfigError(f"{where}: train.batch_size: {cfg.train.batch_size} does not split evenly over {world} ranks "
+                          f"(resources: {spec.resources.nodes} nodes x {spec.resources.tasks_per_node} tasks)")
     return cfg
 
 

@@ -23,7 +23,6 @@ which `status` shows as cancelled or stopped (resumable with `resubmit --failed`
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import time
@@ -31,19 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.job_environment import SignalHandler
-from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
-STOPPED = "stopped"  # the "status" of the marker a task returns when it stopped without finishing
-CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
-SLOTS = "slots"  # <sweep dir>/slots/: the local executor's run slots (locks) and "<job id>.running" markers
+from cifar_dist.sweep.executors import EXECUTORS, SLOTS, wait_for_slot
+from cifar_dist.sweep.record import STOPPED, cancelled_ids
+from cifar_dist.sweep.submitit_compat import NotRequeued, checkpoint_and_requeue
 
 
 class TrainTask(submitit.helpers.Checkpointable):
     """Train one point: `config` is a resolved `Config.to_dict()`; `env` is the cluster
     profile's environment for tasks; `cpus` the CPUs each rank may use (compute threads);
-    `sweep_dir` holds the cancel list; `local_slots` caps the points the local executor runs at
-    once (it starts them all together; 0 = no cap)."""
+    `sweep_dir` holds the cancel list; `local_slots` caps the points that run at once where the
+    executor starts them all together (the local one: `Executor.run_slots`; 0 = no cap)."""
 
     def __init__(self, config: dict[str, Any], env: dict[str, str], cpus: int = 1, sweep_dir: str = "",
                  local_slots: int = 0):
@@ -56,7 +53,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         started = time.time()
         job = submitit.JobEnvironment()
-        if job.cluster == "local" and self.local_slots and self.sweep_dir:
+        if self.local_slots and self.sweep_dir:
             wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
         os.environ.update(self.env)  # before the process group exists: GLOO_/NCCL_SOCKET_IFNAME, ...
         export_distributed_environment()
@@ -71,9 +68,10 @@ class TrainTask(submitit.helpers.Checkpointable):
         except Stopped:
             return self.requeue_or_stop(job, started)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The same point again: training resumes by itself from the run dir's checkpoints."""
-        return DelayedSubmission(TrainTask(self.config, self.env, self.cpus, self.sweep_dir, self.local_slots))
+        return submitit.helpers.DelayedSubmission(TrainTask(self.config, self.env, self.cpus, self.sweep_dir,
+                                                            self.local_slots))
 
     def requeue_or_stop(self, job: submitit.JobEnvironment, started: float) -> dict[str, Any]:
         """After `train` stopped on a signal (its checkpoint written): rank 0 requeues the job
@@ -81,18 +79,15 @@ class TrainTask(submitit.helpers.Checkpointable):
         marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.config["run"]["dir"]}
         if job.global_rank != 0:
             return marker
-        if job.cluster not in ("slurm", "local"):  # the debug executor runs in the submitting process
+        if not EXECUTORS[job.cluster].requeues:
             return {**marker, "reason": "stopped by a signal"}
         if self.cancelled(job):
             return {**marker, "reason": "cancelled"}
-        paths = job.paths
-        handler = SignalHandler(job, paths, DelayedSubmission.load(paths.submitted_pickle))
         # submitit decides "timed out" (counted against max_timeouts) or "pre-empted" (free) from
-        # the time since its handler was made; this one is made now, so give it the task's start.
-        handler._start_time = started
+        # the time since its handler was made: the task's start, not now.
         try:
-            handler.checkpoint_and_try_requeue(job._usr_sig())  # requeues, then exits this process
-        except UncompletedJobError as e:  # submitit will not requeue (timed out too many times)
+            checkpoint_and_requeue(job, started)  # requeues, then exits this process
+        except NotRequeued as e:  # submitit will not requeue (timed out too many times)
             return {**marker, "reason": str(e)}
         except subprocess.SubprocessError as e:  # scontrol refused (the job is ending anyway)
             return {**marker, "reason": f"requeue failed: {e}"}
@@ -101,36 +96,10 @@ class TrainTask(submitit.helpers.Checkpointable):
     def cancelled(self, job: submitit.JobEnvironment) -> bool:
         """Whether `jobs/submit.py cancel` stopped this job. Its SIGTERM looks like any other stop
         signal, and `scontrol requeue` on a job being cancelled would bring it back."""
-        path = Path(self.sweep_dir) / CANCELLED
-        if not self.sweep_dir or not path.exists():
+        if not self.sweep_dir:
             return False
-        ids = set(path.read_text().split())
+        ids = cancelled_ids(Path(self.sweep_dir))
         return job.job_id in ids or (job.array_job_id is not None and job.array_job_id in ids)
-
-
-_held_slot: list[Any] = []  # the open, locked slot file: the lock lasts as long as this process
-
-
-def wait_for_slot(slots_dir: Path, slots: int, job_id: str, rank: int) -> None:
-    """Block until this local job may run: rank 0 takes one of `slots` file locks (released by
-    the kernel when the process ends, however it ends) and says so in `<job id>.running`;
-    the job's other ranks wait for that marker."""
-    marker = slots_dir / f"{job_id}.running"
-    while rank != 0 and not marker.exists():
-        time.sleep(0.5)
-    while rank == 0 and not _held_slot:
-        slots_dir.mkdir(parents=True, exist_ok=True)
-        for k in range(slots):
-            f = open(slots_dir / f"slot-{k}", "a")  # noqa: SIM115 - held open for the process's life
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                continue
-            _held_slot.append(f)
-            marker.touch()
-            return
-        time.sleep(0.5)
 
 
 def export_distributed_environment() -> None:

@@ -1,42 +1,35 @@
 """The sweep directory: the record of what was submitted, and each point's state read back
 without Slurm accounting (sacct fails on clusters without slurmdbd, the dev cluster included).
 
-    <sweep dir>/sweep.json        name, profile, executor, resources, points (values, run id, run
-                                  dir, resolved config, job ids), submissions
+    <sweep dir>/sweep.json        name, profile (and its file), executor, resources, points (values,
+                                  run id, run dir, resolved config, job ids), submissions
     <sweep dir>/spec.yaml         the spec as given
     <sweep dir>/runs/<point>/     each point's run dir (config.yaml, metrics.jsonl, checkpoints/, ...)
     <sweep dir>/submitit/         submitit's sbatch script, pickles and logs (<job id>_<task>_log.out)
     <sweep dir>/cancelled         job ids stopped by `cancel` (tasks read it to not requeue)
     <sweep dir>/slots/            the local executor's run slots (it starts every point at once)
 
-A point's state comes from, in order: the queue (squeue, or the local executor's process), the
+A point's state comes from, in order: the queue (its executor's `queue_states`), the
 run dir (summary.json = done), submitit's result pickle of task 0 (an error = failed, the
 stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from submitit.core.utils import JobPaths, pickle_load
-
-from jobs.clusters import ClusterError
-from jobs.strict import SpecError
-from jobs.task import CANCELLED, SLOTS, STOPPED
+from cifar_dist.errors import UserError
+from cifar_dist.sweep import submitit_compat
 
 RECORD = "sweep.json"
 ACTIVE = ("pending", "running", "requeued")
 RESUBMITTABLE = ("failed", "stopped", "cancelled")  # `resubmit --failed` takes these
-
-
-class QueueError(ClusterError):
-    """The scheduler could not be asked (squeue failed)."""
+STOPPED = "stopped"  # the "status" of the marker a task returns when it stopped without finishing
+CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
 
 
 # ---------------------------------------------------------------------------- the record
@@ -45,7 +38,7 @@ class QueueError(ClusterError):
 def load_record(sweep_dir: Path) -> dict[str, Any]:
     path = sweep_dir / RECORD
     if not path.is_file():
-        raise SpecError(f"{sweep_dir}: not a sweep dir (no {RECORD})")
+        raise UserError(f"{sweep_dir}: not a sweep dir (no {RECORD})")
     return json.loads(path.read_text())
 
 
@@ -70,63 +63,6 @@ def cancelled_ids(sweep_dir: Path) -> set[str]:
     return set(path.read_text().split()) if path.exists() else set()
 
 
-# ---------------------------------------------------------------------------- the queue
-
-
-def queue_states(sweep_dir: Path, executor: str, job_ids: list[str]) -> dict[str, str]:
-    """{job id: pending | running | requeued} for the jobs still queued or running."""
-    if executor == "slurm":
-        return slurm_queue(set(job_ids))
-    if executor == "local":  # alive and waiting for a run slot = pending
-        return {j: "running" if (sweep_dir / SLOTS / f"{j}.running").exists() else "pending"
-                for j in job_ids if local_job_alive(j)}
-    return {}  # debug: ran inside the submitting process, nothing is queued
-
-
-def slurm_queue(job_ids: set[str]) -> dict[str, str]:
-    # One squeue for all of this user's jobs (-r: one line per array task; --states=all: also the
-    # short REQUEUED step a requeued job passes through, which squeue hides by default). Asking
-    # for the ids with -j fails as a whole once one of them has left the queue.
-    cmd = ["squeue", "-h", "-r", "--states=all", "-u", getpass.getuser(), "-O", "JobArrayID:64,State:32,RestartCnt:16"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise QueueError(f"squeue failed: {e}") from None
-    if proc.returncode != 0:
-        raise QueueError(f"squeue failed: {last_line(proc.stderr or proc.stdout)}")
-    out = {}
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] in job_ids:
-            state = _slurm_state(parts[1], int(parts[2]) if parts[2].isdigit() else 0)
-            if state:
-                out[parts[0]] = state
-    return out
-
-
-# Slurm states of a job that is not over; every other state (COMPLETED, FAILED, CANCELLED,
-# TIMEOUT, NODE_FAIL, ...) is final, and the run dir and result pickles tell the rest.
-RUNNING = ("RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED")
-REQUEUED = ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT")
-
-
-def _slurm_state(state: str, restarts: int) -> str | None:
-    if state == "PENDING":
-        return "requeued" if restarts else "pending"
-    if state in REQUEUED:
-        return "requeued"
-    return "running" if state in RUNNING else None
-
-
-def local_job_alive(job_id: str) -> bool:
-    """The local executor's job id is the pid of its controller process."""
-    try:
-        cmdline = Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
-    except (ValueError, OSError):
-        return False
-    return b"submitit.local._local" in cmdline
-
-
 # ---------------------------------------------------------------------------- point states
 
 
@@ -144,11 +80,15 @@ class PointState:
         return dict(self.__dict__)
 
 
-def point_states(sweep_dir: Path, record: dict[str, Any]) -> list[PointState]:
-    points = record["points"]
-    queue = queue_states(sweep_dir, record["executor"], [p["job_id"] for p in points if p.get("job_id")])
+def job_ids(record: dict[str, Any]) -> list[str]:
+    """The newest job id of every point that has one."""
+    return [p["job_id"] for p in record["points"] if p.get("job_id")]
+
+
+def point_states(sweep_dir: Path, record: dict[str, Any], queue: dict[str, str]) -> list[PointState]:
+    """Every point's state; `queue` is the executor's {job id: state} for the jobs still queued."""
     cancelled = cancelled_ids(sweep_dir)
-    return [_point_state(sweep_dir, p, queue, cancelled) for p in points]
+    return [_point_state(sweep_dir, p, queue, cancelled) for p in record["points"]]
 
 
 def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], cancelled: set[str]) -> PointState:
@@ -169,11 +109,11 @@ def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: se
     if not job_id:
         return "failed", "never submitted"
     is_cancelled = job_id in cancelled or job_id.split("_")[0] in cancelled
-    outcome = _task0_result(sweep_dir, job_id)
+    outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id)
     if outcome is None:
         if is_cancelled:
             return "cancelled", ""
-        log = JobPaths(submitit_folder(sweep_dir), job_id=job_id, task_id=0).stderr
+        log = submitit_compat.task_log(submitit_folder(sweep_dir), job_id)
         return "failed", f"ended without a result (killed, out of time or lost); see {log}"
     kind, value = outcome
     if kind == "success" and isinstance(value, dict) and value.get("status") == STOPPED:
@@ -184,18 +124,8 @@ def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: se
     return "failed", "finished without a summary.json"
 
 
-def _task0_result(sweep_dir: Path, job_id: str) -> tuple[str, Any] | None:
-    path = JobPaths(submitit_folder(sweep_dir), job_id=job_id, task_id=0).result_pickle
-    if not path.exists():
-        return None
-    try:
-        return pickle_load(path)
-    except Exception as e:  # an unreadable pickle is reported, not fatal to `status`
-        return "error", f"unreadable result {path}: {e}"
-
-
-def last_line(trace: str) -> str:
-    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:200] if lines else "failed"
 
 

@@ -1,0 +1,106 @@
+"""The one place that touches submitit's private members.
+
+The sweep code needs a few things submitit's public API does not offer: the exact sbatch script
+without submitting it, its own checkpoint-and-requeue path run at a moment the task chooses, the
+local executor's controller process, and the files a job leaves behind. Each is a small function
+here; the rest of cifar_dist/sweep/ uses only these and submitit's public classes
+(`submitit.SlurmExecutor`, `LocalExecutor`, `DebugExecutor`, `JobEnvironment`, `helpers`).
+
+Tested with submitit 1.5.4; pyproject.toml pins `>=1.5.4,<1.6`. tests/test_submitit_compat.py
+calls every function below against the installed submitit, so a release that moves one of these
+members fails there, naming it, rather than in a pre-empted job on a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError, pickle_load
+
+# submitit raises this when its checkpoint path will not requeue (timed out too many times).
+NotRequeued = UncompletedJobError
+# What the local executor's controller process runs: `python -m submitit.local._local FOLDER`.
+LOCAL_CONTROLLER = b"submitit.local._local"
+
+
+class _SbatchPreview(submitit.SlurmExecutor):
+    """A SlurmExecutor that can be built without `srun` on PATH, only to render the sbatch script."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2  # submitit's SlurmExecutor refuses to exist unless this is > 0
+
+
+def sbatch_text(folder: Path, params: dict[str, Any], n_points: int) -> str:
+    """The exact sbatch script submitit writes for `n_points` jobs with `params` (its own code renders it)."""
+    ex = _SbatchPreview(folder)
+    ex.update_parameters(**params)
+    if n_points > 1:  # what SlurmExecutor's submit_array sets on its copy of the executor
+        ex.parameters["map_count"] = n_points
+    return ex._make_submission_file_text(ex._submitit_command_str, "preview")
+
+
+def signal_handler(job: submitit.JobEnvironment, delayed: DelayedSubmission, started: float) -> SignalHandler:
+    """submitit's handler for the pre-emption signal, as if made at `started` (a time.time()).
+    It tells "timed out" (counted against max_num_timeout) from "pre-empted" (free) by the time
+    since it was made; submitit makes it when the job starts, ours is made when the task stops."""
+    handler = SignalHandler(job, job.paths, delayed)
+    handler._start_time = started
+    return handler
+
+
+def checkpoint_and_requeue(job: submitit.JobEnvironment, started: float) -> None:
+    """Run submitit's checkpoint-and-requeue for this job's task, started at `started`: it calls
+    the task's `checkpoint()`, pickles the result and requeues the job (Slurm: scontrol requeue),
+    then exits this process. Raises `NotRequeued` when submitit will not requeue."""
+    delayed = DelayedSubmission.load(job.paths.submitted_pickle)
+    signal_handler(job, delayed, started).checkpoint_and_try_requeue(job._usr_sig())
+
+
+def task_log(folder: Path, job_id: str) -> Path:
+    """The stderr log of task 0 of `job_id`."""
+    return JobPaths(folder, job_id=job_id, task_id=0).stderr
+
+
+def task_result(folder: Path, job_id: str) -> tuple[str, Any] | None:
+    """Task 0's result pickle, ("success", value) or ("error", traceback text); None before it exists."""
+    path = JobPaths(folder, job_id=job_id, task_id=0).result_pickle
+    if not path.exists():
+        return None
+    try:
+        return pickle_load(path)
+    except Exception as e:  # an unreadable pickle is reported, not fatal to `status`
+        return "error", f"unreadable result {path}: {e}"
+
+
+def local_job_alive(job_id: str) -> bool:
+    """Whether the local executor's job is still running: its job id is the pid of its controller."""
+    proc = Path(f"/proc/{job_id}")
+    if not job_id.isdigit():
+        return False
+    for _ in range(100):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return False
+        if cmdline or state == "Z":  # a zombie's command line is empty too: it has ended
+            return LOCAL_CONTROLLER in cmdline
+        # Empty for a moment just after submit: the controller is inside exec, its new command line not yet set.
+        time.sleep(0.01)
+    return False
+
+
+def cancel_local_job(job_id: str) -> None:
+    """As submitit's LocalJob.cancel does: SIGINT makes the controller kill its tasks. (A LocalJob
+    rebuilt from its id in another process has no handle on the controller to do it itself.)"""
+    if local_job_alive(job_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(job_id), signal.SIGINT)

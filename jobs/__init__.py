@@ -1,1 +1,0 @@
-"""Slurm sweeps: spec -> submitit -> job arrays; the checkpointable task that calls train."""
