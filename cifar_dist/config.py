@@ -95,7 +95,7 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     dir: str = ""  # "" -> runs/<model>-<time>-<id>
-    id: str = ""  # fixed at submit time by jobs/; "" -> generated
+    id: str = ""  # fixed at submit time by the sweep (cifar_dist/sweep/); "" -> generated
     name: str = ""  # display name (wandb); "" -> the run dir's name
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
 

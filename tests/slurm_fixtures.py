@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import PY, ROOT, TINY
 
+from cifar_dist.rundir import METRICS
+
 DEV_CLUSTER = ROOT / "slurm" / "dev-cluster.sh"
 SUBMIT = ROOT / "jobs" / "submit.py"
 SLURM_CONF = Path(os.environ.get("CIFAR_DIST_SLURM_DIR", "/tmp/cifar-dist-slurm")) / "slurm.conf"
@@ -157,7 +159,7 @@ def wait_done(sweep_dir: Path, env: dict[str, str], timeout: float = 240) -> lis
 
 
 def newest_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.exists():
         return 0
     steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]

@@ -5,7 +5,6 @@ dies the job ends promptly, and the requeued job resumes to the same result."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -35,6 +34,8 @@ from slurm_fixtures import (
     with_conf,
     write_spec,
 )
+
+from cifar_dist.rundir import METRICS, MODEL, SUMMARY, RunDir, load_weights
 
 pytestmark = pytest.mark.slurm
 
@@ -66,7 +67,7 @@ def two_node_run(menv, tmp_path_factory):
 
 
 def losses(run_dir) -> list[float]:
-    return [r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r]
+    return [r["train_loss"] for r in read_jsonl(run_dir / METRICS) if "train_loss" in r]
 
 
 def assert_same_training(a, b, exact: bool) -> None:
@@ -76,14 +77,14 @@ def assert_same_training(a, b, exact: bool) -> None:
         assert la == lb
     else:
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-6)
-    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
-    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    wa = load_weights(a / MODEL)["state_dict"]
+    wb = load_weights(b / MODEL)["state_dict"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
 
 
 def test_two_node_point_is_two_ranks_on_two_hosts(two_node_run):
-    summary = json.loads((two_node_run / "summary.json").read_text())
+    summary = RunDir(two_node_run).summary()
     assert summary["world_size"] == 2
     assert summary["hosts"] == ["node1", "node2"], "rank 0 on the first node, rank 1 on the second"
 
@@ -94,7 +95,7 @@ def test_two_nodes_train_like_two_ranks_on_one_node(two_node_run, menv, tmp_path
     ref = tmp_path / "one-node"
     run(torchrun(2, "-m", "cifar_dist.train", *TINY, *overrides, "seed=0", f"run.dir={ref}"),
         {**menv, "OMP_NUM_THREADS": "1"})
-    assert json.loads((ref / "summary.json").read_text())["world_size"] == 2
+    assert RunDir(ref).summary()["world_size"] == 2
     assert_same_training(ref, two_node_run, exact=False)
 
 
@@ -108,8 +109,8 @@ def test_sbatch_template_runs_on_two_nodes(two_node_run, menv, tmp_path):
     job = proc.stdout.strip()
     output = tmp_path / f"slurm-{job}.out"
     wait_for(lambda: not any(line.split()[0] == job for line in squeue(menv)), 240, f"template job {job} to end")
-    assert (run_dir / "summary.json").exists(), output.read_text()[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (run_dir / SUMMARY).exists(), output.read_text()[-3000:]
+    summary = RunDir(run_dir).summary()
     assert summary["world_size"] == 2 and summary["hosts"] == ["node1", "node2"]
     assert "2 process(es) on 2 node(s)" in output.read_text()
     assert_same_training(two_node_run, run_dir, exact=True)
@@ -137,7 +138,7 @@ def test_rank_death_on_second_node_ends_job_and_requeue_resumes(two_node_run, me
     assert time.monotonic() - killed < 60
     [state] = status(sweep_dir, menv)
     assert state["state"] == "failed" and state["step"] < 80, state
-    assert not (run_dir / "summary.json").exists()
+    assert not (run_dir / SUMMARY).exists()
 
     scontrol(["requeue", job], menv)
     wait_for(lambda: job_state(job, menv) == "PENDING", 30, "the requeued job to be pending", sweep_dir)

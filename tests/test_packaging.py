@@ -8,7 +8,6 @@ it are not run, so this environment's editable install of the checkout stays out
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import yaml
 from conftest import ROOT
+
+from cifar_dist.rundir import RunDir
 
 SPEC = {"name": "pk", "cluster": "example-gpu", "base": "fast", "sweep": {"grid": {"train.lr": [0.2, 0.4]}},
         "resources": {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "time_min": 60}}
@@ -67,4 +68,4 @@ def test_a_plain_install_runs_a_sweep_dry_run_and_training(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run([cli, "train", "--config", "debug", f"run.dir={run_dir}", "train.epochs=1", "train.warmup_epochs=0.5",
          "run.progress=none"], {**env, "CIFAR_DIST_CACHE": str(cache_dir), "WANDB_MODE": "offline"}, work)
-    assert "test_accuracy" in json.loads((run_dir / "summary.json").read_text())
+    assert "test_accuracy" in RunDir(run_dir).summary()

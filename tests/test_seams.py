@@ -18,7 +18,7 @@ from torch import nn
 from cifar_dist import models, sources, trackers
 from cifar_dist.config import ConfigError, load_config
 from cifar_dist.data import load_dataset
-from cifar_dist.rundir import LOCK, METRICS, MetricsFile, RunDir, write_atomic
+from cifar_dist.rundir import CONFIG, ENV, LOCK, METRICS, MetricsFile, RunDir, write_atomic
 from cifar_dist.rundir import read_jsonl as tolerant_read
 from cifar_dist.train import train
 
@@ -133,11 +133,11 @@ def test_a_second_run_in_a_busy_run_dir_is_refused_naming_the_holder_and_a_kille
         deadline = time.monotonic() + 120
         while not read_jsonl_safe(run_dir / METRICS) and time.monotonic() < deadline:
             time.sleep(0.2)
-        config_before = (run_dir / "config.yaml").read_bytes()
+        config_before = (run_dir / CONFIG).read_bytes()
         second = run(train_cmd(*slow), env, check=False)
         assert second.returncode == 2 and second.stderr.count("\n") == 1
         assert f"is in use by pid {first.pid}" in second.stderr
-        assert (run_dir / "config.yaml").read_bytes() == config_before
+        assert (run_dir / CONFIG).read_bytes() == config_before
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
@@ -158,4 +158,4 @@ def test_a_failed_start_leaves_no_run_dir(env, tmp_path):
     # ... and the corrected command then starts cleanly in the same place.
     run(train_cmd(*TINY, f"run.dir={run_dir}"), env)
     assert RunDir(run_dir).summary()["steps"] == 40
-    assert json.loads((run_dir / "env.json").read_text())["world_size"] == 1
+    assert json.loads((run_dir / ENV).read_text())["world_size"] == 1

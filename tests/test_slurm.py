@@ -4,7 +4,6 @@ requeued and resumes exactly; cancel and resubmit; bad specs submit nothing."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
@@ -30,6 +29,8 @@ from slurm_fixtures import (
     write_spec,
 )
 from submitit.core.utils import pickle_load
+
+from cifar_dist.rundir import CHECKPOINTS, CONFIG, METRICS, SUMMARY, RunDir
 
 pytestmark = pytest.mark.slurm
 
@@ -69,11 +70,11 @@ def test_grid_sweep_is_one_job_array_that_returns_at_once(tmp_path, senv):
     states = wait_done(sweep_dir, senv)
     for point, state in zip(record(sweep_dir)["points"], states):
         run_dir = sweep_dir / "runs" / point["name"]
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = RunDir(run_dir).summary()
         assert state["accuracy"] == summary["test_accuracy"] and state["step"] == summary["steps"] == 40
-        assert any("test_accuracy" in r for r in read_jsonl(run_dir / "metrics.jsonl"))
-        assert list((run_dir / "checkpoints").glob("step_*/COMPLETE"))
-        cfg = (run_dir / "config.yaml").read_text()
+        assert any("test_accuracy" in r for r in read_jsonl(run_dir / METRICS))
+        assert list((run_dir / CHECKPOINTS).glob("step_*/COMPLETE"))
+        cfg = (run_dir / CONFIG).read_text()
         assert f"id: {point['run_id']}" in cfg and "group: grid" in cfg
         saved = yaml.safe_load(cfg)
         assert (saved["train"]["lr"], saved["seed"]) == (point["values"]["train.lr"], point["values"]["seed"])
@@ -90,14 +91,14 @@ def test_one_point_as_two_slurm_tasks_is_two_gloo_ranks(tmp_path, senv):
     submitted([str(spec), "--sweep-dir", str(sweep_dir)], senv, tmp_path)
     wait_done(sweep_dir, senv)
     run_dir = sweep_dir / "runs" / "000"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDir(run_dir).summary()
     assert summary["world_size"] == 2
     assert summary["hosts"] == [socket.gethostname()] * 2
     job = job_ids(sweep_dir)[0]
     for rank in (0, 1):  # two Slurm tasks, each a submitit task that returned train()'s summary
         outcome, result = pickle_load(sweep_dir / "submitit" / f"{job}_{rank}_result.pkl")
         assert outcome == "success" and result["world_size"] == 2
-    assert len(list((run_dir / "checkpoints").glob("step_*"))) == 1, "rank 0 alone writes"
+    assert len(list((run_dir / CHECKPOINTS).glob("step_*"))) == 1, "rank 0 alone writes"
 
 
 # Failed once in three full runs on a loaded 2-core VM: point 000 read as "ended without a result"
@@ -116,9 +117,9 @@ def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
 
     subprocess.run(["scancel", "--signal=USR2", target], env=with_conf(senv), check=True, timeout=30)
     wait_for(lambda: status(sweep_dir, senv)[0]["state"] == "requeued", 60, "point 000 requeued", sweep_dir)
-    stops = sorted(p.name for p in (run0 / "checkpoints").glob("step_*"))
+    stops = sorted(p.name for p in (run0 / CHECKPOINTS).glob("step_*"))
     assert stops and int(stops[-1].removeprefix("step_")) < 120, "a checkpoint at the stop, before the end"
-    assert not (run0 / "summary.json").exists()
+    assert not (run0 / SUMMARY).exists()
 
     restart_requeued(target, sweep_dir, senv)
     wait_done(sweep_dir, senv)
@@ -142,14 +143,14 @@ def test_cancel_stops_without_requeue_and_resubmit_resumes(tmp_path, senv):
     time.sleep(2)  # a requeue (the bug this guards against) would bring it back within this
     assert squeue(senv) == []
     assert [s["state"] for s in status(sweep_dir, senv)] == ["cancelled"]
-    assert list((run_dir / "checkpoints").glob("step_*/COMPLETE")), "SIGTERM still checkpoints"
+    assert list((run_dir / CHECKPOINTS).glob("step_*/COMPLETE")), "SIGTERM still checkpoints"
 
     out = submitted(["resubmit", str(sweep_dir), "--failed"], senv, tmp_path)
     second = job_ids(sweep_dir)[0]
     assert second != first and record(sweep_dir)["points"][0]["job_ids"] == [first, second]
     wait_done(sweep_dir, senv)
     assert "resumed from" in (sweep_dir / "submitit" / f"{second}_0_log.out").read_text()
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 200
+    assert RunDir(run_dir).summary()["steps"] == 200
     out = submitted(["resubmit", str(sweep_dir), "--failed"], senv, tmp_path)
     assert "no failed" in out.stdout and job_ids(sweep_dir)[0] == second
 

@@ -17,6 +17,7 @@ from conftest import ROOT
 from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
 
 from cifar_dist.errors import ConfigError
+from cifar_dist.rundir import ENV, SUMMARY, RunDir
 from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
 from cifar_dist.sweep.spec import expand, load_spec, make_points
 
@@ -199,10 +200,10 @@ def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir)
     spans = []
     for point, state in zip(record(sweep_dir)["points"], states):
         run_dir = Path(point["run_dir"])
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = RunDir(run_dir).summary()
         assert summary["world_size"] == 1 and state["accuracy"] == summary["test_accuracy"]
         assert summary["run_id"] == point["run_id"]
-        spans.append(((run_dir / "env.json").stat().st_mtime, (run_dir / "summary.json").stat().st_mtime))
+        spans.append(((run_dir / ENV).stat().st_mtime, (run_dir / SUMMARY).stat().st_mtime))
     for t, _ in spans:  # at any run's start, at most 2 runs (itself included) are under way
         assert sum(a <= t < b for a, b in spans) <= 2, spans
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import PY, TINY, read_jsonl, run, train_cmd, without_timing
 from PIL import Image
 
-from cifar_dist.rundir import CONFIG, ENV, METRICS, MODEL, RunDir, load_weights
+from cifar_dist.rundir import CLASS_PLOT, CONFIG, ENV, LOSS_PLOT, METRICS, MODEL, SUMMARY, RunDir, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,7 @@ def test_short_training_clearly_learns(tiny_run):
 
 def test_run_directory_files_and_keys(tiny_run):
     run_dir, _ = tiny_run
-    for name in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "loss.png", "per_class_accuracy.png",
-                 "model.pt"):
+    for name in (CONFIG, ENV, METRICS, SUMMARY, LOSS_PLOT, CLASS_PLOT, MODEL):
         assert (run_dir / name).is_file(), name
     cfg = yaml.safe_load((run_dir / CONFIG).read_text())
     assert cfg["seed"] == 3 and cfg["run"]["dir"] == str(run_dir) and cfg["run"]["id"]
@@ -66,7 +65,7 @@ def test_run_directory_files_and_keys(tiny_run):
     per_class = conf.diag() / conf.sum(1)
     assert list(s["per_class_accuracy"].values()) == pytest.approx(per_class.tolist())
 
-    for png in ("loss.png", "per_class_accuracy.png"):
+    for png in (LOSS_PLOT, CLASS_PLOT):
         with Image.open(run_dir / png) as im:
             assert im.format == "PNG" and im.size == (700, 450)
 

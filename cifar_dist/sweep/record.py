@@ -17,12 +17,12 @@ stopped marker = stopped or cancelled), and else failed (the job vanished withou
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cifar_dist.errors import UserError
+from cifar_dist.rundir import SUMMARY, RunDir, write_atomic
 from cifar_dist.sweep import submitit_compat
 
 RECORD = "sweep.json"
@@ -39,14 +39,18 @@ def load_record(sweep_dir: Path) -> dict[str, Any]:
     path = sweep_dir / RECORD
     if not path.is_file():
         raise UserError(f"{sweep_dir}: not a sweep dir (no {RECORD})")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged, not a sweep record ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("points"), list):
+        raise UserError(f"{path}: damaged, not a sweep record (no points)")
+    return record
 
 
 def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
-    """Atomically: a reader (status in another shell) never sees half a record."""
-    tmp = sweep_dir / f".{RECORD}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, sweep_dir / RECORD)
+    """Atomically and durably: a reader (status in another shell) never sees half a record."""
+    write_atomic(sweep_dir / RECORD, json.dumps(record, indent=1))
 
 
 def submitit_folder(sweep_dir: Path) -> Path:
@@ -99,12 +103,12 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
     if job_id in queue:
         state, note = queue[job_id], ""
     if state == "done":
-        accuracy = json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+        accuracy = RunDir(run_dir).summary()["test_accuracy"]
     return PointState(point["name"], job_id, state, step, accuracy, note, point["describe"])
 
 
 def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: set[str]) -> tuple[str, str]:
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / SUMMARY).is_file():
         return "done", ""
     if not job_id:
         return "failed", "never submitted"
@@ -121,7 +125,7 @@ def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: se
         return ("cancelled", "") if reason == "cancelled" or is_cancelled else ("stopped", f"checkpointed, {reason}")
     if kind == "error":
         return ("cancelled" if is_cancelled else "failed"), last_line(str(value))
-    return "failed", "finished without a summary.json"
+    return "failed", f"finished without a {SUMMARY}"
 
 
 def last_line(text: str) -> str:
@@ -130,16 +134,9 @@ def last_line(text: str) -> str:
 
 
 def progress(run_dir: Path) -> tuple[int | None, float | None]:
-    """(newest step, newest test accuracy) from metrics.jsonl; a torn last line is skipped."""
-    path = run_dir / "metrics.jsonl"
+    """(newest step, newest test accuracy) from metrics.jsonl."""
     step = accuracy = None
-    if not path.exists():
-        return step, accuracy
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in RunDir(run_dir).metrics():
         step = record.get("step", step)
         accuracy = record.get("test_accuracy", accuracy)
     return step, accuracy
