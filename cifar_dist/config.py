@@ -70,7 +70,8 @@ class TrainConfig:
     bias_lr_scale: float = 1.0  # BatchNorm biases: lr x this, weight_decay / this (the same decay per step)
     lookahead_every: int = 0  # steps between Lookahead pulls of the weights to their slow average; 0 = off
     whiten_bias_epochs: float = 0.0  # fast net: its whitening bias trains (as a BatchNorm bias) this long, then stays
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (fp32 on CPU; bf16 on GPUs that have it, else fp16) | fp32 | bf16 | fp16 (loss-scaled); see precision.py
+    precision: str = "auto"
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) or per rank
     log_every: int = 50  # optimiser steps between training records
     device: str = "auto"  # auto (GPU when present) | cpu | cuda
@@ -228,7 +229,7 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.train.whiten_bias_epochs <= cfg.train.epochs, "train.whiten_bias_epochs", "must be in [0, train.epochs]")
     need(not cfg.train.whiten_bias_epochs or cfg.model.name == "fast", "train.whiten_bias_epochs",
          "needs model.name=fast (the only net with a whitening layer)")
-    one_of("train.precision", ("auto", "fp32", "bf16"))
+    one_of("train.precision", ("auto", "fp32", "bf16", "fp16"))
     one_of("train.device", ("auto", "cpu", "cuda"))
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.eval.every >= 0, "eval.every", "must be >= 0")

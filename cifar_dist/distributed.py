@@ -64,8 +64,11 @@ class Distributed:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", launched))
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        # Precision and compile are the project's own (precision.py): accelerate must not wrap the
+        # forward in autocast or compile it because its launcher's config says so.
         self.accelerator = Accelerator(
-            cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+            cpu=cpu, mixed_precision="no", dynamo_backend="no",
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
         )
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes

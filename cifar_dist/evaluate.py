@@ -23,7 +23,7 @@ from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
 from cifar_dist.precision import autocast_context
 from cifar_dist.predict import load_classifier
-from cifar_dist.rundir import CONFIG
+from cifar_dist.rundir import CONFIG, RunDir
 from cifar_dist.sources import DataError
 
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     saved = next((p for p in (run_dir / CONFIG, run_dir.parent.parent / CONFIG) if p.is_file()), None)
     cfg = config_from_dict(schema.read_yaml_mapping(saved, "run config")) if saved else load_config()
+    if saved and (summary := RunDir(saved.parent).summary()):
+        cfg.train.precision = summary.get("precision", cfg.train.precision)  # what the run used, wherever it ran
     for item in args.overrides:
         key, _, value = item.partition("=")
         schema.set_key(cfg, key, value, from_text=True)

@@ -1,16 +1,76 @@
-"""Numeric precision: which autocast a run trains and evaluates in, and whether this CPU does bf16 well."""
+"""Numeric precision, one rule for every launch path: what `train.precision` means on this device,
+what a launcher's own mixed-precision or compile setting does to it, and the autocast and loss
+scaling a run trains and evaluates with.
+
+    train.precision   on a CPU   on a GPU with bf16 (Ampere and later)   on an older GPU (V100, T4)
+    auto              fp32       bf16                                    fp16 (with loss scaling)
+    fp32, bf16, fp16  as asked (fp16 always with loss scaling: torch.amp.GradScaler)
+
+`accelerate launch` passes its `mixed_precision` (from flags or an accelerate config file) and
+`dynamo_backend` in the environment. The project autocasts and compiles by itself (accelerate is
+told not to), so: a launcher precision of fp16/bf16 is taken over when `train.precision=auto`
+and written into the run's config; one that contradicts an explicit `train.precision` is refused
+in one line. A launcher dynamo backend turns on `model.compile` (inductor only) the same way.
+The precision actually used is recorded in summary.json and env.json.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+from cifar_dist.config import Config
+from cifar_dist.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtypes; fp32 runs without autocast
+
+
+def resolve(precision: str, device: torch.device) -> str:
+    """`train.precision` on this device: fp32, bf16 or fp16."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """`train.precision`: bf16 autocast for bf16 (and for auto on a GPU), else fp32."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    used = resolve(precision, device)
+    return torch.autocast(device.type, dtype=DTYPES.get(used, torch.float32), enabled=used in DTYPES)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its small range underflows small gradients); a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=resolve(precision, device) == "fp16")
+
+
+def adopt_launcher_settings(cfg: Config, environ: dict[str, str] | None = None) -> list[str]:
+    """Apply the launcher's mixed precision and dynamo backend to `cfg` by the rule above; the
+    notes to print. Raises ConfigError when the launcher contradicts the config."""
+    env = os.environ if environ is None else environ
+    notes = []
+    launcher = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("", "no"):
+        if launcher not in DTYPES:
+            raise ConfigError(f"train.precision: the launcher asks for mixed_precision={launcher}, which this project "
+                              "does not train in (fp16, bf16 or no)")
+        if cfg.train.precision == "auto":
+            cfg.train.precision = launcher
+            notes.append(f"note: train.precision={launcher}, from the launcher's mixed_precision (recorded in config.yaml)")
+        elif cfg.train.precision != launcher:
+            raise ConfigError(f"train.precision: {cfg.train.precision} contradicts the launcher's mixed_precision={launcher} "
+                              "(accelerate config or --mixed_precision); make them agree or drop one")
+    dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if dynamo not in ("", "no"):
+        if dynamo != "inductor":
+            raise ConfigError(f"model.compile: the launcher asks for dynamo_backend={dynamo}; only inductor "
+                              "(model.compile=true) is supported")
+        if not cfg.model.compile:
+            cfg.model.compile = True
+            notes.append("note: model.compile=true, from the launcher's dynamo_backend=inductor (recorded in config.yaml)")
+    return notes
 
 
 def cpu_has_bf16() -> bool:

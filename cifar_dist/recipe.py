@@ -111,16 +111,21 @@ class Lookahead:
             avg.copy_(saved[name] if name in saved else self.live[name])
 
 
-def make_step(cfg: Config, model: nn.Module, optimizer, scheduler, autocast: contextlib.AbstractContextManager):
-    """One optimiser step on this rank's slice; returns the slice's mean loss (a tensor, no sync)."""
+def make_step(cfg: Config, model: nn.Module, optimizer, scheduler, autocast: contextlib.AbstractContextManager,
+              scaler: torch.amp.GradScaler | None = None):
+    """One optimiser step on this rank's slice; returns the slice's mean loss (a tensor, no sync).
+    With fp16, `scaler` scales the loss so that small gradients survive, and skips a step whose
+    gradients overflowed (the LR schedule moves on regardless)."""
     forward = torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
     smoothing = cfg.train.label_smoothing
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast:
             loss = F.cross_entropy(forward(x), y, label_smoothing=smoothing)
-        loss.backward()  # DDP averages the gradients over ranks here
-        optimizer.step()
+        scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()

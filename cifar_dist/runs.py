@@ -22,6 +22,7 @@ from cifar_dist import schema
 from cifar_dist.config import Config, config_from_dict, result_keys
 from cifar_dist.distributed import Distributed
 from cifar_dist.errors import ConfigError
+from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.rundir import CONFIG, ENV, LOCK, RunDir, RunDirError, write_atomic, write_json
 
 
@@ -104,7 +105,7 @@ def record_start(run: RunDir, cfg: Config, dist: Distributed) -> None:
     def write() -> None:
         run.name_holder()
         write_atomic(run / CONFIG, cfg.to_yaml())
-        write_json(run / ENV, environment(dist))
+        write_json(run / ENV, environment(cfg, dist))
 
     dist.main_only(write)
 
@@ -114,7 +115,7 @@ def diff_result_keys(old: Config, new: Config) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def environment(dist: Distributed) -> dict[str, Any]:
+def environment(cfg: Config, dist: Distributed) -> dict[str, Any]:
     packages = {}
     for name in ("torch", "torchvision", "accelerate", "numpy", "pyyaml", "wandb", "submitit", "cifar-dist"):
         try:
@@ -126,6 +127,7 @@ def environment(dist: Distributed) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "packages": packages,
         "device": device_name(dist.device),
+        "precision": resolve_precision(cfg.train.precision, dist.device),
         "world_size": dist.world,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),

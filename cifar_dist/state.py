@@ -32,6 +32,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     lookahead: Lookahead
+    scaler: torch.amp.GradScaler  # fp16 loss scaling (disabled, and empty, otherwise)
     position: Position = field(default_factory=Position)
 
     def state_dict(self) -> dict[str, Any]:
@@ -40,6 +41,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "lookahead": self.lookahead.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "position": asdict(self.position),
         }
 
@@ -48,6 +50,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.lookahead.load_state_dict(state.get("lookahead") or {})  # none when Lookahead was off
+        if state.get("scaler"):  # none for fp32/bf16 runs (and checkpoints from before fp16)
+            self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])
 
     def snapshot(self) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
 from cifar_dist.metrics import EvalResult, eval_record
 from cifar_dist.models import count_parameters
-from cifar_dist.precision import autocast_context, slow_bf16_warning
+from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_bf16_warning
+from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
 from cifar_dist.report import write_plots
 from cifar_dist.rundir import MODEL, SUMMARY, RunDir, RunDirError, save_model, write_json
@@ -57,6 +58,8 @@ def train(cfg: Config) -> dict[str, Any]:
 def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     if cfg.train.batch_size % dist.world:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split evenly over {dist.world} ranks")
+    for note in adopt_launcher_settings(cfg):
+        dist.print(note)
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
     batches = TrainBatches(data.train_x, data.train_y, cfg.data, cfg.train.batch_size, dist.rank, dist.world,
                            cfg.seed, MEMORY_FORMAT)
@@ -94,7 +97,8 @@ def build_state(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_class
     net = make_net(cfg, train_x, num_classes, MEMORY_FORMAT, dist.rank)
     model = dist.prepare(net, cfg.train.sync_bn)
     optimizer, scheduler = make_optimizer(cfg, net, steps_per_epoch, total_steps)
-    return TrainState(net, optimizer, scheduler, Lookahead(net, cfg.train.lookahead_every, total_steps)), model
+    lookahead = Lookahead(net, cfg.train.lookahead_every, total_steps)
+    return TrainState(net, optimizer, scheduler, lookahead, grad_scaler(cfg.train.precision, dist.device)), model
 
 
 class Loop:
@@ -107,7 +111,7 @@ class Loop:
         self.state, self.records = state, records
         self.pending = pending  # this rank's losses since the last record (tensors: no sync per step)
         self.autocast = autocast_context(cfg.train.precision, dist.device)
-        self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast)
+        self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast, state.scaler)
         self.console = Console(dist, cfg, batches.steps_per_epoch, data.classes)
         self.compile_seconds = self.train_seconds = 0.0
 
@@ -284,6 +288,7 @@ def make_summary(cfg: Config, dist: Distributed, run: RunDir, result: EvalResult
         "world_size": dist.world,
         "hosts": dist.gather(socket.gethostname()),  # the node of each rank, in rank order
         "device": dist.device.type,
+        "precision": resolve_precision(cfg.train.precision, dist.device),
     }
 
 
