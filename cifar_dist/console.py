@@ -23,6 +23,8 @@ class Console:
         self.dist, self.cfg, self.steps_per_epoch, self.classes = dist, cfg, steps_per_epoch, classes
         self.bar = None
         self.last_step = 0
+        self.total_steps = 0
+        self.last_time = 0.0  # training seconds at the previous record: images/s and the ETA come from the interval
 
     def start(self, run: Any, n_params: int, n_train: int, total_steps: int, pos: Any) -> None:
         if self.mode == "none":
@@ -32,7 +34,7 @@ class Console:
               f"model {c.model.name} ({n_params:,} parameters) on {self.dist.world} x {self.dist.device.type}  "
               f"data {c.data.source}: {n_train:,} training images, {self.steps_per_epoch} steps/epoch of "
               f"{c.train.batch_size}  epochs {c.train.epochs}", flush=True)
-        self.last_step = pos.step
+        self.last_step, self.last_time, self.total_steps = pos.step, pos.elapsed, total_steps
         if self.mode == "bar":
             from tqdm import tqdm
 
@@ -42,10 +44,14 @@ class Console:
         if self.bar is not None:
             self.bar.update(record["step"] - self.last_step)
             self.bar.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.3g}")
-        elif self.mode == "lines":
-            print(f"epoch {record['epoch']:6.2f}  step {record['step']:6d}  loss {record['train_loss']:.4f}  "
-                  f"lr {record['lr']:.4g}  {record['time']:8.1f} s", flush=True)
-        self.last_step = record["step"]
+        elif self.mode == "lines":  # a log file (Slurm output) gets what a progress bar shows: %, speed, ETA
+            step, seconds = record["step"], record["time"]
+            per_step = (seconds - self.last_time) / max(1, step - self.last_step)
+            speed = f"{self.cfg.train.batch_size / per_step:,.0f} img/s" if per_step > 0 else "- img/s"
+            print(f"epoch {record['epoch']:6.2f}  step {step:6d}/{self.total_steps} ({step / self.total_steps:4.0%})  "
+                  f"loss {record['train_loss']:.4f}  lr {record['lr']:.4g}  {seconds:8.1f} s  {speed}  "
+                  f"ETA {_duration(per_step * (self.total_steps - step))}", flush=True)
+        self.last_step, self.last_time = record["step"], record["time"]
 
     def eval(self, record: dict[str, Any], result: EvalResult) -> None:
         if self.mode == "none":
@@ -71,3 +77,13 @@ def format_eval(record: dict[str, Any], result: EvalResult, classes: list[str]) 
     for name, acc, total in zip(classes, result.per_class, totals):
         lines.append(f"  {name:>{width}}  {acc:7.2%}  {'#' * round(acc * 20):<20}  of {total}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """4 s, 3 min 20 s, 2 h 05 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -46,6 +47,44 @@ def install_stop_handlers() -> None:
         signal.signal(sig, on_signal)
 
 
+def slurm_task_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT), read from Slurm's own when this process is one of the tasks of a
+    multi-task `srun` step; {} otherwise. This is where the Slurm variables are read: `srun -n 2
+    python -m cifar_dist.train ...` forms one process group of 2 instead of training 2 copies."""
+    env = os.environ if environ is None else environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)  # srun sets the SLURM_STEP_* variables; sbatch's shell does not
+    if "SLURM_STEP_ID" not in env or tasks < 2:
+        return {}
+    per_node = _expand_counts(env["SLURM_STEP_TASKS_PER_NODE"])  # "2(x2),1" -> [2, 2, 1]
+    job, step = int(env["SLURM_JOB_ID"]), int(env["SLURM_STEP_ID"])
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "LOCAL_WORLD_SIZE": str(per_node[int(env.get("SLURM_NODEID", "0"))]),
+        "MASTER_ADDR": first_host(env["SLURM_STEP_NODELIST"]),
+        # One port per job step: steps of different jobs may share a node.
+        "MASTER_PORT": str(20000 + (job * 16 + step) % 20000),
+    }
+
+
+def _expand_counts(counts: str) -> list[int]:
+    out: list[int] = []
+    for item in counts.split(","):
+        n, _, times = item.partition("(x")
+        out += [int(n)] * int(times.rstrip(")") or 1)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("node[1-2]" -> "node1"), as `scontrol show hostnames` says."""
+    proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0 or not proc.stdout.split():
+        raise DistributedError(f"srun: cannot read the step's node list {nodelist!r} ({proc.stderr.strip()})")
+    return proc.stdout.split()[0]
+
+
 class DistributedError(UserError):
     """The processes do not form the process group they were launched as."""
 
@@ -58,6 +97,8 @@ class Distributed:
         from accelerate.utils import InitProcessGroupKwargs
 
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        if "WORLD_SIZE" not in os.environ:  # no launcher: maybe the tasks of one `srun -n N` step
+            os.environ.update(slurm_task_environment())
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if cpu and launched > 1 and "OMP_NUM_THREADS" not in os.environ:
             # N ranks on one machine share its cores; accelerate would warn and pick this itself.

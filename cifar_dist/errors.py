@@ -20,5 +20,5 @@ def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     try:
         return command(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's message held
         return 2

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         schema.set_key(cfg, key, value, from_text=True)
     validate(cfg)
+    net, classes = load_classifier(args.checkpoint)  # before the data: a wrong path is told at once
     dist = Distributed(cfg.train.device)
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
-    net, classes = load_classifier(args.checkpoint)
     if classes != data.classes:
         raise DataError(f"the model's classes {classes} are not the data's {data.classes}")
     # The run's precision and memory format: the same numbers as training's final evaluation.
