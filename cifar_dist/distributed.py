@@ -33,17 +33,23 @@ WAIT_TIMEOUT = timedelta(hours=2)
 T = TypeVar("T")
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C; the run is just as resumable
 _stop_requested = False  # set by a stop signal; read at step boundaries
+interrupted = False  # the stop came from Ctrl-C (SIGINT) in this process
 
 
 def install_stop_handlers() -> None:
     """From here on SIGUSR1/SIGUSR2/SIGTERM only set a flag (the loop acts at a step boundary), so a
-    signal during start-up (data decoding, compile) is never fatal either: the run then stops with 75."""
+    signal during start-up (data decoding, compile) is never fatal either: the run then stops with 75.
+    The first Ctrl-C does the same (exit 130); a second one aborts at once."""
     def on_signal(signum: int, frame: Any) -> None:
-        global _stop_requested
+        global _stop_requested, interrupted
         _stop_requested = True
+        if signum == signal.SIGINT:
+            interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
 
-    for sig in STOP_SIGNALS:
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, on_signal)
 
 

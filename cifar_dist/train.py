@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from cifar_dist import checkpoint
+from cifar_dist import checkpoint, distributed
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import TrainBatches, load_dataset
-from cifar_dist.distributed import EXIT_REQUEUE, Distributed, install_stop_handlers
+from cifar_dist.distributed import EXIT_INTERRUPTED, EXIT_REQUEUE, Distributed, install_stop_handlers
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
 from cifar_dist.metrics import EvalResult, eval_record
@@ -161,7 +161,8 @@ class Loop:
         if save_due or stop:
             self.save()
         if stop:
-            self.dist.print(f"stop signal: checkpoint at step {pos.step} written to {self.run_dir.path}; exiting for requeue")
+            self.dist.print(f"stop signal: checkpoint at step {pos.step} written to {self.run_dir.path}; exiting for requeue "
+                            "(the same command resumes it)")
             raise Stopped(str(self.run_dir.path))
 
     def end_epoch(self, epoch: int) -> EvalResult | None:
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train"
     try:
         train(cfg)
     except Stopped:
-        return EXIT_REQUEUE
+        return EXIT_INTERRUPTED if distributed.interrupted else EXIT_REQUEUE
     return 0
 
 

@@ -290,3 +290,18 @@ def test_a_stop_signal_during_data_decoding_exits_75_and_leaves_nothing(module_e
     resumed = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", f"data.cache_dir={cache}"], module_env)
     assert "decoding" not in resumed.stdout  # the cache was finished before the stop
     assert RunDir(run_dir).summary()["steps"] == 40
+
+
+def test_ctrl_c_stops_at_a_step_boundary_exit_130_and_the_same_command_resumes(reference, module_env, tmp_path):
+    """The first Ctrl-C (SIGINT) is a stop like Slurm's: checkpoint, exit 130, no traceback; a second aborts."""
+    run_dir = tmp_path / "run"
+    cmd = [PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, env=module_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: last_step(run_dir) >= 9, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "stop signal: checkpoint at step" in out and "the same command resumes it" in out
+    assert not (run_dir / SUMMARY).exists()
+    run(cmd, module_env)
+    assert_same_run(reference, run_dir)
