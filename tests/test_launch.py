@@ -67,6 +67,7 @@ def srun_train(env: dict[str, str], tmp_path, *srun_args: str) -> subprocess.Com
 
 
 def sbatch_template(env: dict[str, str], tmp_path, *sbatch_args: str) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(ROOT / "slurm" / "train.sbatch"), *ARGS,
                            f"run.dir={tmp_path / 'run'}"], env=with_conf({**env, "PYTHON": PY}), cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=True)
