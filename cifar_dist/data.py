@@ -237,6 +237,19 @@ def augment(images: torch.Tensor, idx: torch.Tensor, draws: dict[str, torch.Tens
     return x
 
 
+def shown_samples(ds: Dataset, cfg: DataConfig, seed: int, per_class: int, epoch: int) -> torch.Tensor:
+    """The first `per_class` training images of each class as epoch `epoch` of a run with `seed`
+    augments them, un-normalised for pictures: uint8 (classes, per_class, 32, 32, 3). Fewer per
+    class when the smallest class has fewer."""
+    counts = torch.bincount(ds.train_y, minlength=len(ds.classes))
+    if int(counts.min()) == 0:
+        raise DataError(f"class {ds.classes[int(counts.argmin())]!r} has no training images (data.train_subset too small?)")
+    k = min(per_class, int(counts.min()))
+    idx = torch.cat([(ds.train_y == c).nonzero().flatten()[:k] for c in range(len(ds.classes))])
+    batches = TrainBatches(ds.train_x, ds.train_y, cfg, global_batch=1, rank=0, world=1, seed=seed, stats=ds.stats)
+    return denormalize(batches.augmented(idx, epoch), ds.stats).reshape(len(ds.classes), k, *ds.train_x.shape[1:])
+
+
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     """Reflect indices that fall off either edge back inside (-1 -> 1, size -> size - 2)."""
     i = i.abs()

@@ -221,9 +221,12 @@ def read_cifar(root: Path, layout: PickleLayout, keys: tuple[bytes, bytes], down
                 labels = np.asarray(batch[label_key], dtype=np.int64)
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{folder / name}: unexpected batch layout ({type(e).__name__}: {e})") from None
-            if len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) >= len(classes):
-                raise DataError(f"{folder / name}: {len(labels)} labels for {len(data)} images, or labels outside "
-                                f"0..{len(classes) - 1}")
+            if len(labels) != len(data):
+                raise DataError(f"{folder / name}: {len(labels)} labels for {len(data)} images")
+            outside = labels[(labels < 0) | (labels >= len(classes))]
+            if len(outside):
+                raise DataError(f"{folder / name}: label {outside[0]} outside 0..{len(classes) - 1} "
+                                f"({len(classes)} class names in {layout.meta})")
             xs.append(data.transpose(0, 2, 3, 1))  # planes (R, G, B) -> pixels (H, W, RGB)
             ys.append(labels)
         return torch.from_numpy(np.concatenate(xs)).contiguous(), torch.from_numpy(np.concatenate(ys))
