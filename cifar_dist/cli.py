@@ -72,8 +72,9 @@ def data_main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.action == "prepare":
         ds = load_cached(cfg.data)
+        names = ds.classes if len(ds.classes) <= 20 else [*ds.classes[:5], "...", *ds.classes[-2:]]  # one line
         print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "
-              f"classes {', '.join(ds.classes)}; mean {ds.stats.mean}, std {ds.stats.std}")
+              f"{len(ds.classes)} classes ({', '.join(names)}); mean {ds.stats.mean}, std {ds.stats.std}")
         return 0
     if args.out is None or args.out.suffix.lower() != ".png":
         raise UserError(f"data show: --out must name a .png file, got {args.out}")

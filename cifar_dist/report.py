@@ -97,9 +97,12 @@ IDENTITY_KEYS = ("run.dir", "run.id", "run.name")
 CURVES_PNG, PER_CLASS_PNG, CONFUSION_PNG = "compare_curves.png", "compare_per_class.png", "compare_confusion.png"
 CURVES_SIZE = (14, 4.5)  # inches at 100 dpi
 PER_CLASS_SIZE = (12, 5)
-CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, at least; 0.1 inch per class past 45 classes
-CONFUSION_INCHES_PER_CLASS = 0.1
-CONFUSION_WIDTH = 20  # inches of panels to a row at most: four at ten classes, two at a hundred
+CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, at least
+# Inches a cell and a class name's character take: with counts written in (a 4-digit count at 6 points,
+# 7-point names) and without (5-point names), plus what the title, axis labels and colour bar take.
+CONFUSION_CELL, CONFUSION_CHAR = {True: 0.25, False: 0.1}, {True: 0.06, False: 0.045}
+CONFUSION_FRAME = 1.0
+CONFUSION_COLUMNS = {True: 4, False: 2}  # panels to a row
 
 
 class CompareError(UserError):
@@ -269,11 +272,12 @@ def plot_per_class(runs: list[ComparedRun], out: Path) -> None:
     plt.close(fig)
 
 
-def confusion_grid(n_runs: int, n_classes: int) -> tuple[int, int, float]:
-    """(rows, columns, inches per panel) of the confusion-matrix figure: panels grow with the
-    number of classes, and fewer of them fit a row."""
-    panel = max(CONFUSION_PANEL, CONFUSION_INCHES_PER_CLASS * n_classes)
-    cols = min(n_runs, max(1, int(CONFUSION_WIDTH // panel)))
+def confusion_grid(n_runs: int, n_classes: int, longest_name: int) -> tuple[int, int, float]:
+    """(rows, columns, inches per panel) of the confusion-matrix figure: a panel grows with the
+    number of classes and the length of their names; four to a row with counts written in, two without."""
+    counts = n_classes <= MANY_CLASSES
+    panel = max(CONFUSION_PANEL, CONFUSION_CELL[counts] * n_classes + CONFUSION_CHAR[counts] * longest_name + CONFUSION_FRAME)
+    cols = min(n_runs, CONFUSION_COLUMNS[counts])
     return -(-n_runs // cols), cols, panel
 
 
@@ -285,9 +289,11 @@ def plot_confusions(runs: list[ComparedRun], out: Path) -> None:
 
     plt = _pyplot()
     done = [r for r in runs if r.summary]
-    n_classes = max(len(r.summary["per_class_accuracy"]) for r in done)
-    rows, cols, panel = confusion_grid(len(done), n_classes)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows), dpi=100, squeeze=False)
+    names = {c for r in done for c in r.summary["per_class_accuracy"]}
+    rows, cols, panel = confusion_grid(len(done), max(len(r.summary["per_class_accuracy"]) for r in done),
+                                       max(map(len, names)))
+    # Constrained layout: tight_layout clips titles beside long rotated names and colour bars.
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows), dpi=100, squeeze=False, layout="constrained")
     for ax in axes.flat[len(done):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, done):
@@ -305,7 +311,6 @@ def plot_confusions(runs: list[ComparedRun], out: Path) -> None:
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=labels)
         ax.set_yticks(range(len(classes)), classes, fontsize=labels)
         ax.set(xlabel="predicted", ylabel="true", title=f"{r.label}: {r.summary['test_accuracy']:.2%}")
-    fig.tight_layout()
     fig.savefig(out / CONFUSION_PNG)
     plt.close(fig)
 
