@@ -46,6 +46,7 @@ def gpu_step_rates(steps: int) -> dict[str, float]:
     from cifar_dist.models import build_model
     from cifar_dist.precision import autocast_context
     from cifar_dist.recipe import make_optimizer, make_step
+    from cifar_dist.sources import CIFAR10_STATS
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     tdist.init_process_group("nccl", rank=0, world_size=1)
@@ -53,7 +54,8 @@ def gpu_step_rates(steps: int) -> dict[str, float]:
     device = torch.device("cuda")
     images = torch.randint(0, 256, (50_000, 32, 32, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (50_000,), device=device)
-    batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last)
+    batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last,
+                           stats=CIFAR10_STATS)  # random images: any statistics do
     rates = {}
     for wrapped in (False, True):
         net = build_model("fast").to(device, memory_format=torch.channels_last)

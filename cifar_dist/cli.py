@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cifar_dist.errors import run_command
 
@@ -15,6 +16,7 @@ commands:
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
   data prepare [--config NAME|PATH ...] [key=value ...]               decode the data into the cache
+  data show --out PNG [--config NAME|PATH ...] [key=value ...]        a labelled grid of augmented training images
   sweep    SPEC.yaml | status|wait|cancel|resubmit SWEEP_DIR            Slurm sweeps (= python jobs/submit.py)
 
 'cifar-dist COMMAND --help' for a command's options."""
@@ -54,17 +56,44 @@ def main(argv: list[str] | None = None) -> int:
 
 def data_main(argv: list[str]) -> int:
     from cifar_dist.config import add_config_arguments, load_config
-    from cifar_dist.data import cache_path, load_cached
+    from cifar_dist.data import cache_path, load_cached, load_dataset, shown_samples
+    from cifar_dist.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="cifar-dist data", description="Decode a data source into the cache ahead "
-                                     "of training (for example on a login node with internet, before offline jobs).")
-    parser.add_argument("action", choices=["prepare"])
-    add_config_arguments(parser, " (its data section is used)")
+    parser = argparse.ArgumentParser(prog="cifar-dist data", description="prepare: decode a data source into the cache "
+                                     "ahead of training (for example on a login node with internet, before offline "
+                                     "jobs). show: draw a few training images per class as the net sees them, after "
+                                     "the config's augmentation, labelled, to check the data before a long run.")
+    parser.add_argument("action", choices=["prepare", "show"])
+    add_config_arguments(parser, " (its data section and seed are used)")
+    parser.add_argument("--out", type=Path, metavar="PNG", help="show: the picture to write")
+    parser.add_argument("--per-class", type=int, default=6, metavar="K", help="show: images per class (default 6)")
+    parser.add_argument("--epoch", type=int, default=0, metavar="E", help="show: the epoch whose augmentation is shown")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    ds = load_cached(cfg.data)
-    print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "
-          f"classes {', '.join(ds.classes)}")
+    if args.action == "prepare":
+        ds = load_cached(cfg.data)
+        names = ds.classes if len(ds.classes) <= 20 else [*ds.classes[:5], "...", *ds.classes[-2:]]  # one line
+        print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "
+              f"{len(ds.classes)} classes ({', '.join(names)}); mean {ds.stats.mean}, std {ds.stats.std}")
+        return 0
+    if args.out is None or args.out.suffix.lower() != ".png":
+        raise UserError(f"data show: --out must name a .png file, got {args.out}")
+    if not args.out.parent.is_dir():
+        raise UserError(f"--out: folder {args.out.parent} does not exist")
+    if args.per_class < 1 or args.epoch < 0:
+        raise UserError(f"data show: --per-class must be >= 1 and --epoch >= 0, got {args.per_class} and {args.epoch}")
+    from cifar_dist.report import plot_image_grid
+
+    d = cfg.data
+    ds = load_dataset(d)
+    images = shown_samples(ds, d, cfg.seed, args.per_class, args.epoch)
+    flip = ("alternating" if d.flip_alternate else "random") if d.flip else "off"
+    title = (f"data.source={d.source}: {len(ds.train_y):,} training images, {len(ds.classes)} classes\n"
+             f"{images.shape[1]} per class as epoch {args.epoch} of seed {cfg.seed} augments them: flip {flip}, "
+             f"translate \u00b1{d.translate} px, cutout {d.cutout} px\n"
+             f"normalised with mean {ds.stats.mean} and std {ds.stats.std}; shown un-normalised")
+    plot_image_grid(images.numpy(), ds.classes, title, args.out)
+    print(f"{args.out}: {images.shape[1]} training images per class for {len(ds.classes)} classes")
     return 0
 
 

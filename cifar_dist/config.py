@@ -40,14 +40,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # a source registered in sources.py: cifar10 | imagefolder | synthetic
-    path: str = ""  # cifar10: folder holding cifar-10-batches-py/; imagefolder: folder or .tar.gz
-    download: bool = True  # cifar10 only: fetch with torchvision when missing (needs internet)
+    source: str = "synthetic"  # a source registered in sources.py: cifar10 | cifar100 | imagefolder | synthetic
+    # cifar10: folder holding cifar-10-batches-py/; cifar100: holding cifar-100-python/; imagefolder: folder or .tar.gz
+    path: str = ""
+    download: bool = True  # cifar10, cifar100: fetch with torchvision when missing (needs internet)
+    labels: str = "fine"  # cifar100 only: fine (100 classes) | coarse (its 20 superclasses)
     cache_dir: str = ""  # decoded uint8 cache; "" -> $CIFAR_DIST_CACHE or ~/.cache/cifar-dist
     train_subset: int = 0  # images kept per split, the same share of every class; 0 = all
     test_subset: int = 0
     synthetic_train: int = 5000  # images, synthetic source only
     synthetic_test: int = 1000
+    synthetic_classes: int = 10  # synthetic source only: 10 take CIFAR-10's names, any other number class00, class01, ...
     flip: bool = True  # random horizontal flip, p = 0.5
     flip_alternate: bool = False  # each image's coin is tossed once, then mirrored every other epoch (airbench)
     translate: int = 2  # pixels: random crop of the reflect-padded image, +-translate each way
@@ -208,8 +211,11 @@ def validate(cfg: Config) -> None:
         need(Path(cfg.data.path).exists() or (source.downloads and cfg.data.download), "data.path", "does not exist")
     for key in ("data.train_subset", "data.test_subset", "data.translate", "data.cutout"):
         need(_get(cfg, key) >= 0, key, "must be >= 0")
+    one_of("data.labels", ("fine", "coarse"))
+    need(cfg.data.labels == "fine" or cfg.data.source == "cifar100", "data.labels", "coarse needs data.source=cifar100")
+    need(2 <= cfg.data.synthetic_classes <= 1000, "data.synthetic_classes", "must be in [2, 1000]")
     for key in ("data.synthetic_train", "data.synthetic_test"):
-        need(_get(cfg, key) >= 10, key, "must be >= 10 (one image per class)")
+        need(_get(cfg, key) >= cfg.data.synthetic_classes, key, "must be >= data.synthetic_classes (one image per class)")
     need(cfg.data.translate <= 16, "data.translate", "must be <= 16 pixels")
     need(cfg.data.cutout <= 32, "data.cutout", "must be <= 32 pixels")
     need(cfg.data.flip or not cfg.data.flip_alternate, "data.flip_alternate", "needs data.flip=true")

@@ -1,14 +1,20 @@
 """What rank 0 prints while a run trains: a progress bar on a terminal, plain lines in logs
-(Slurm output files), the per-class evaluation table; nothing on other ranks."""
+(Slurm output files), the per-class evaluation table (a summary with the best and worst classes
+when there are many); nothing on other ranks."""
 
 from __future__ import annotations
 
+import statistics
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from cifar_dist.config import Config
 from cifar_dist.distributed import Distributed
 from cifar_dist.metrics import EvalResult
+from cifar_dist.report import MANY_CLASSES
+
+SHOWN = 5  # best and worst classes printed when there are too many to list
 
 
 class Console:
@@ -69,14 +75,24 @@ class Console:
 
 
 def format_eval(record: dict[str, Any], result: EvalResult, classes: list[str]) -> str:
-    """The seeds' per-class accuracy printout, as a table with the class counts."""
-    totals = result.confusion.sum(1).tolist()
-    width = max(len(c) for c in classes)
-    lines = [f"epoch {record['epoch']}  step {record['step']}  test accuracy {result.accuracy:.2%}  "
-             f"loss {result.loss:.4f}  ({int(result.confusion.sum())} images)"]
-    for name, acc, total in zip(classes, result.per_class, totals):
-        lines.append(f"  {name:>{width}}  {acc:7.2%}  {'#' * round(acc * 20):<20}  of {total}")
-    return "\n".join(lines)
+    """The seeds' per-class accuracy printout, as a table with the class counts; past MANY_CLASSES
+    classes, a summary of the per-class accuracies and the SHOWN best and worst classes instead."""
+    totals, per_class = result.confusion.sum(1).tolist(), result.per_class
+    head = (f"epoch {record['epoch']}  step {record['step']}  test accuracy {result.accuracy:.2%}  "
+            f"loss {result.loss:.4f}  ({int(result.confusion.sum())} images)")
+    if len(classes) <= MANY_CLASSES:
+        return "\n".join([head, *_class_lines(range(len(classes)), classes, per_class, totals)])
+    ranked = sorted(range(len(classes)), key=lambda i: (-per_class[i], i))  # best first; ties in class order
+    lines = _class_lines(ranked[:SHOWN] + ranked[-SHOWN:], classes, per_class, totals)
+    summary = (f"  {len(classes)} classes: per-class accuracy mean {statistics.fmean(per_class):.2%}, median "
+               f"{statistics.median(per_class):.2%}, {per_class.count(0.0)} at 0%; the {SHOWN} best and the {SHOWN} worst:")
+    return "\n".join([head, summary, *lines[:SHOWN], "  ...", *lines[SHOWN:]])
+
+
+def _class_lines(rows: Iterable[int], classes: list[str], per_class: list[float], totals: list[int]) -> list[str]:
+    rows = list(rows)
+    width = max(len(classes[i]) for i in rows)
+    return [f"  {classes[i]:>{width}}  {per_class[i]:7.2%}  {'#' * round(per_class[i] * 20):<20}  of {totals[i]}" for i in rows]
 
 
 def _duration(seconds: float) -> str:

@@ -1,8 +1,10 @@
 """Data: a source (sources.py) -> one decoded uint8 cache on disk -> batches augmented on the device.
 
-Every source ends as `Dataset`: uint8 images (N, 32, 32, 3), int64 labels and class names.
-Decoding happens once per source and is cached; a file lock and an atomic rename keep
-concurrent ranks and jobs from corrupting the cache. Batches are drawn from the whole data set
+Every source ends as `Dataset`: uint8 images (N, 32, 32, 3), int64 labels, class names and the
+training images' per-channel mean and std, which every consumer normalises with (training,
+evaluation, the final weights, predict). Decoding happens once per source and is cached, with a
+sha256 of its contents: a damaged cache is decoded again, with a warning. A file lock and an atomic
+rename keep concurrent ranks and jobs from corrupting the cache. Batches are drawn from the whole data set
 held on the training device, and every random choice (order, flip, shift, cutout) derives from
 (seed, epoch, sample index) alone, so the batches do not depend on the number of ranks.
 """
@@ -14,45 +16,89 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from cifar_dist.config import DataConfig
-from cifar_dist.rundir import torch_save_atomic
-from cifar_dist.sources import IMAGE_SIZE, SOURCES, DataError, Dataset
+from cifar_dist.rundir import content_digest, torch_save_atomic
+from cifar_dist.sources import IMAGE_SIZE, SOURCES, DataError, Dataset, Stats
 
-CACHE_FORMAT = 1  # bump when the cached layout changes
-# Per-channel mean and std of the CIFAR-10 training images, for inputs in [0, 1].
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+CACHE_FORMAT = 2  # bump when the cached layout changes (2: statistics and a sha256 stored with the images)
+TENSORS = ("train_x", "train_y", "test_x", "test_y")
 
 
 # ---------------------------------------------------------------------------- sources -> cache
 
 
-def load_dataset(cfg: DataConfig, announce=print) -> Dataset:
-    """The decoded data set for `cfg`, from the cache when it is there, subset as configured."""
+def load_dataset(cfg: DataConfig, announce: Callable[[str], None] = print) -> Dataset:
+    """The decoded data set for `cfg`, from the cache when it is there, subset as configured. The
+    statistics are the whole training set's, whatever the subset."""
     ds = load_cached(cfg, announce)
     return Dataset(
         *_subset(ds.train_x, ds.train_y, cfg.train_subset, len(ds.classes)),
         *_subset(ds.test_x, ds.test_y, cfg.test_subset, len(ds.classes)),
-        classes=ds.classes,
+        classes=ds.classes, stats=ds.stats,
     )
 
 
-def load_cached(cfg: DataConfig, announce=print) -> Dataset:
+def load_cached(cfg: DataConfig, announce: Callable[[str], None] = print) -> Dataset:
+    """The cache when it is whole; else decoded once (one process decodes, the others wait on the
+    lock, then read) and written. A damaged cache is decoded again with a warning. A cache folder
+    that cannot be written means decoding in memory, with a warning, every time."""
     path = cache_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ds, damage = read_cache(path)
+    if ds is not None:
+        return ds
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(f"data.cache_dir: {path.parent} is not a folder (it, or a folder above it, is a file)") from None
+    try:
+        lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - closed by the with below
+    except OSError as e:  # read-only: a shared cache can still be read, but not written
+        why = f"damaged ({damage}) and cannot be rewritten" if damage else "cannot be written"
+        announce(f"warning: data cache {path} {why} ({e.strerror}); decoding {cfg.source} data in memory, as every "
+                 "run will until data.cache_dir (or $CIFAR_DIST_CACHE) names a writable folder")
+        return decode(cfg)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ds, damage = read_cache(path)  # another process may have written it while this one waited
+        if ds is not None:
+            return ds
+        if damage:
+            announce(f"warning: data cache {path} is damaged ({damage}); decoding it again")
+        announce(f"decoding {cfg.source} data once into the cache {path}")
+        ds = decode(cfg)
+        try:
+            torch_save_atomic(path, cache_contents(ds))  # readers see no cache or the whole one
+        except OSError as e:
+            announce(f"warning: cannot write the data cache {path} ({e.strerror}); using the data decoded in memory")
+    return ds
+
+
+def cache_contents(ds: Dataset) -> dict:
+    """What the cache file holds: the data set as plain data, and a sha256 of all of it."""
+    contents = {**{k: getattr(ds, k) for k in TENSORS}, "classes": ds.classes,
+                "mean": list(ds.stats.mean), "std": list(ds.stats.std)}
+    return {**contents, "sha256": content_digest(contents)}
+
+
+def read_cache(path: Path) -> tuple[Dataset | None, str | None]:
+    """(the cached data set, None) when the cache is whole; (None, what is wrong) when it is damaged;
+    (None, None) when there is none. Verifying costs one sha256 pass over the images."""
     if not path.exists():
-        # One process decodes; the others (ranks, concurrent jobs) wait on the lock, then read.
-        with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.exists():
-                announce(f"decoding {cfg.source} data once into the cache {path}")
-                torch_save_atomic(path, decode(cfg).__dict__)  # readers see no cache or the whole one
-    return Dataset(**torch.load(path, weights_only=True))
+        return None, None
+    try:
+        contents = torch.load(path, weights_only=True)
+        stored = contents.pop("sha256")
+        if stored != content_digest(contents):
+            return None, "its contents do not match their sha256"
+        stats = Stats(tuple(contents.pop("mean")), tuple(contents.pop("std")))
+        return Dataset(**contents, stats=stats), None
+    except Exception as e:  # a truncated or overwritten file fails in many ways; each means: decode again
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
 
 
 def cache_path(cfg: DataConfig) -> Path:
@@ -86,17 +132,23 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int, n_classes: int) -> tuple[t
 # ---------------------------------------------------------------------------- batches
 
 
-def normalize(x_u8_nhwc: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W)."""
-    mean, std = _mean_std(x_u8_nhwc.device)
+def normalize(x_u8_nhwc: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) normalised with the training images' statistics."""
+    mean, std = _mean_std(stats, x_u8_nhwc.device)
     return (x_u8_nhwc.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
+def denormalize(x: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """`normalize` undone, for pictures: float (N, 3, H, W) -> uint8 (N, H, W, 3) (cutout shows as the mean colour)."""
+    mean, std = _mean_std(stats, x.device)
+    return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 @functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Made once per device: a tensor built from Python numbers on a GPU is a copy that waits for
-    the GPU's queue to drain, which every training step would otherwise pay."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+def _mean_std(stats: Stats, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per data set and device: a tensor built from Python numbers on a GPU is a copy that
+    waits for the GPU's queue to drain, which every training step would otherwise pay."""
+    return (torch.tensor(stats.mean, device=device).view(1, 3, 1, 1), torch.tensor(stats.std, device=device).view(1, 3, 1, 1))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -113,10 +165,11 @@ class TrainBatches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, global_batch: int,
-                 rank: int, world: int, seed: int, memory_format: torch.memory_format = torch.contiguous_format):
+                 rank: int, world: int, seed: int, memory_format: torch.memory_format = torch.contiguous_format,
+                 *, stats: Stats):
         if global_batch > len(labels):
             raise DataError(f"train.batch_size={global_batch} is larger than the training set ({len(labels)} images)")
-        self.images, self.labels, self.cfg = images, labels, cfg
+        self.images, self.labels, self.cfg, self.stats = images, labels, cfg, stats
         self.global_batch, self.local_batch = global_batch, global_batch // world
         self.rank, self.seed, self.memory_format = rank, seed, memory_format
         self.steps_per_epoch = len(labels) // global_batch
@@ -127,11 +180,14 @@ class TrainBatches:
             yield self.batch(epoch, step)
 
     def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = self.plan(epoch)
         first = step * self.global_batch + self.rank * self.local_batch
-        idx = plan["order"][first : first + self.local_batch]
-        x = augment(self.images, idx, {k: v[idx] for k, v in plan.items() if k != "order"}, self.cfg)
-        return x.contiguous(memory_format=self.memory_format), self.labels[idx]
+        idx = self.plan(epoch)["order"][first : first + self.local_batch]
+        return self.augmented(idx, epoch).contiguous(memory_format=self.memory_format), self.labels[idx]
+
+    def augmented(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Samples `idx` as epoch `epoch` augments them, normalised: what the net is given."""
+        plan = self.plan(epoch)
+        return augment(self.images, idx, {k: v[idx] for k, v in plan.items() if k != "order"}, self.cfg, self.stats)
 
     def plan(self, epoch: int) -> dict[str, torch.Tensor]:
         """The epoch's order and every sample's augmentation draws, indexed by sample. With
@@ -155,7 +211,8 @@ class TrainBatches:
         }
 
 
-def augment(images: torch.Tensor, idx: torch.Tensor, draws: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+def augment(images: torch.Tensor, idx: torch.Tensor, draws: dict[str, torch.Tensor], cfg: DataConfig,
+            stats: Stats) -> torch.Tensor:
     """Images `idx` of the uint8 (N, H, W, 3) set, flipped, translated and cut out, normalised.
 
     Flip and translate are one gather of uint8 pixels: output pixel (i, j) of a sample shifted
@@ -171,13 +228,26 @@ def augment(images: torch.Tensor, idx: torch.Tensor, draws: dict[str, torch.Tens
     if cfg.flip:
         cols = torch.where(draws["flip"].view(-1, 1), size - 1 - cols, cols)
     pixel = (idx.view(-1, 1, 1) * size + rows.unsqueeze(2)) * size + cols.unsqueeze(1)  # (B, H, W) flat
-    x = normalize(images.view(-1, 3).index_select(0, pixel.view(-1)).view(len(idx), size, size, 3))
+    x = normalize(images.view(-1, 3).index_select(0, pixel.view(-1)).view(len(idx), size, size, 3), stats)
     if cfg.cutout:
         start = draws["cutout"] - cfg.cutout // 2  # (B, 2): top-left corner; may lie outside
         inside_r = ((base >= start[:, :1]) & (base < start[:, :1] + cfg.cutout)).view(-1, 1, size, 1)
         inside_c = ((base >= start[:, 1:]) & (base < start[:, 1:] + cfg.cutout)).view(-1, 1, 1, size)
         x = x.masked_fill(inside_r & inside_c, 0.0)  # 0 is the mean after normalisation
     return x
+
+
+def shown_samples(ds: Dataset, cfg: DataConfig, seed: int, per_class: int, epoch: int) -> torch.Tensor:
+    """The first `per_class` training images of each class as epoch `epoch` of a run with `seed`
+    augments them, un-normalised for pictures: uint8 (classes, per_class, 32, 32, 3). Fewer per
+    class when the smallest class has fewer."""
+    counts = torch.bincount(ds.train_y, minlength=len(ds.classes))
+    if int(counts.min()) == 0:
+        raise DataError(f"class {ds.classes[int(counts.argmin())]!r} has no training images (data.train_subset too small?)")
+    k = min(per_class, int(counts.min()))
+    idx = torch.cat([(ds.train_y == c).nonzero().flatten()[:k] for c in range(len(ds.classes))])
+    batches = TrainBatches(ds.train_x, ds.train_y, cfg, global_batch=1, rank=0, world=1, seed=seed, stats=ds.stats)
+    return denormalize(batches.augmented(idx, epoch), ds.stats).reshape(len(ds.classes), k, *ds.train_x.shape[1:])
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:

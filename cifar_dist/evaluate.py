@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         schema.set_key(cfg, key, value, from_text=True)
     validate(cfg)
-    net, classes = load_classifier(args.checkpoint)  # before the data: a wrong path is told at once
+    net, classes, stats = load_classifier(args.checkpoint)  # before the data: a wrong path is told at once
     dist = Distributed(cfg.train.device)
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
     if classes != data.classes:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = torch.channels_last
     result = evaluate(net.to(dist.device, memory_format=fmt), data.test_x, data.test_y, len(classes), dist,
                       cfg.eval.batch_size, cfg.eval.tta_flip, autocast_context(cfg.train.precision, dist.device), fmt,
-                      tta_translate=cfg.eval.tta_translate)
+                      tta_translate=cfg.eval.tta_translate, stats=stats)
     dist.print(format_eval({"epoch": "-", "step": "-"}, result, classes))
     if args.json and dist.is_main:
         args.json.write_text(json.dumps({

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_dist.data import eval_shard, normalize
+from cifar_dist.data import Stats, eval_shard, normalize
 from cifar_dist.distributed import Distributed
 from cifar_dist.metrics import EvalResult
 
@@ -18,7 +18,7 @@ from cifar_dist.metrics import EvalResult
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, dist: Distributed,
              batch_size: int, tta_flip: bool = False, autocast: contextlib.AbstractContextManager | None = None,
              memory_format: torch.memory_format = torch.contiguous_format, n_samples: int = 0,
-             tta_translate: int = 0) -> EvalResult:
+             tta_translate: int = 0, *, stats: Stats) -> EvalResult:
     """Test-time augmentation averages logits: of the image and its mirror (`tta_flip`), and with
     `tta_translate` = t also of the image shifted by t pixels down-right and up-left (reflected at
     the borders), weighted 1/2, 1/4, 1/4 (airbench's multi-crop evaluation)."""
@@ -44,7 +44,7 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_cla
     samples: list[tuple[int, int, int]] = []
     for start in range(shard.start, shard.stop, batch_size):
         stop = min(start + batch_size, shard.stop)
-        x = normalize(images[start:stop]).contiguous(memory_format=memory_format)
+        x = normalize(images[start:stop], stats).contiguous(memory_format=memory_format)
         y = labels[start:stop]
         with autocast or contextlib.nullcontext():
             logits = classify(x)

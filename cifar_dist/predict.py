@@ -7,28 +7,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from cifar_dist import checkpoint
 from cifar_dist.data import normalize
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.models import MODELS, build_model
 from cifar_dist.rundir import MODEL, load_weights
-from cifar_dist.sources import IMAGE_SIZE, IMAGE_SUFFIXES
+from cifar_dist.sources import CIFAR10_STATS, IMAGE_SUFFIXES, Stats, read_image
 
 
 class PredictError(UserError):
-    """The checkpoint cannot be used."""
+    """The checkpoint or the images cannot be used; the message names the file or folder."""
 
 
-def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str]]:
-    """A run dir (its model.pt, else its newest checkpoint), a model.pt, or a checkpoint state.pt."""
+def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str], Stats]:
+    """A run dir (its model.pt, else its newest checkpoint), a model.pt, or a checkpoint state.pt:
+    the net, its class names, and the statistics its inputs are normalised with."""
     if path.is_dir():
         newest_first = reversed(checkpoint.list_checkpoints(path))
         candidates = [path / MODEL] + [c.path / checkpoint.STATE for c in newest_first]
@@ -40,44 +40,56 @@ def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str]]:
         raise PredictError(f"{path}: no such checkpoint file")
     try:
         blob = load_weights(path)
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        raise PredictError(f"{path}: refused, not a plain-data checkpoint ({why})") from None
+    except pickle.UnpicklingError as e:  # what weights_only=True raises for anything but plain data
+        raise PredictError(f"{path}: refused, not a plain-data checkpoint ({_first_line(e)})") from None
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or overwritten file fails in torch's zip reader, in many ways
+        raise PredictError(f"{path}: damaged or not a PyTorch file ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(blob, dict):
+        raise PredictError(f"{path}: not a cifar-dist model or checkpoint (it holds a {type(blob).__name__})")
     if "state_dict" in blob:  # model.pt
-        name, classes, state = blob["model"], blob["classes"], blob["state_dict"]
+        name, classes, state = blob.get("model"), blob.get("classes"), blob["state_dict"]
     elif "model" in blob and "config" in blob:  # a training checkpoint
-        name, state = blob["config"]["model"]["name"], blob["model"]
-        classes = blob.get("classes") or [str(i) for i in range(state[next(reversed(state))].shape[0])]
+        name, classes, state = blob["config"].get("model", {}).get("name"), blob.get("classes"), blob["model"]
     else:
-        raise PredictError(f"{path}: not a cifar-dist model or checkpoint")
+        raise PredictError(f"{path}: not a cifar-dist model or checkpoint (no state_dict or model weights in it)")
     if name not in MODELS:
         raise PredictError(f"{path}: unknown model {name!r}")
+    if not (isinstance(state, dict) and isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise PredictError(f"{path}: not a cifar-dist model or checkpoint (no weights and class names in it)")
     net = build_model(name, len(classes))
-    net.load_state_dict(state)
-    return net.eval(), classes
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:])
+        why = why if len(why) <= 200 else why[:197] + "..."
+        raise PredictError(f"{path}: its weights do not fit the {name} net with {len(classes)} classes ({why})") from None
+    # Files from before the statistics were stored were all trained with CIFAR-10's.
+    stats = Stats(tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else CIFAR10_STATS
+    return net.eval(), classes, stats
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
 
 
 def image_files(paths: list[Path]) -> list[Path]:
+    """The files given, and the images in the folders given; a folder without any is an error."""
     out = []
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise PredictError(f"{p}: no images in this folder (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
         else:
             out.append(p)
     return out
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Any size or mode -> RGB 32x32 uint8 (H, W, 3)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
-
 @torch.no_grad()
-def predict(net: torch.nn.Module, classes: list[str], files: list[Path], top_k: int) -> list[dict[str, Any]]:
+def predict(net: torch.nn.Module, classes: list[str], stats: Stats, files: list[Path], top_k: int) -> list[dict[str, Any]]:
     results = []
     for f in files:
         try:
@@ -85,7 +97,7 @@ def predict(net: torch.nn.Module, classes: list[str], files: list[Path], top_k: 
         except Exception as e:
             results.append({"file": str(f), "error": f"not a readable image ({type(e).__name__}: {e})"})
             continue
-        probs = torch.softmax(net(normalize(x)).float(), 1)[0]
+        probs = torch.softmax(net(normalize(x, stats)).float(), 1)[0]
         p, idx = probs.topk(min(top_k, len(classes)))
         results.append({"file": str(f), "top": [{"class": classes[i], "probability": round(float(q), 4)}
                                                 for q, i in zip(p.tolist(), idx.tolist())]})
@@ -101,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise PredictError(f"--top-k: must be >= 1, got {args.top_k}")
-    net, classes = load_classifier(args.checkpoint)
-    results = predict(net, classes, image_files(args.images), args.top_k)
+    files = image_files(args.images)
+    net, classes, stats = load_classifier(args.checkpoint)
+    results = predict(net, classes, stats, files, args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

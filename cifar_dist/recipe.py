@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_dist.config import Config
-from cifar_dist.data import normalize
+from cifar_dist.data import Stats, normalize
 from cifar_dist.models import build_model
 
 
 def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format: torch.memory_format,
-             rank: int = 0) -> nn.Module:
+             rank: int = 0, *, stats: Stats) -> nn.Module:
     """The recipe's net on train_x's device (benchmarks/bench_fast.py's bare loop builds it here too)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if train_x.device.type == "cpu":
@@ -26,7 +26,7 @@ def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format
     net = build_model(cfg.model.name, num_classes)
     if hasattr(net, "init_from_data"):
         # Data-dependent init from a fixed slice of the training set: identical on every rank.
-        net.init_from_data(normalize(train_x[:5000]).cpu())
+        net.init_from_data(normalize(train_x[:5000], stats).cpu())
     if cfg.train.whiten_bias_epochs:  # trained early on only: its lr goes to 0 after (param_groups)
         net.whiten.bias.requires_grad_(True)
     torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout differs per rank, like its data

@@ -1,4 +1,9 @@
-"""Plots and comparisons made from run directories alone (config.yaml, metrics.jsonl, summary.json)."""
+"""Plots and comparisons made from run directories alone (config.yaml, metrics.jsonl, summary.json),
+and the grid of augmented training images `cifar-dist data show` draws.
+
+Every per-class output reads at ten classes and at a hundred: past MANY_CLASSES classes, bars are
+sorted by accuracy, confusion matrices lose their per-cell numbers, tables turn to a row per class,
+and figures grow with the number of classes."""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import yaml
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.rundir import CLASS_PLOT, CONFIG, LOSS_PLOT, RunDir
 from cifar_dist.schema import flatten
+
+MANY_CLASSES = 20  # past this many classes, per-class outputs summarise, sort and scale (console.py too)
+INCHES_PER_CLASS = 0.16  # width of a class on a per-class axis once there are many (7-point labels fit)
 
 # ---------------------------------------------------------------------------- plots
 
@@ -35,14 +43,50 @@ def write_plots(run: RunDir) -> None:
 
     summary = run.summary()
     per_class = summary["per_class_accuracy"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.bar(list(per_class), [100 * v for v in per_class.values()])
-    ax.axhline(100 * summary["test_accuracy"], color="k", ls="--", lw=1, label=f"overall {summary['test_accuracy']:.1%}")
-    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=f"per-class accuracy: {run.path.name}")
-    ax.tick_params(axis="x", rotation=45)
-    ax.legend()
+    many = len(per_class) > MANY_CLASSES
+    if many:  # sorted, so that the spread reads at a glance and a class is found by its rank
+        per_class = dict(sorted(per_class.items(), key=lambda kv: -kv[1]))
+    fig, ax = plt.subplots(figsize=(max(7, INCHES_PER_CLASS * len(per_class) + 1.5), 4.5), dpi=100)
+    ax.bar(list(per_class), [100 * v for v in per_class.values()], width=0.8)
+    ax.axhline(100 * summary["test_accuracy"], color="k", ls="--", lw=1)  # named in the title: a legend would cover bars
+    title = f"per-class accuracy: {run.path.name}, overall {summary['test_accuracy']:.1%} (dashed)"
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=title + (f"; {len(per_class)} classes, best first" if many else ""))
+    ax.set_xlim(-0.7, len(per_class) - 0.3)
+    ax.tick_params(axis="x", rotation=90 if many else 45, labelsize=7 if many else None)
     fig.tight_layout()
     fig.savefig(run / CLASS_PLOT)
+    plt.close(fig)
+
+
+GRID_IMAGE = 0.64  # inches per 32-pixel image at 100 dpi: exactly 2x, no resampling blur
+GRID_LABEL, GRID_GAP, GRID_MARGIN, GRID_TITLE = 0.22, 0.15, 0.3, 0.75  # inches
+
+
+def plot_image_grid(images: Any, classes: list[str], title: str, out: Path) -> None:
+    """uint8 images (classes, k, 32, 32, 3) as one block of k per class, its name above it; blocks
+    side by side, as many to a row as keep the figure about square (one to a row at ten classes)."""
+    import numpy as np
+
+    plt = _pyplot()
+    n, k = images.shape[:2]
+    per_row = max(1, round((1.4 * n / k) ** 0.5))
+    rows = -(-n // per_row)
+    block = k * GRID_IMAGE
+    width = max(7.0, per_row * block + (per_row - 1) * GRID_GAP + 2 * GRID_MARGIN)
+    height = GRID_TITLE + rows * (GRID_LABEL + GRID_IMAGE + GRID_GAP) + GRID_MARGIN
+    fig = plt.figure(figsize=(width, height), dpi=100)
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
+    white = np.full((images.shape[2], 2, 3), 255, dtype=np.uint8)  # 2 pixels between images
+    for c in range(n):
+        row, col = divmod(c, per_row)
+        left = GRID_MARGIN + col * (block + GRID_GAP)
+        top = GRID_TITLE + row * (GRID_LABEL + GRID_IMAGE + GRID_GAP) + GRID_LABEL
+        ax = fig.add_axes((left / width, 1 - (top + GRID_IMAGE) / height, block / width, GRID_IMAGE / height))
+        strip = np.concatenate([part for img in images[c] for part in (img, white)][:-1], axis=1)
+        ax.imshow(strip, interpolation="nearest", aspect="auto")
+        ax.set_axis_off()
+        ax.set_title(classes[c], fontsize=8, loc="left", pad=2)
+    fig.savefig(out)
     plt.close(fig)
 
 
@@ -53,8 +97,12 @@ IDENTITY_KEYS = ("run.dir", "run.id", "run.name")
 CURVES_PNG, PER_CLASS_PNG, CONFUSION_PNG = "compare_curves.png", "compare_per_class.png", "compare_confusion.png"
 CURVES_SIZE = (14, 4.5)  # inches at 100 dpi
 PER_CLASS_SIZE = (12, 5)
-CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, up to four to a row
-CONFUSION_COLUMNS = 4
+CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, at least
+# Inches a cell and a class name's character take: with counts written in (a 4-digit count at 6 points,
+# 7-point names) and without (5-point names), plus what the title, axis labels and colour bar take.
+CONFUSION_CELL, CONFUSION_CHAR = {True: 0.25, False: 0.1}, {True: 0.06, False: 0.045}
+CONFUSION_FRAME = 1.0
+CONFUSION_COLUMNS = {True: 4, False: 2}  # panels to a row
 
 
 class CompareError(UserError):
@@ -138,12 +186,28 @@ def compare_tables(runs: list[ComparedRun]) -> str:
                      pct(s.get("best_test_accuracy")), number(s.get("train_seconds"), 1),
                      number(s.get("images_per_second"), 0), number(s.get("world_size"), 0)])
     classes = list(dict.fromkeys(c for r in runs for c in (r.summary or {}).get("per_class_accuracy", {})))
-    per_class = [["run", *classes]] + [
-        [r.label, *(pct((r.summary or {}).get("per_class_accuracy", {}).get(c)) for c in classes)] for r in runs
-    ]
+    heading = "per-class test accuracy (final evaluation)"
+    if len(classes) <= MANY_CLASSES:  # a row per run
+        per_class = [["run", *classes]] + [[r.label, *(pct(class_accuracy(r, c)) for c in classes)] for r in runs]
+    else:  # a row per class: a hundred columns would not fit a terminal
+        classes = ranked_classes(runs, classes)
+        per_class = [["class", *(r.label for r in runs)]] + [[c, *(pct(class_accuracy(r, c)) for r in runs)] for c in classes]
+        heading += f", {len(classes)} classes, best first by the mean over runs"
     differ = ", ".join(keys) if keys else "none"
-    return (f"{len(runs)} runs; config keys that differ: {differ}\n{format_table(rows)}\n\n"
-            f"per-class test accuracy (final evaluation)\n{format_table(per_class)}")
+    return f"{len(runs)} runs; config keys that differ: {differ}\n{format_table(rows)}\n\n{heading}\n{format_table(per_class)}"
+
+
+def class_accuracy(run: ComparedRun, name: str) -> float | None:
+    return (run.summary or {}).get("per_class_accuracy", {}).get(name)
+
+
+def ranked_classes(runs: list[ComparedRun], classes: list[str]) -> list[str]:
+    """`classes` by their mean accuracy over the runs that have one for them, best first."""
+    def mean(c: str) -> float:
+        found = [a for a in (class_accuracy(r, c) for r in runs) if a is not None]
+        return sum(found) / len(found) if found else 0.0
+
+    return sorted(classes, key=lambda c: -mean(c))
 
 
 def _pyplot():
@@ -170,62 +234,91 @@ def plot_curves(runs: list[ComparedRun], out: Path) -> None:
     test.set(xlabel="epoch", ylabel="cross-entropy", title="test loss")
     for ax in (acc, train, test):
         ax.grid(alpha=0.3)
-    acc.legend(fontsize="small")
+    run_legend(test, len(runs))
     fig.tight_layout()
     fig.savefig(out / CURVES_PNG)
     plt.close(fig)
 
 
 def plot_per_class(runs: list[ComparedRun], out: Path) -> None:
-    """Final per-class test accuracy: one group of bars per class, one bar per run."""
+    """Final per-class test accuracy: one group of bars per class, one bar per run; past
+    MANY_CLASSES classes, one line per run over the classes sorted by their mean accuracy."""
     plt = _pyplot()
     done = [r for r in runs if r.summary]
     classes = list(dict.fromkeys(c for r in done for c in r.summary["per_class_accuracy"]))
-    fig, ax = plt.subplots(figsize=PER_CLASS_SIZE, dpi=100)
-    width = 0.8 / max(1, len(done))
-    for i, r in enumerate(done):
-        xs = [c + (i - (len(done) - 1) / 2) * width for c in range(len(classes))]
-        ax.bar(xs, [100 * r.summary["per_class_accuracy"].get(c, 0) for c in classes], width, label=r.label)
-    ax.set_xticks(range(len(classes)), classes, rotation=30)
-    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title="per-class test accuracy (final evaluation)")
+    many = len(classes) > MANY_CLASSES
+    size = (max(PER_CLASS_SIZE[0], INCHES_PER_CLASS * len(classes) + 2), PER_CLASS_SIZE[1]) if many else PER_CLASS_SIZE
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    title = "per-class test accuracy (final evaluation)"
+    if many:
+        classes = ranked_classes(done, classes)
+        for r in done:
+            ax.plot(range(len(classes)), [100 * (class_accuracy(r, c) or 0) for c in classes], "o-", ms=3, lw=1,
+                    label=r.label)
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_xlim(-0.7, len(classes) - 0.3)
+        title += f": {len(classes)} classes, best first by the mean over runs"
+    else:
+        width = 0.8 / max(1, len(done))
+        for i, r in enumerate(done):
+            xs = [c + (i - (len(done) - 1) / 2) * width for c in range(len(classes))]
+            ax.bar(xs, [100 * (class_accuracy(r, c) or 0) for c in classes], width, label=r.label)
+        ax.set_xticks(range(len(classes)), classes, rotation=30)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    run_legend(ax, len(done))
     fig.tight_layout()
     fig.savefig(out / PER_CLASS_PNG)
     plt.close(fig)
 
 
-def confusion_grid(n_runs: int) -> tuple[int, int]:
-    """(rows, columns) of the confusion-matrix figure's panels."""
-    cols = min(n_runs, CONFUSION_COLUMNS)
-    return -(-n_runs // cols), cols
+def confusion_grid(n_runs: int, n_classes: int, longest_name: int) -> tuple[int, int, float]:
+    """(rows, columns, inches per panel) of the confusion-matrix figure: a panel grows with the
+    number of classes and the length of their names; four to a row with counts written in, two without."""
+    counts = n_classes <= MANY_CLASSES
+    panel = max(CONFUSION_PANEL, CONFUSION_CELL[counts] * n_classes + CONFUSION_CHAR[counts] * longest_name + CONFUSION_FRAME)
+    cols = min(n_runs, CONFUSION_COLUMNS[counts])
+    return -(-n_runs // cols), cols, panel
 
 
 def plot_confusions(runs: list[ComparedRun], out: Path) -> None:
     """Each finished run's final confusion matrix: rows true, columns predicted, coloured by the
-    share of the true class, with the counts written in."""
+    share of the true class, with the counts written in; past MANY_CLASSES classes, an image with
+    a colour bar instead of numbers that could not be read."""
     import numpy as np
 
     plt = _pyplot()
     done = [r for r in runs if r.summary]
-    rows, cols = confusion_grid(len(done))
-    fig, axes = plt.subplots(rows, cols, figsize=(CONFUSION_PANEL * cols, CONFUSION_PANEL * rows), dpi=100, squeeze=False)
+    names = {c for r in done for c in r.summary["per_class_accuracy"]}
+    rows, cols, panel = confusion_grid(len(done), max(len(r.summary["per_class_accuracy"]) for r in done),
+                                       max(map(len, names)))
+    # Constrained layout: tight_layout clips titles beside long rotated names and colour bars.
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows), dpi=100, squeeze=False, layout="constrained")
     for ax in axes.flat[len(done):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, done):
         counts = np.array(r.summary["confusion_matrix"])
         classes = list(r.summary["per_class_accuracy"])
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for i, j in np.ndindex(counts.shape):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
-                    color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        if len(classes) <= MANY_CLASSES:
+            for i, j in np.ndindex(counts.shape):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if share[i, j] > 0.5 else "black")
+        else:
+            fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="share of the true class")
+        labels = 7 if len(classes) <= MANY_CLASSES else 5
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=labels)
+        ax.set_yticks(range(len(classes)), classes, fontsize=labels)
         ax.set(xlabel="predicted", ylabel="true", title=f"{r.label}: {r.summary['test_accuracy']:.2%}")
-    fig.tight_layout()
     fig.savefig(out / CONFUSION_PNG)
     plt.close(fig)
+
+
+def run_legend(ax, n_runs: int) -> None:
+    """The legend of the runs beside the axes, on the right (tight_layout makes room): it never
+    covers a line or bar, however many runs; a column per 20 runs."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, ncols=1 + (n_runs - 1) // 20)
 
 
 def compare_main(argv: list[str]) -> int:

@@ -4,7 +4,7 @@
     <run dir>/env.json         code version, package versions, device, world size, host
     <run dir>/metrics.jsonl    one JSON object per record (training records and evaluations)
     <run dir>/summary.json     the final evaluation and timings (written last: the run is done)
-    <run dir>/model.pt         the final weights, for predict and evaluate
+    <run dir>/model.pt         the final weights and input statistics, with their sha256, for predict and evaluate
     <run dir>/loss.png, per_class_accuracy.png
     <run dir>/checkpoints/     step_<global step>/ (checkpoint.py)
     <run dir>/.lock            held (flock) by the process training in it; names its holder
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -190,9 +191,33 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- model.pt
 
 
-def save_model(path: Path, model_name: str, classes: list[str], state_dict: dict[str, torch.Tensor]) -> None:
-    """The final weights as plain data: `torch.load(weights_only=True)` reads them back."""
-    torch_save_atomic(path, {"model": model_name, "classes": classes, "state_dict": state_dict})
+def save_model(path: Path, model_name: str, classes: list[str], state_dict: dict[str, torch.Tensor],
+               mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """The final weights as plain data (`torch.load(weights_only=True)` reads them back), with the
+    per-channel mean and std the net's inputs were normalised with, and a sha256 of it all."""
+    contents = {"model": model_name, "classes": classes, "state_dict": state_dict, "mean": list(mean), "std": list(std)}
+    torch_save_atomic(path, {**contents, "sha256": content_digest(contents)})
+
+
+def content_digest(contents: dict[str, Any]) -> str:
+    """sha256 of named tensors and plain (JSON-able) values, nested dicts included, in name order:
+    the checksum stored inside model.pt and the data cache, over everything else in them."""
+    h = hashlib.sha256()
+
+    def add(fields: dict[str, Any], prefix: str) -> None:
+        for name in sorted(fields):
+            value = fields[name]
+            if isinstance(value, dict):
+                add(value, f"{prefix}{name}.")
+            elif isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{prefix}{name} {t.dtype} {list(t.shape)}\n".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # its bytes, whatever the dtype
+            else:
+                h.update(f"{prefix}{name} {json.dumps(value)}\n".encode())
+
+    add(contents, "")
+    return h.hexdigest()
 
 
 def torch_save_atomic(path: Path, obj: Any) -> None:
@@ -209,6 +234,13 @@ def torch_save_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def load_weights(path: Path) -> dict[str, Any]:
-    """A model.pt or checkpoint file as plain data; a file that would run code when unpickled is refused."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_weights(path: Path) -> Any:
+    """A model.pt or checkpoint file as plain data; a file that would run code when unpickled is
+    refused. A model.pt with a sha256 (all written since it was added) is checked against it."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and "sha256" in blob:
+        contents = {k: v for k, v in blob.items() if k != "sha256"}
+        if content_digest(contents) != blob["sha256"]:
+            raise RunDirError(f"{path}: damaged (its contents do not match the sha256 saved with them); "
+                              "use a checkpoint of the run, or train again")
+    return blob

@@ -1,5 +1,6 @@
 """Data sources: where a data set's images come from, each decoded to one `Dataset` of uint8
-images (N, 32, 32, 3), int64 labels and class names. `data.py` caches and serves them.
+images (N, 32, 32, 3), int64 labels, class names and the training images' statistics. `data.py`
+caches and serves them.
 
 A new source is one reader registered with `@register("name", needs_path=...)`: a function of
 the `data.*` options that returns a `Dataset`, and (for the cache) the files it reads.
@@ -8,10 +9,14 @@ the `data.*` options that returns a `Dataset`, and (for the cache) the files it 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import pickle
 import tarfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +32,41 @@ from cifar_dist.errors import UserError
 
 IMAGE_SIZE = 32  # pixels; other sizes are resized on decode
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+# Greyscale modes Pillow opens 16-bit images in ("I": older Pillow's 16-bit PNG); its convert("RGB") clips them at 255.
+WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+STATS_DECIMALS = 4  # CIFAR-10's exact statistics round to its published constants at 4 decimals
 
 
 class DataError(UserError):
     """Input data that cannot be used; the message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-channel (R, G, B) mean and standard deviation of a data set's training images, for pixels in [0, 1]."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# CIFAR-10's published statistics: what every model.pt and checkpoint written before stats were stored was trained with.
+CIFAR10_STATS = Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def image_stats(x_u8_nhwc: torch.Tensor) -> Stats:
+    """Mean and (population) standard deviation per channel, from a histogram of each channel's 256
+    levels: exact and independent of order and device. Rounded to 4 decimals, which gives the
+    original CIFAR-10 exactly the constants it was always normalised with. A channel without spread
+    gets one grey level (1/255) as its std, not 0, so normalising never divides by zero."""
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(3):
+        counts = torch.bincount(x_u8_nhwc[..., c].flatten().cpu(), minlength=256).double()
+        m = float((counts * levels).sum() / counts.sum())
+        s = float(((counts * (levels - m) ** 2).sum() / counts.sum()).sqrt())
+        mean.append(round(m, STATS_DECIMALS))
+        std.append(round(max(s, 1 / 255), STATS_DECIMALS))
+    return Stats(tuple(mean), tuple(std))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -41,10 +76,17 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
+    # The training images' statistics: computed from train_x when a reader leaves them out (data.py
+    # then stores them with the cache), given when read back, kept by subsets and moves.
+    stats: Stats = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.stats is None:
+            self.stats = image_stats(self.train_x)
 
     def to(self, device: torch.device | str) -> Dataset:
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
-        return Dataset(**move, classes=self.classes)
+        return Dataset(**move, classes=self.classes, stats=self.stats)
 
 
 class SourceOptions(Protocol):
@@ -52,8 +94,10 @@ class SourceOptions(Protocol):
 
     path: str
     download: bool
+    labels: str
     synthetic_train: int
     synthetic_test: int
+    synthetic_classes: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +125,7 @@ def files_identity(files: list[Path]) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-# ---- cifar10: torchvision's python-pickle layout
+# ---- cifar10, cifar100: torchvision's python-pickle layouts
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -100,65 +144,113 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar10_files(o: SourceOptions) -> list:
-    folder = Path(o.path).resolve() / "cifar-10-batches-py"
-    return files_identity([folder / f for f in CIFAR_FILES if (folder / f).exists()])
+@dataclass(frozen=True)
+class PickleLayout:
+    """Where one of the CIFAR python versions keeps its batches, labels and class names."""
+
+    name: str  # as people write it: CIFAR-10
+    source: str  # data.source
+    archive: str  # the python version's archive
+    folder: str  # what it unpacks to, under data.path
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    torchvision: str  # the torchvision.datasets class that downloads it
+
+    @property
+    def files(self) -> list[str]:
+        return [*self.train, *self.test, self.meta]
 
 
-@register("cifar10", identity=_cifar10_files, downloads=True)
+CIFAR10 = PickleLayout("CIFAR-10", "cifar10", "cifar-10-python.tar.gz", "cifar-10-batches-py",
+                       train=tuple(f"data_batch_{i}" for i in range(1, 6)), test=("test_batch",), meta="batches.meta",
+                       torchvision="CIFAR10")
+CIFAR100 = PickleLayout("CIFAR-100", "cifar100", "cifar-100-python.tar.gz", "cifar-100-python",
+                        train=("train",), test=("test",), meta="meta", torchvision="CIFAR100")
+# data.labels -> (the batches' label key, the meta file's class-name key); CIFAR-10 has one kind of label.
+CIFAR10_LABELS = {"fine": (b"labels", b"label_names")}
+CIFAR100_LABELS = {"fine": (b"fine_labels", b"fine_label_names"), "coarse": (b"coarse_labels", b"coarse_label_names")}
+
+
+def _pickle_files(layout: PickleLayout) -> Callable[[SourceOptions], list]:
+    def identity(o: SourceOptions) -> list:
+        folder = Path(o.path).resolve() / layout.folder
+        return [*files_identity([folder / f for f in layout.files if (folder / f).exists()]), o.labels]
+
+    return identity
+
+
+@register("cifar10", identity=_pickle_files(CIFAR10), downloads=True)
 def _cifar10(o: SourceOptions) -> Dataset:
-    return read_cifar10(Path(o.path), o.download)
+    return read_cifar(Path(o.path), CIFAR10, CIFAR10_LABELS[o.labels], o.download)
 
 
-def read_cifar10(root: Path, download: bool) -> Dataset:
-    folder = root / "cifar-10-batches-py"
-    missing = [f for f in CIFAR_FILES if not (folder / f).exists()]
+@register("cifar100", identity=_pickle_files(CIFAR100), downloads=True)
+def _cifar100(o: SourceOptions) -> Dataset:
+    return read_cifar(Path(o.path), CIFAR100, CIFAR100_LABELS[o.labels], o.download)
+
+
+def read_cifar(root: Path, layout: PickleLayout, keys: tuple[bytes, bytes], download: bool) -> Dataset:
+    """The python version of CIFAR-10 or CIFAR-100 under `root`; `keys`: (label key, class-name key)."""
+    folder = root / layout.folder
+    missing = [f for f in layout.files if not (folder / f).exists()]
     if missing and download:
-        _download_cifar10(root)
-        missing = [f for f in CIFAR_FILES if not (folder / f).exists()]
+        _download(root, layout)
+        missing = [f for f in layout.files if not (folder / f).exists()]
     if missing:
         raise DataError(
-            f"{folder}: missing {', '.join(missing)}; put the python version of CIFAR-10 there "
-            f"(cifar-10-python.tar.gz unpacked) or run 'cifar-dist data prepare data.source=cifar10 "
-            f"data.path={root}' on a machine with internet"
+            f"{folder}: missing {', '.join(missing)}; put the python version of {layout.name} there "
+            f"({layout.archive} unpacked) or run "
+            f"'cifar-dist data prepare data.source={layout.source} data.path={root}' on a machine with internet"
         )
+    label_key, names_key = keys
 
     def unpickle(name: str) -> dict:
         try:
             with open(folder / name, "rb") as f:
                 return _ArrayUnpickler(f, encoding="bytes").load()
         except Exception as e:
-            raise DataError(f"{folder / name}: not a CIFAR-10 batch file ({e})") from None
+            raise DataError(f"{folder / name}: not a {layout.name} batch file ({e})") from None
 
-    def split(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for name in names:
             batch = unpickle(name)
             try:
                 data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
-                labels = np.asarray(batch[b"labels"], dtype=np.int64)
-            except (KeyError, ValueError) as e:
-                raise DataError(f"{folder / name}: unexpected batch layout ({e})") from None
+                labels = np.asarray(batch[label_key], dtype=np.int64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{folder / name}: unexpected batch layout ({type(e).__name__}: {e})") from None
+            if len(labels) != len(data):
+                raise DataError(f"{folder / name}: {len(labels)} labels for {len(data)} images")
+            outside = labels[(labels < 0) | (labels >= len(classes))]
+            if len(outside):
+                raise DataError(f"{folder / name}: label {outside[0]} outside 0..{len(classes) - 1} "
+                                f"({len(classes)} class names in {layout.meta})")
             xs.append(data.transpose(0, 2, 3, 1))  # planes (R, G, B) -> pixels (H, W, RGB)
             ys.append(labels)
         return torch.from_numpy(np.concatenate(xs)).contiguous(), torch.from_numpy(np.concatenate(ys))
 
-    classes = [n.decode() for n in unpickle("batches.meta")[b"label_names"]]
-    train_x, train_y = split(CIFAR_FILES[:5])
-    test_x, test_y = split(["test_batch"])
+    meta = unpickle(layout.meta)
+    try:
+        classes = [n.decode() for n in meta[names_key]]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{folder / layout.meta}: no class names under {names_key.decode()!r} ({e})") from None
+    train_x, train_y = split(layout.train)
+    test_x, test_y = split(layout.test)
     return Dataset(train_x, train_y, test_x, test_y, classes)
 
 
-def _download_cifar10(root: Path) -> None:
+def _download(root: Path, layout: PickleLayout) -> None:
     import torchvision
 
     try:
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        getattr(torchvision.datasets, layout.torchvision)(str(root), train=True, download=True)
     except Exception as e:  # no network on this machine: say how to provide the data instead
         raise DataError(
-            f"{root}: CIFAR-10 is not there and could not be downloaded ({type(e).__name__}: {e}); "
-            "on a machine with internet run 'cifar-dist data prepare data.source=cifar10 "
-            f"data.path={root}' (or unpack cifar-10-python.tar.gz into {root})"
+            f"{root}: {layout.name} is not there and could not be downloaded ({type(e).__name__}: {e}); "
+            f"on a machine with internet run 'cifar-dist data prepare data.source={layout.source} "
+            f"data.path={root}' (or unpack {layout.archive} into {root})"
         ) from None
 
 
@@ -194,7 +286,7 @@ def read_imagefolder(path: Path) -> Dataset:
     return Dataset(*_decode_split(splits["train"], train_classes), *_decode_split(splits["test"], train_classes), train_classes)
 
 
-Members = dict[str, dict[str, list[tuple[str, object]]]]  # split -> class -> [(name, bytes or path)]
+Members = dict[str, dict[str, list[tuple[str, bytes | Path]]]]  # split -> class -> [(name, bytes or path)]
 
 
 def _folder_members(root: Path) -> Members:
@@ -212,8 +304,9 @@ def _folder_members(root: Path) -> Members:
 
 def _tar_members(path: Path) -> Members:
     out: Members = {}
+    raw = _unpacked(path)
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             for m in tar:
                 # Any leading folder is accepted: .../train/<class>/<file>, .../test/<class>/<file>.
                 parts = Path(m.name).parts
@@ -223,30 +316,63 @@ def _tar_members(path: Path) -> Members:
                       and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
                     data = tar.extractfile(m).read()  # type: ignore[union-attr]
                     out.setdefault(parts[-3], {}).setdefault(parts[-2], []).append((f"{path}:{m.name}", data))
+            end = tar.offset  # where the member headers stopped
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable tar archive ({e})") from None
+    # tarfile ends without a word at a damaged header; a whole archive has only zero blocks after its last member.
+    if raw[end:].strip(b"\0"):
+        raise DataError(f"{path}: damaged tar archive (no valid member header at byte {end:,} of {len(raw):,} "
+                        "unpacked); nothing was used")
     for by_class in out.values():
         for items in by_class.values():
             items.sort(key=lambda item: item[0])
     return out
 
 
-def _decode_split(by_class: dict[str, list[tuple[str, object]]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+# First bytes of a compressed archive -> its decompressor; each checks its stream's checksum and length.
+DECOMPRESSORS: dict[bytes, Callable[[bytes], bytes]] = {b"\x1f\x8b": gzip.decompress, b"BZh": bz2.decompress,
+                                                        b"\xfd7zXZ\x00": lzma.decompress}
+
+
+def _unpacked(path: Path) -> bytes:
+    """The archive's tar bytes, decompressed in memory as a whole: tarfile reading a stream checks
+    no gzip CRC unless it reads to the end, so a damaged archive could otherwise pass for a shorter one."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    decompress = next((d for magic, d in DECOMPRESSORS.items() if data.startswith(magic)), None)
+    if decompress is None:
+        return data  # a plain .tar: its headers carry checksums, its contents none
+    try:
+        return decompress(data)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as e:
+        raise DataError(f"{path}: damaged archive ({type(e).__name__}: {e}); nothing was used") from None
+
+
+def _decode_split(by_class: dict[str, list[tuple[str, bytes | Path]]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     items = [(name, src, label) for label, c in enumerate(classes) for name, src in by_class[c]]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
         images = list(pool.map(lambda it: _decode_image(it[0], it[1]), items))
     return torch.from_numpy(np.stack(images)), torch.tensor([label for _, _, label in items], dtype=torch.int64)
 
 
-def _decode_image(name: str, src: object) -> np.ndarray:
+def _decode_image(name: str, src: bytes | Path) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:  # type: ignore[arg-type]
-            im = im.convert("RGB")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+        return read_image(src)
     except Exception as e:
         raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def read_image(src: bytes | Path) -> np.ndarray:
+    """An image file's bytes or path as RGB uint8 (32, 32, 3), whatever its size, mode or bit depth."""
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        if im.mode in WIDE_MODES:  # 16-bit greyscale: keep the high byte, as Pillow does for 16-bit RGB
+            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+        im = im.convert("RGB")
+        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
 
 
 # ---- synthetic: learnable, made here, for tests and demos
@@ -255,19 +381,21 @@ def _decode_image(name: str, src: object) -> np.ndarray:
 SYNTHETIC_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@register("synthetic", identity=lambda o: [o.synthetic_train, o.synthetic_test], needs_path=False)
+@register("synthetic", identity=lambda o: [o.synthetic_train, o.synthetic_test, o.synthetic_classes], needs_path=False)
 def _synthetic(o: SourceOptions) -> Dataset:
-    return make_synthetic(o.synthetic_train, o.synthetic_test)
+    return make_synthetic(o.synthetic_train, o.synthetic_test, o.synthetic_classes)
 
 
-def make_synthetic(n_train: int, n_test: int) -> Dataset:
+def make_synthetic(n_train: int, n_test: int, n_classes: int = 10) -> Dataset:
     """Each class is a smooth colour pattern; each image is its class's pattern, randomly
-    shifted and scaled, plus noise. A small net learns it in one epoch, not trivially."""
+    shifted and scaled, plus noise. A small net learns ten classes in one epoch, not trivially.
+    Ten classes take CIFAR-10's names; any other number is class00, class01, ..."""
     g = torch.Generator().manual_seed(1234)
-    protos = F.interpolate(torch.rand(10, 3, 4, 4, generator=g) * 2 - 1, size=IMAGE_SIZE, mode="bilinear", align_corners=False)
+    protos = F.interpolate(torch.rand(n_classes, 3, 4, 4, generator=g) * 2 - 1, size=IMAGE_SIZE, mode="bilinear",
+                           align_corners=False)
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.arange(n) % 10
+        y = torch.arange(n) % n_classes
         y = y[torch.randperm(n, generator=g)]
         shift = torch.randint(-4, 5, (n, 2), generator=g)
         x = torch.stack([torch.roll(protos[c], tuple(s.tolist()), dims=(1, 2)) for c, s in zip(y, shift)])
@@ -275,4 +403,6 @@ def make_synthetic(n_train: int, n_test: int) -> Dataset:
         x = ((x.clamp(-1.5, 1.5) + 1.5) / 3 * 255).round().to(torch.uint8)
         return x.permute(0, 2, 3, 1).contiguous(), y
 
-    return Dataset(*split(n_train), *split(n_test), list(SYNTHETIC_CLASSES))
+    digits = len(str(n_classes - 1))
+    classes = list(SYNTHETIC_CLASSES) if n_classes == 10 else [f"class{i:0{digits}d}" for i in range(n_classes)]
+    return Dataset(*split(n_train), *split(n_test), classes)

@@ -247,6 +247,10 @@ class WandbTracker(Tracker):
             fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
             data["test/confusion_matrix"] = wandb.plot_table("wandb/confusion_matrix/v1", table, fields,
                                                              {"title": "confusion matrix"})
+            # Per class in one table too: a hundred classes are easier to sort and search there than as keys.
+            correct, images = result.confusion.diag().tolist(), result.confusion.sum(1).tolist()
+            data["test/per_class"] = wandb.Table(columns=["class", "accuracy", "correct", "images"], data=[
+                [c, acc, n, total] for c, acc, n, total in zip(classes, result.per_class, correct, images)])
             data["test/examples"] = [
                 wandb.Image(self.test_images[i].cpu().numpy(), caption=f"pred {classes[p]} / true {classes[t]}")
                 for i, t, p in result.samples

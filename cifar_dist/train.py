@@ -20,7 +20,7 @@ import torch
 from cifar_dist import checkpoint, distributed
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
-from cifar_dist.data import TrainBatches, load_dataset
+from cifar_dist.data import Stats, TrainBatches, load_dataset
 from cifar_dist.distributed import EXIT_INTERRUPTED, EXIT_REQUEUE, Distributed, install_stop_handlers
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
@@ -62,10 +62,10 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
         dist.print(note)
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
     batches = TrainBatches(data.train_x, data.train_y, cfg.data, cfg.train.batch_size, dist.rank, dist.world,
-                           cfg.seed, MEMORY_FORMAT)
+                           cfg.seed, MEMORY_FORMAT, stats=data.stats)
     run = open_run(cfg, dist)  # locked; nothing written in it until every check below has passed
     try:
-        state, model = build_state(cfg, dist, data.train_x, len(data.classes), batches.steps_per_epoch)
+        state, model = build_state(cfg, dist, data.train_x, len(data.classes), batches.steps_per_epoch, data.stats)
         pending = resume(run, cfg, dist, state)
         if dist.agree(False)[0]:  # stopped during start-up: nothing trained, nothing to save
             dist.print("stop signal during start-up; exiting for requeue")
@@ -85,16 +85,16 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     result = loop.run()
     summary = make_summary(cfg, dist, run, result, state, loop.train_seconds, loop.compile_seconds,
                            len(data.train_y) * cfg.train.epochs, data.classes)
-    dist.main_only(lambda: finish_run(run, cfg, state, data.classes, summary, records))
+    dist.main_only(lambda: finish_run(run, cfg, state, data.classes, data.stats, summary, records))
     loop.console.finish(summary)
     return summary
 
 
 def build_state(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes: int,
-                steps_per_epoch: int) -> tuple[TrainState, torch.nn.Module]:
+                steps_per_epoch: int, stats: Stats) -> tuple[TrainState, torch.nn.Module]:
     """The recipe's net, optimiser, schedule and Lookahead; and the module to train (DDP when N > 1)."""
     total_steps = cfg.train.epochs * steps_per_epoch
-    net = make_net(cfg, train_x, num_classes, MEMORY_FORMAT, dist.rank)
+    net = make_net(cfg, train_x, num_classes, MEMORY_FORMAT, dist.rank, stats=stats)
     model = dist.prepare(net, cfg.train.sync_bn)
     optimizer, scheduler = make_optimizer(cfg, net, steps_per_epoch, total_steps)
     lookahead = Lookahead(net, cfg.train.lookahead_every, total_steps)
@@ -182,7 +182,7 @@ class Loop:
         cfg, data = self.cfg, self.data
         result = evaluate(self.state.net, data.test_x, data.test_y, len(data.classes), self.dist, cfg.eval.batch_size,
                           cfg.eval.tta_flip, self.autocast, MEMORY_FORMAT, n_samples=cfg.tracking.log_images,
-                          tta_translate=cfg.eval.tta_translate)
+                          tta_translate=cfg.eval.tta_translate, stats=data.stats)
         if not math.isfinite(result.loss):
             raise NonFiniteLoss(f"test loss is {result.loss} at step {self.state.position.step}: the weights are not "
                                 "finite; lower train.lr, or find the first bad layer with train.detect_anomaly=true")
@@ -208,7 +208,8 @@ class Loop:
         dist.broadcast_buffers(self.state.net)
         per_rank = dist.gather({"rng": checkpoint.rng_state(), "pending": [t.item() for t in self.pending]})
         state = {**self.state.state_dict(), "ranks": per_rank, "world_size": dist.world, "config_hash": config_hash(cfg),
-                 "config": cfg.to_dict(), "classes": self.data.classes, "run_id": cfg.run.id}
+                 "config": cfg.to_dict(), "classes": self.data.classes, "run_id": cfg.run.id,
+                 "mean": self.data.stats.mean, "std": self.data.stats.std}  # for predict from a checkpoint
         dist.main_only(lambda: checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, test_accuracy))
         self.last_save = time.monotonic()
 
@@ -293,10 +294,10 @@ def make_summary(cfg: Config, dist: Distributed, run: RunDir, result: EvalResult
     }
 
 
-def finish_run(run: RunDir, cfg: Config, state: TrainState, classes: list[str], summary: dict[str, Any],
+def finish_run(run: RunDir, cfg: Config, state: TrainState, classes: list[str], stats: Stats, summary: dict[str, Any],
                records: NullRecords) -> None:
     """Rank 0: final weights for `predict`, summary.json (last: the run is done), plots, the tracker's summary."""
-    save_model(run / MODEL, cfg.model.name, classes, state.net.state_dict())
+    save_model(run / MODEL, cfg.model.name, classes, state.net.state_dict(), stats.mean, stats.std)
     write_json(run / SUMMARY, summary)
     records.finish(summary)
     write_plots(run)

@@ -65,7 +65,9 @@ def test_compare_table_and_plots_from_a_sweep_dir(sweep, env):
         assert {c: classes[label][c] for c in s["per_class_accuracy"]} == {
             c: pct(v) for c, v in s["per_class_accuracy"].items()}
 
-    rows, cols = confusion_grid(2)
+    rows, cols, panel = confusion_grid(2, 10, len("automobile"))
+    assert (rows, cols, panel) == (1, 2, CONFUSION_PANEL)
+    assert confusion_grid(5, 10, 10) == (2, 4, CONFUSION_PANEL)  # CIFAR-10: the smallest panel, four to a row
     expected = {CURVES_PNG: CURVES_SIZE, PER_CLASS_PNG: PER_CLASS_SIZE,
                 CONFUSION_PNG: (CONFUSION_PANEL * cols, CONFUSION_PANEL * rows)}
     for name, (w, h) in expected.items():

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
+import shutil
+import subprocess
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from PIL import Image
 
 from cifar_dist.config import DataConfig
 from cifar_dist.data import DataError, TrainBatches, cache_path, eval_shard, load_cached, load_dataset
+from cifar_dist.sources import CIFAR10_STATS, read_image
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -211,7 +216,8 @@ def test_data_prepare_command_fills_the_cache(tmp_path, env):
 def make_batches(n=200, world=1, rank=0, seed=0, **aug):
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
     labels = torch.arange(n)  # the label is the sample index, to see which samples a batch holds
-    return TrainBatches(images, labels, DataConfig(**aug), global_batch=40, rank=rank, world=world, seed=seed)
+    return TrainBatches(images, labels, DataConfig(**aug), global_batch=40, rank=rank, world=world, seed=seed,
+                        stats=CIFAR10_STATS)
 
 
 def test_rank_shards_are_disjoint_and_make_up_the_global_batch():
@@ -273,4 +279,143 @@ def test_eval_shards_cover_every_image_once():
 def test_batch_larger_than_the_data_is_an_error():
     with pytest.raises(DataError, match="larger than the training set"):
         TrainBatches(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), torch.zeros(10, dtype=torch.int64),
-                     DataConfig(), global_batch=64, rank=0, world=1, seed=0)
+                     DataConfig(), global_batch=64, rank=0, world=1, seed=0, stats=CIFAR10_STATS)
+
+
+# ---- damaged inputs: an error naming the file, never part of the data and never a traceback
+
+
+def write_archive(tmp_path: Path) -> tuple[Path, Path]:
+    """A small image folder (PNG: lossless, so the archive and the folder decode alike) and its .tar.gz."""
+    root = tmp_path / "src"
+    write_image_tree(root, CLASSES, {"train": 30, "test": 5}, suffix=".png")
+    archive = tmp_path / "src.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="src")
+    return root, archive
+
+
+def test_a_damaged_archive_is_an_error_naming_it_never_a_smaller_data_set(tmp_path):
+    root, archive = write_archive(tmp_path)
+    good = archive.read_bytes()
+    whole = load_dataset(cfg(tmp_path, source="imagefolder", path=str(root)))
+    # Seeded offsets anywhere, and the gzip header's flags, its trailer's CRC and length.
+    offsets = [*np.random.default_rng(0).integers(10, len(good) - 8, 12).tolist(), 3, len(good) - 8, len(good) - 1]
+    damaged = []
+    for i, offset in enumerate(offsets):
+        data = bytearray(good)
+        data[offset] ^= 0x5A
+        damaged.append(tmp_path / f"flipped{i}.tar.gz")
+        damaged[-1].write_bytes(bytes(data))
+    for keep in (len(good) // 2, len(good) - 4):  # cut short: mid-stream, and in the trailer
+        damaged.append(tmp_path / f"truncated{keep}.tar.gz")
+        damaged[-1].write_bytes(good[:keep])
+    for path in damaged:
+        c = cfg(tmp_path, source="imagefolder", path=str(path))
+        with pytest.raises(DataError) as e:
+            load_dataset(c)
+        assert str(e.value).startswith(f"{path}: damaged") and "\n" not in str(e.value), str(e.value)
+        assert not cache_path(c).exists()  # nothing cached
+    assert len(whole.train_y) == 90
+
+
+def test_a_damaged_member_header_in_a_plain_tar_is_an_error(tmp_path):
+    root = tmp_path / "src"
+    write_image_tree(root, CLASSES, {"train": 4, "test": 2}, suffix=".png")
+    archive = tmp_path / "src.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="src")
+    with tarfile.open(archive) as tar:
+        fifth = tar.getmembers()[5].offset  # a member header mid-archive
+    data = bytearray(archive.read_bytes())
+    data[fifth + 1] ^= 0x20  # its name: the header checksum no longer matches, and tarfile stops there silently
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{archive}: damaged tar archive \(no valid member header at byte"):
+        load_dataset(cfg(tmp_path, source="imagefolder", path=str(archive)))
+
+
+def test_data_prepare_on_a_damaged_archive_says_one_line(tmp_path, env):
+    _, archive = write_archive(tmp_path)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    env["CIFAR_DIST_CACHE"] = str(tmp_path / "c")
+    proc = run([PY, "-m", "cifar_dist.cli", "data", "prepare", "data.source=imagefolder", f"data.path={archive}"], env,
+               check=False)
+    assert proc.returncode == 2 and proc.stdout.startswith("decoding imagefolder data once")
+    assert proc.stderr.startswith(f"error: {archive}: damaged archive (") and proc.stderr.count("\n") == 1
+    assert not list((tmp_path / "c").glob("*.pt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_a_damaged_cache_is_decoded_again_with_a_warning(tmp_path, damage):
+    root = tmp_path / "src"
+    write_image_tree(root, CLASSES, {"train": 20, "test": 4}, suffix=".png")
+    c = cfg(tmp_path, source="imagefolder", path=str(root))
+    fresh = load_cached(c, announce=lambda m: None)
+    path = cache_path(c)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01  # a pixel of train_x: torch.load reads the file without complaint
+    path.write_bytes(bytes(data))
+    if damage == "flipped byte":
+        assert not torch.equal(torch.load(path, weights_only=True)["train_x"], fresh.train_x)  # silently different
+    said = []
+    again = load_cached(c, announce=said.append)
+    assert len(said) == 2 and said[0].startswith(f"warning: data cache {path} is damaged (") and "\n" not in said[0]
+    assert said[1].startswith("decoding imagefolder data once")
+    assert all(torch.equal(getattr(again, k), getattr(fresh, k)) for k in ("train_x", "train_y", "test_x", "test_y"))
+    assert again.stats == fresh.stats and again.classes == fresh.classes
+    said.clear()
+    assert torch.equal(load_cached(c, announce=said.append).train_x, fresh.train_x) and said == []  # rewritten whole
+
+
+def read_only(folder: Path, args: list[str]) -> list[str]:
+    """`args` run with `folder` read-only: by its mode for a plain user; root ignores modes, so for
+    root in a private mount namespace where the folder is a read-only bind mount of itself."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return args
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("running as root without mount namespaces: no way to make a folder read-only")
+    return ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder), *args]
+
+
+def test_a_read_only_cache_is_read_and_one_that_cannot_be_written_is_decoded_in_memory(tmp_path, env):
+    root = tmp_path / "src"
+    write_image_tree(root, CLASSES, {"train": 2, "test": 1})
+    prepare = [PY, "-m", "cifar_dist.cli", "data", "prepare", "data.source=imagefolder", f"data.path={root}"]
+    shared, empty = tmp_path / "shared", tmp_path / "empty"
+    env["CIFAR_DIST_CACHE"] = str(shared)
+    run(prepare, env)  # filled while writable ...
+    proc = run(read_only(shared, prepare), env)  # ... then read without a word
+    assert proc.stderr == "" and proc.stdout.count("\n") == 1 and "6 training and 3 test images" in proc.stdout
+    empty.mkdir()
+    env["CIFAR_DIST_CACHE"] = str(empty)
+    proc = run(read_only(empty, prepare), env)
+    assert proc.stdout.startswith(f"warning: data cache {empty}/imagefolder-") and "cannot be written" in proc.stdout
+    assert "decoding imagefolder data in memory" in proc.stdout and "6 training and 3 test images" in proc.stdout
+    assert list(empty.iterdir()) == []
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, env):
+    root = tmp_path / "src"
+    write_image_tree(root, CLASSES, {"train": 2, "test": 1})
+    (tmp_path / "afile").write_text("not a folder")
+    for cache in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        proc = run([PY, "-m", "cifar_dist.cli", "data", "prepare", "data.source=imagefolder", f"data.path={root}",
+                    f"data.cache_dir={cache}"], env, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr == f"error: data.cache_dir: {cache} is not a folder (it, or a folder above it, is a file)\n"
+
+
+def test_16_bit_greyscale_decodes_as_its_8_bit_twin(tmp_path):
+    grey = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 256
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(grey * 257).save(tmp_path / "sixteen.png")  # 0..65535: what a 16-bit scanner writes
+    with Image.open(tmp_path / "sixteen.png") as im:
+        assert im.mode.startswith("I")
+    assert np.array_equal(read_image(tmp_path / "sixteen.png"), read_image(tmp_path / "eight.png"))
+    assert read_image(tmp_path / "sixteen.png")[..., 0].std() > 50  # not clipped to white

@@ -10,6 +10,7 @@ from cifar_dist.config import load_config
 from cifar_dist.data import TrainBatches
 from cifar_dist.precision import autocast_context
 from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
+from cifar_dist.sources import CIFAR10_STATS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,8 +23,9 @@ def test_a_training_step_never_waits_for_the_gpu():
     device = torch.device("cuda")
     images = torch.randint(0, 256, (5000, 32, 32, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (5000,), device=device)
-    batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last)
-    net = make_net(cfg, images, 10, torch.channels_last)
+    batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last,
+                           stats=CIFAR10_STATS)
+    net = make_net(cfg, images, 10, torch.channels_last, stats=CIFAR10_STATS)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10 * batches.steps_per_epoch)
     lookahead = Lookahead(net, cfg.train.lookahead_every, 10 * batches.steps_per_epoch)
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg.train.precision, device))

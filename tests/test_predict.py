@@ -1,16 +1,22 @@
-"""`cifar-dist predict`: top-k per image, bad files reported per file, checkpoints never run code."""
+"""`cifar-dist predict`: top-k per image, bad files reported per file, checkpoints never run code,
+damaged or mismatched weights refused in one line, inputs normalised as in training."""
 
 from __future__ import annotations
 
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import PY, TINY, run, train_cmd
 from PIL import Image
 
-from cifar_dist.rundir import CHECKPOINTS, MODEL
+from cifar_dist.config import load_config
+from cifar_dist.data import load_dataset
+from cifar_dist.predict import load_classifier
+from cifar_dist.rundir import CHECKPOINTS, MODEL, load_weights, save_model
+from cifar_dist.sources import CIFAR10_STATS
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +85,76 @@ def test_torch_save_of_a_full_module_is_refused_too(env, tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     proc = predict(env, "--checkpoint", str(tmp_path / "m.pt"), str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "refused" in proc.stderr
+
+
+def one_line_error(proc, *said: str) -> None:
+    """Exit 2 and one `error:` line on stderr holding each of `said`: no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert all(s in proc.stderr for s in said), proc.stderr
+
+
+def test_model_pt_holds_the_training_statistics_and_a_checksum(trained, cache_dir):
+    weights = load_weights(trained / MODEL)
+    data = load_dataset(load_config(None, TINY + [f"data.cache_dir={cache_dir}"]).data)
+    assert (tuple(weights["mean"]), tuple(weights["std"])) == (data.stats.mean, data.stats.std)
+    assert data.stats != CIFAR10_STATS and len(weights["sha256"]) == 64
+    net, classes, stats = load_classifier(trained / MODEL)
+    assert stats == data.stats and classes == data.classes
+
+
+def test_a_damaged_model_pt_is_refused_naming_it(trained, env, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    good = (trained / MODEL).read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # a weight's byte: torch.load reads it without complaint
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    assert torch.load(tmp_path / "flipped.pt", weights_only=True)["model"] == "blitz"
+    one_line_error(predict(env, "--checkpoint", str(tmp_path / "flipped.pt"), str(tmp_path / "x.png")),
+                   f"{tmp_path / 'flipped.pt'}: damaged (its contents do not match the sha256 saved with them)")
+    (tmp_path / "short.pt").write_bytes(good[: len(good) // 2])
+    one_line_error(predict(env, "--checkpoint", str(tmp_path / "short.pt"), str(tmp_path / "x.png")),
+                   f"{tmp_path / 'short.pt'}: damaged or not a PyTorch file")
+
+
+def test_a_model_pt_from_before_checksums_and_statistics_still_predicts(trained, env, tmp_path):
+    """Files written before sha256 and statistics were stored: read unverified, with CIFAR-10's statistics."""
+    blob = load_weights(trained / MODEL)
+    old = tmp_path / "old.pt"
+    torch.save({k: blob[k] for k in ("model", "classes", "state_dict")}, old)
+    assert load_classifier(old)[2] == CIFAR10_STATS
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "x.png")
+    proc = predict(env, "--checkpoint", str(old), str(tmp_path / "x.png"))
+    assert proc.returncode == 0 and "%" in proc.stdout
+
+
+def test_a_tensor_file_and_weights_of_another_shape_are_one_line(trained, env, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    torch.save(torch.zeros(3, 32, 32), tmp_path / "tensor.pt")
+    one_line_error(predict(env, "--checkpoint", str(tmp_path / "tensor.pt"), str(tmp_path / "x.png")),
+                   f"{tmp_path / 'tensor.pt'}: not a cifar-dist model or checkpoint (it holds a Tensor)")
+    blob = load_weights(trained / MODEL)
+    save_model(tmp_path / "three.pt", "blitz", ["a", "b", "c"], blob["state_dict"], blob["mean"], blob["std"])
+    one_line_error(predict(env, "--checkpoint", str(tmp_path / "three.pt"), str(tmp_path / "x.png")),
+                   "its weights do not fit the blitz net with 3 classes (size mismatch for fc3.weight")
+    save_model(tmp_path / "medium.pt", "medium", blob["classes"], blob["state_dict"], blob["mean"], blob["std"])
+    one_line_error(predict(env, "--checkpoint", str(tmp_path / "medium.pt"), str(tmp_path / "x.png")),
+                   "its weights do not fit the medium net with 10 classes (Missing key(s)")
+
+
+def test_a_folder_without_images_is_an_error(trained, env, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    one_line_error(predict(env, "--checkpoint", str(trained), str(tmp_path / "empty")),
+                   f"{tmp_path / 'empty'}: no images in this folder (looked for .bmp, .gif, .jpeg")
+
+
+def test_a_16_bit_png_is_predicted_as_its_8_bit_twin(trained, env, tmp_path):
+    grey = (np.arange(32 * 32).reshape(32, 32) * 7 % 256).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    proc = predict(env, "--checkpoint", str(trained), str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png"),
+                   "--json", "--top-k", "10")
+    assert proc.returncode == 0, proc.stderr
+    eight, sixteen = json.loads(proc.stdout)
+    assert eight["top"] == sixteen["top"]

@@ -20,6 +20,7 @@ from cifar_dist.distributed import Distributed
 from cifar_dist.evaluation import evaluate
 from cifar_dist.models import build_model
 from cifar_dist.recipe import Lookahead, make_optimizer, make_step
+from cifar_dist.sources import CIFAR10_STATS
 
 
 def lrs(overrides: list[str], steps_per_epoch: int = 10) -> list[float]:
@@ -141,12 +142,13 @@ def test_fast_net_convs_start_as_identity_and_batchnorm_scales_are_frozen():
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
     images = torch.randint(0, 256, (200, 32, 32, 3), dtype=torch.uint8)
     batches = TrainBatches(images, torch.arange(200), DataConfig(flip=True, flip_alternate=True, translate=0),
-                           global_batch=40, rank=0, world=1, seed=5)
+                           global_batch=40, rank=0, world=1, seed=5, stats=CIFAR10_STATS)
     flips = [batches.plan(e)["flip"].clone() for e in range(4)]
     assert torch.equal(flips[1], ~flips[0]) and torch.equal(flips[2], flips[0]) and torch.equal(flips[3], ~flips[0])
     assert 60 < int(flips[0].sum()) < 140  # epoch 0's coins are still random
     assert not torch.equal(batches.plan(0)["order"], batches.plan(1)["order"])  # the order still reshuffles
-    random = TrainBatches(images, torch.arange(200), DataConfig(flip=True, translate=0), 40, 0, 1, seed=5)
+    random = TrainBatches(images, torch.arange(200), DataConfig(flip=True, translate=0), 40, 0, 1, seed=5,
+                          stats=CIFAR10_STATS)
     assert torch.equal(random.plan(0)["flip"], flips[0])  # epoch 0 is the plain random flip
     assert not torch.equal(random.plan(1)["flip"], flips[1])
 
@@ -164,10 +166,11 @@ def test_multi_crop_tta_averages_the_mirrored_and_shifted_views_with_their_weigh
     labels = torch.randint(0, 10, (6,))
     dist = Distributed("cpu")  # world size 1: the collectives are the identity
     try:
-        got = evaluate(Corner(), images, labels, 10, dist, batch_size=4, tta_flip=True, tta_translate=1)
+        got = evaluate(Corner(), images, labels, 10, dist, batch_size=4, tta_flip=True, tta_translate=1,
+                       stats=CIFAR10_STATS)
     finally:
         dist.close()
-    x = normalize(images)
+    x = normalize(images, CIFAR10_STATS)
     # Shifted by one pixel down-right / up-left, reflected at the border: built by indexing.
     down = torch.tensor([1, *range(31)])
     up = torch.tensor([*range(1, 32), 30])
