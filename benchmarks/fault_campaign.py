@@ -209,8 +209,16 @@ def campaign(indices: Sequence[int], seed: int, kinds: Sequence[str], work: Path
     env = campaign_env(work / "cache")
     chosen = {kinds[i % len(kinds)] for i in indices}
     references = {ranks: reference(ranks, work, env) for ranks in sorted({2 if k == "rank_kill" else 1 for k in chosen})}
+    def one(index: int) -> Trial:
+        trial = run_trial(index, seed, kinds, work, references, env)
+        # A line per trial as it ends: a long campaign shows its progress, and a failure its rerun.
+        print(f"trial {index} {trial.fault.spec}{' ' + trial.fault.damage if trial.fault.damage else ''}: "
+              f"exit codes {trial.exit_codes}, {trial.redone} steps redone, "
+              f"{'identical' if trial.identical else '; '.join(trial.problems)}", flush=True)
+        return trial
+
     with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda i: run_trial(i, seed, kinds, work, references, env), indices))
+        return list(pool.map(one, indices))
 
 
 def table(trials: list[Trial]) -> tuple[list[str], list[list[str]]]:
@@ -250,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.monotonic() - start) / 60
     for t in trials:
         if not t.identical:
-            print(f"trial {t.index} ({t.fault.spec}{' ' + t.fault.damage if t.fault.damage else ''}): "
-                  f"{'; '.join(t.problems)}; rerun: --seed {args.seed} --kinds {' '.join(args.kinds)} --only {t.index}")
+            print(f"trial {t.index} not identical; rerun: --seed {args.seed} --kinds {' '.join(args.kinds)} --only {t.index}")
     header, rows = table(trials)
     if args.only:
         print("\n".join(" | ".join(r) for r in [header, *rows]))
