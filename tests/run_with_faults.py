@@ -7,6 +7,11 @@ must hit a precise moment (a real signal at an epoch boundary, a kill during a c
                                                written (the test kills the process then)
     CIFAR_DIST_FAULT=signal_decode:SIG         this process sends itself SIG (e.g. TERM) while it
                                                decodes the data into the cache
+    CIFAR_DIST_FAULT=signal_at:SIG:EPOCH:STEP[:RANK]  like `signal`, with any signal (KILL too)
+    CIFAR_DIST_FAULT=signal_eval:SIG:K         SIG as this process's K-th evaluation (1-based) starts
+    CIFAR_DIST_FAULT=signal_save:SIG:STEP:WHERE  SIG inside the checkpoint write of STEP, WHERE is
+                                               before_rename (state written, not yet renamed into
+                                               place) or before_marker (renamed, marker not written)
 The fault goes through the product's real code paths: a real signal, a real partial write.
 """
 
@@ -24,16 +29,22 @@ from cifar_dist.errors import run_command
 def main() -> int:
     kind, *args = os.environ.get("CIFAR_DIST_FAULT", "none").split(":")
     if kind == "signal":
-        epoch, step = int(args[0]), int(args[1])
-        rank = args[2] if len(args) > 2 else os.environ.get("RANK", "0")
-        original = data.TrainBatches.batch
+        signal_at_batch(signal.SIGUSR1, *args)
+    elif kind == "signal_at":
+        signal_at_batch(signum(args[0]), *args[1:])
+    elif kind == "signal_eval":
+        sig, target = signum(args[0]), int(args[1])
+        original_evaluate, started = train.evaluate, []
 
-        def batch(self, e, s):
-            if (e, s) == (epoch, step) and os.environ.get("RANK", "0") == rank:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return original(self, e, s)
+        def evaluate(*a, **k):
+            started.append(1)
+            if len(started) == target:
+                os.kill(os.getpid(), sig)
+            return original_evaluate(*a, **k)
 
-        data.TrainBatches.batch = batch
+        train.evaluate = evaluate
+    elif kind == "signal_save":
+        signal_in_save(signum(args[0]), int(args[1]), args[2])
     elif kind == "signal_decode":
         original_decode = data.decode
 
@@ -54,6 +65,40 @@ def main() -> int:
 
         checkpoint.write_atomic = write
     return run_command(train.main, sys.argv[1:])
+
+
+def signum(name: str) -> signal.Signals:
+    return getattr(signal, f"SIG{name}")
+
+
+def signal_at_batch(sig: signal.Signals, epoch: str, step: str, rank: str | None = None) -> None:
+    """`sig` to this process while it fetches batch `step` of `epoch` (on `rank` only, if given)."""
+    target, rank = (int(epoch), int(step)), rank or os.environ.get("RANK", "0")
+    original = data.TrainBatches.batch
+
+    def batch(self, e, s):
+        if (e, s) == target and os.environ.get("RANK", "0") == rank:
+            os.kill(os.getpid(), sig)
+        return original(self, e, s)
+
+    data.TrainBatches.batch = batch
+
+
+def signal_in_save(sig: signal.Signals, step: int, where: str) -> None:
+    """`sig` inside the checkpoint write of `step`: checkpoint.save fsyncs the state file before the
+    rename and the folder right after it, so those two calls mark the moments."""
+    name = {"before_rename": "_fsync", "before_marker": "fsync_dir"}[where]
+    original = getattr(checkpoint, name)
+
+    def hooked(path):
+        # _fsync gets <root>/.tmp-step_N-PID/state.pt, fsync_dir the checkpoints folder after step_N is in it
+        if (where == "before_rename" and path.parent.name.startswith(f".tmp-step_{step:08d}-")) or \
+                (where == "before_marker" and (path / f"step_{step:08d}").is_dir()
+                 and not (path / f"step_{step:08d}" / checkpoint.MARKER).exists()):
+            os.kill(os.getpid(), sig)
+        return original(path)
+
+    setattr(checkpoint, name, hooked)
 
 
 if __name__ == "__main__":
