@@ -20,6 +20,7 @@ from cifar_dist import checkpoint
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import TrainBatches, load_dataset
+from cifar_dist.debug import RepeatedBatches, Watch, overfit
 from cifar_dist.distributed import EXIT_REQUEUE, Distributed
 from cifar_dist.errors import run_command
 from cifar_dist.evaluation import evaluate
@@ -54,6 +55,7 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
     batches = TrainBatches(data.train_x, data.train_y, cfg.data, cfg.train.batch_size, dist.rank, dist.world,
                            cfg.seed, MEMORY_FORMAT)
+    batches = overfit(batches, cfg.train.overfit_batches)  # the first N batches again and again (debugging)
     run = open_run(cfg, dist)  # locked; nothing written in it until every check below has passed
     try:
         state, model = build_state(cfg, dist, data.train_x, len(data.classes), batches.steps_per_epoch)
@@ -92,14 +94,15 @@ class Loop:
     """The training loop and what it needs at hand: epochs of steps, records, evaluations,
     checkpoints, and a stop at a step boundary when any rank got a signal."""
 
-    def __init__(self, cfg: Config, dist: Distributed, run: RunDir, data, batches: TrainBatches, state: TrainState,
-                 model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor]):
+    def __init__(self, cfg: Config, dist: Distributed, run: RunDir, data, batches: TrainBatches | RepeatedBatches,
+                 state: TrainState, model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor]):
         self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
         self.state, self.records = state, records
         self.pending = pending  # this rank's losses since the last record (tensors: no sync per step)
         self.autocast = autocast_context(cfg.train.precision, dist.device)
         self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast)
         self.console = Console(dist, cfg, batches.steps_per_epoch, data.classes)
+        self.watch = Watch(cfg, dist, run.path, state.net, len(data.classes))  # detect_anomaly, profile
         self.compile_seconds = self.train_seconds = 0.0
 
     def run(self) -> EvalResult:
@@ -113,6 +116,7 @@ class Loop:
         dist.install_stop_handlers()
         self.clock = Clock(pos.elapsed)
         self.last_save = time.monotonic()
+        self.watch.start(pos.step)
         result = saved = None
         for epoch in range(pos.epoch, cfg.train.epochs):
             pos.epoch = epoch
@@ -123,6 +127,7 @@ class Loop:
             if result is not None and result is not saved and (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
                 self.save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
                 saved = result
+        self.watch.finish()
         if result is None:  # resumed from the last step's checkpoint, the final evaluation not yet recorded
             result = self.evaluate()
         self.train_seconds = self.clock.elapsed()
@@ -131,8 +136,10 @@ class Loop:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pos = self.state.position
-        self.pending.append(self.step_fn(x, y))
+        loss = self.step_fn(x, y)
+        self.pending.append(loss)
         pos.step += 1
+        self.watch.after_step(loss, pos.step)  # a non-finite loss stops the run here, before anything records it
         self.state.lookahead.after(pos.step)
         pos.offset += 1
 
