@@ -1,24 +1,35 @@
-"""Debugging a run on one machine: `train.overfit_batches`, `train.detect_anomaly` and `profile.*`.
+"""Debugging a run on one machine: `--smoke` (every path of a config on a few batches),
+`train.overfit_batches`, `train.detect_anomaly` and `profile.*`.
 
-The loop calls in at its step boundaries through `Watch` (start, after each step, finish).
+The loop calls in at its step boundaries through `Watch` (start, after each step, finish); the
+smoke drives train.py's own `_train` twice, so it goes through exactly the code a real run does.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import os
+import shutil
+import sys
+import time
+import traceback
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cifar_dist.config import Config, ConfigError, ProfileConfig
-from cifar_dist.data import TrainBatches
+from cifar_dist import checkpoint, rundir
+from cifar_dist.config import Config, ConfigError, ProfileConfig, validate
+from cifar_dist.data import TrainBatches, load_cached
 from cifar_dist.distributed import Distributed
 from cifar_dist.errors import UserError
-from cifar_dist.rundir import write_atomic
+from cifar_dist.rundir import RunDir, RunDirError, load_weights, write_atomic
 
 PROFILE_DIR = "profile"  # in the run dir: TRACE and OPS
 TRACE = "trace.json"  # Chrome trace format: https://ui.perfetto.dev or chrome://tracing
@@ -221,3 +232,273 @@ class Watch:
     def finish(self) -> None:
         if self.profiler:
             self.profiler.finish()
+
+
+# ---------------------------------------------------------------------------- --smoke
+
+SMOKE_STEPS_PER_EPOCH = 2  # two epochs of two steps; the second is trained after a resume from the first
+SMOKE_TEST_IMAGES = 100  # the slice of the test set evaluated: 10 per class
+# On a CPU the config's batch is capped to this many images per rank (ResNet-18: ~2 s a step at 32
+# on 2 cores); on a GPU it is kept, so that the smoke also shows that it fits in memory.
+SMOKE_CPU_BATCH_PER_RANK = 32
+PATHS = ("data", "run dir", "net", "compile", "train steps", "records", "evaluation", "checkpoint", "resume", "final")
+# The path a failure belongs to: the innermost frame of the training code in its traceback that is
+# one of these modules or functions.
+FAILURE_PATHS = {
+    "cifar_dist.data": "data", "cifar_dist.sources": "data", "load_data": "data",
+    "cifar_dist.runs": "run dir",
+    "build_state": "net", "make_net": "net", "make_optimizer": "net",
+    "warm_up": "compile",
+    "step": "train steps",  # Loop.step and the recipe's step
+    "train_record": "train steps",  # the mean training loss
+    "cifar_dist.trackers": "records", "cifar_dist.console": "records",
+    "cifar_dist.evaluation": "evaluation", "evaluate": "evaluation",
+    "save": "checkpoint",  # Loop.save and checkpoint.save
+    "resume": "resume",
+    "finish_run": "final", "make_summary": "final", "cifar_dist.report": "final",
+}
+
+
+@dataclass
+class Failure:
+    path: str
+    why: str
+
+
+class PathFailed(Exception):
+    """A check of the smoke's own found a path broken."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(why)
+        self.path = path
+
+
+def smoke_config(cfg: Config, dist: Distributed, compile_too: bool) -> Config:
+    """The config the smoke runs: the given one on a few batches (see Smoke), in a new run dir."""
+    c = copy.deepcopy(cfg)
+    t = c.train
+    if dist.device.type == "cpu" and t.batch_size % dist.world == 0:  # a batch that does not split fails as it would
+        batch = min(t.batch_size, SMOKE_CPU_BATCH_PER_RANK * dist.world)
+        t.lr *= batch / t.batch_size  # the linear scaling rule: a smaller batch at the full lr can diverge in 4 steps
+        t.batch_size = batch
+    scale = 2 / t.epochs  # the schedule keeps its shape over the smoke's two epochs
+    t.warmup_epochs, t.whiten_bias_epochs = t.warmup_epochs * scale, t.whiten_bias_epochs * scale
+    t.epochs, t.log_every = 2, 1
+    t.overfit_batches = min(t.overfit_batches, SMOKE_STEPS_PER_EPOCH)
+    c.model.compile = c.model.compile and compile_too
+    c.data.train_subset = min(c.data.train_subset or sys.maxsize, SMOKE_STEPS_PER_EPOCH * t.batch_size)
+    c.data.test_subset = min(c.data.test_subset or sys.maxsize, SMOKE_TEST_IMAGES)
+    # Epoch 1 is checkpointed after its evaluation, so the resume starts epoch 2; step 3 is a periodic checkpoint.
+    c.eval.every, c.checkpoint.every_steps, c.profile.steps = 1, SMOKE_STEPS_PER_EPOCH + 1, 0
+    c.run.dir = cfg.run.dir or dist.broadcast(f"runs/smoke-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                              f"{uuid.uuid4().hex[:8]}")
+    path = Path(c.run.dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunDirError(f"run.dir: --smoke needs a new or empty run dir; {path} is not")
+    validate(c)
+    return c
+
+
+class Smoke:
+    """--smoke: the config's own net, data source, precision and recipe through every path of a run
+    on a few batches. Epoch 1, a run of its own: two steps, an evaluation on a slice of the test set,
+    a checkpoint, the final records and plots. Epoch 2: that run resumed from its checkpoint
+    (train.epochs may grow), a step, a periodic checkpoint, a step, the evaluation, checkpoint and
+    final records again. Then one line per path: ok (what shows it), failed (why), skipped or not
+    reached. train.detect_anomaly and the rest of the config stay as given; profiling is off."""
+
+    def __init__(self, cfg: Config, dist: Distributed, compile_too: bool):
+        self.given, self.dist, self.compile_too = cfg, dist, compile_too
+        self.cfg = smoke_config(cfg, dist, compile_too)
+        self.run_dir = RunDir(self.cfg.run.dir)
+        self.failure: Failure | None = None
+        self.data = ""  # what the data path showed
+        self.test_images = 0
+        self.first: list[dict[str, Any]] = []  # epoch 1's records: the resumed run keeps those its checkpoint covers
+        self.covered = 0
+        self.first_summary: dict[str, Any] = {}
+
+    def run(self, train_once: Callable[[Config], dict[str, Any]]) -> bool:
+        """All paths, then the report (rank 0); whether every path passed on this rank."""
+        cfg, dist = self.cfg, self.dist
+        if cfg.tracking.backend == "wandb":
+            os.environ["WANDB_MODE"] = "offline"  # the tracker's path, without a throwaway run on the server
+        dist.print(self.header())
+        self.attempt(self.load_data)
+        start = time.perf_counter()  # the data cache aside: decoded once, then every run reads it
+        cfg.train.epochs = 1
+        self.first_summary = self.attempt(lambda: train_once(cfg)) or {}
+        self.first = self.run_dir.metrics() if dist.is_main else []
+        self.attempt(self.check_resumable)
+        cfg.train.epochs = 2
+        self.attempt(lambda: train_once(cfg))
+        seconds = time.perf_counter() - start
+        if not dist.is_main:
+            if self.failure:
+                print(f"smoke: rank {dist.rank}: {self.failure.path}: failed: {self.failure.why}", file=sys.stderr, flush=True)
+            return self.failure is None
+        lines = self.report()
+        passed = all(status in ("ok", "skipped") for _, status, _ in lines)
+        for path, status, detail in lines:
+            print(f"  {path:<12} {status:<12} {detail}")
+        if passed and not self.given.run.dir:
+            shutil.rmtree(self.run_dir.path, ignore_errors=True)
+        kept = f"run dir kept: {self.run_dir.path}" if self.run_dir.path.exists() else "run dir removed"
+        print(f"smoke {'passed' if passed else 'FAILED'} in {seconds:.1f} s (data cache aside); {kept}", flush=True)
+        return passed
+
+    def attempt(self, step: Callable[[], Any]) -> Any:
+        """Run one stage unless an earlier one failed; a failure is noted with the path it belongs to."""
+        if self.failure:
+            return None
+        try:
+            return step()
+        except Exception as e:
+            if not isinstance(e, (UserError, PathFailed)):  # unexpected: the whole traceback, before the report
+                traceback.print_exc()
+            self.failure = Failure(failed_path(e), describe(e))
+            return None
+
+    def header(self) -> str:
+        c, given = self.cfg, self.given
+        capped = f" (train.batch_size={given.train.batch_size} capped on the CPU, train.lr={c.train.lr:.4g} scaled " \
+                 "with it)" if c.train.batch_size != given.train.batch_size else ""
+        return (f"smoke: {c.model.name} net, {c.data.source} data, train.precision={c.train.precision}, on {self.dist.world} x "
+                f"{self.dist.device.type}: 2 epochs of {SMOKE_STEPS_PER_EPOCH} steps of {c.train.batch_size} images"
+                f"{capped} with a resume between them; run dir {c.run.dir}")
+
+    def load_data(self) -> None:
+        start = time.perf_counter()
+        ds = load_cached(self.cfg.data, announce=self.dist.print)
+        d = self.cfg.data
+        where = f" {d.path}" if d.path else ""
+        self.test_images = min(d.test_subset, len(ds.test_y))
+        self.data = (f"{d.source}{where}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images in "
+                     f"{len(ds.classes)} classes (cache read in {time.perf_counter() - start:.1f} s); the smoke takes "
+                     f"{min(d.train_subset, len(ds.train_y)):,} and {self.test_images:,}")
+
+    def check_resumable(self) -> None:
+        """Epoch 1's last checkpoint is the newest valid one and loads (rank 0 looks; all ranks agree)."""
+        problem = None
+        if self.dist.is_main:
+            warnings: list[str] = []
+            found = checkpoint.load_latest(self.run_dir.path, warn=warnings.append)
+            step = self.first_summary.get("steps")
+            if found is None or found[0].step != step:
+                problem = f"the checkpoint of step {step} is not the newest valid one: {'; '.join(warnings) or 'none'}"
+            else:
+                self.covered = found[1]["position"]["records"]
+        problem = self.dist.broadcast(problem)
+        if problem:
+            raise PathFailed("checkpoint", problem)
+
+    # ---- the report (rank 0)
+
+    def report(self) -> list[tuple[str, str, str]]:
+        checks = {"data": lambda: self.data or None, "run dir": self.shown_run_dir, "net": self.shown_net,
+                  "compile": self.shown_compile, "train steps": self.shown_steps, "records": self.shown_records,
+                  "evaluation": self.shown_evaluation, "checkpoint": self.shown_checkpoint, "resume": self.shown_resume,
+                  "final": self.shown_final}
+        lines = []
+        for path in PATHS:
+            if self.failure and self.failure.path == path:
+                lines.append((path, "failed", self.failure.why))
+                continue
+            try:
+                shown = checks[path]()
+            except Exception as e:  # an artefact on disk that is not what it must be
+                lines.append((path, "failed", describe(e)))
+                continue
+            if isinstance(shown, tuple):  # (status, why)
+                lines.append((path, *shown))
+            else:
+                lines.append((path, "ok", shown) if shown else (path, "not reached", ""))
+        if self.failure and self.failure.path not in PATHS:
+            lines.append((self.failure.path, "failed", self.failure.why))
+        return lines
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.run_dir.metrics()
+
+    def shown_run_dir(self) -> str | None:
+        files = (rundir.CONFIG, rundir.ENV)
+        return f"{self.run_dir.path}: {', '.join(files)}" if all((self.run_dir / f).is_file() for f in files) else None
+
+    def shown_net(self) -> str | None:
+        # config.yaml is written once the net, optimiser and schedule are built (and resumed)
+        return f"{self.cfg.model.name}, optimiser and LR schedule built" if (self.run_dir / rundir.CONFIG).is_file() else None
+
+    def shown_compile(self) -> tuple[str, str] | str | None:
+        if not self.given.model.compile:
+            return "skipped", "model.compile=false"
+        if not self.compile_too:
+            return "skipped", "add --smoke-compile to compile too (about a minute on a CPU)"
+        seconds = self.first_summary.get("compile_seconds")
+        return f"compiled and warmed up in {seconds:.1f} s" if seconds else None
+
+    def shown_steps(self) -> str | None:
+        losses = [r["train_loss"] for r in self.records() if "train_loss" in r]
+        if not losses:
+            return None
+        if not all(math.isfinite(v) for v in losses):
+            raise PathFailed("train steps", f"non-finite training loss: {losses}")
+        return f"{len(losses)} steps of {self.cfg.train.batch_size} images, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    def shown_records(self) -> str | None:
+        records, backend = self.records(), self.cfg.tracking.backend
+        offline = " (offline for the smoke)" if backend == "wandb" else ""
+        return f"{rundir.METRICS}: {len(records)} records; tracker {backend}{offline}" if records else None
+
+    def shown_evaluation(self) -> str | None:
+        evals = [r for r in self.records() if "test_accuracy" in r]
+        if not evals:
+            return None
+        return f"{len(evals)} evaluations of {self.test_images} test images, accuracy {evals[-1]['test_accuracy']:.1%}"
+
+    def shown_checkpoint(self) -> str | None:
+        kept = checkpoint.list_checkpoints(self.run_dir.path, verify=True)
+        if not kept:
+            return None
+        steps = ", ".join(str(c.step) for c in kept)
+        return f"steps {steps} kept (checkpoint.keep={self.cfg.checkpoint.keep}), each matching its sha256"
+
+    def shown_resume(self) -> str | None:
+        records, steps = self.records(), self.first_summary.get("steps", 0)
+        if not self.first_summary or not any(r["step"] > steps for r in records):
+            return None
+        if not self.covered or records[: self.covered] != self.first[: self.covered]:
+            raise PathFailed("resume", f"epoch 1's records were not kept: the run restarted instead of resuming at step {steps}")
+        return f"at step {steps}: epoch 2 went on from epoch 1's last checkpoint, keeping the {self.covered} records it covers"
+
+    def shown_final(self) -> str | None:
+        run = self.run_dir
+        summary = run.summary()
+        if summary is None:
+            return None
+        load_weights(run / rundir.MODEL)  # weights_only: what predict and evaluate will load
+        missing = [name for name in (rundir.LOSS_PLOT, rundir.CLASS_PLOT) if not (run / name).is_file()]
+        if missing:
+            raise PathFailed("final", f"{', '.join(missing)} missing")
+        return (f"{rundir.SUMMARY} (test accuracy {summary['test_accuracy']:.1%}), {rundir.MODEL} (loads), "
+                f"{rundir.LOSS_PLOT}, {rundir.CLASS_PLOT}")
+
+
+def failed_path(error: BaseException) -> str:
+    """The path a failure belongs to (FAILURE_PATHS), or "other"."""
+    if isinstance(error, PathFailed):
+        return error.path
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    for frame in reversed(frames):  # innermost first
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("cifar_dist."):
+            path = FAILURE_PATHS.get(module) or FAILURE_PATHS.get(frame.f_code.co_name)
+            if path:
+                return path
+    return "other"
+
+
+def describe(error: BaseException) -> str:
+    """One line: a user error's own message; anything else, its type and the first line of its message."""
+    text = str(error) if isinstance(error, (UserError, PathFailed)) else \
+        f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -20,7 +20,7 @@ from cifar_dist import checkpoint
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import TrainBatches, load_dataset
-from cifar_dist.debug import RepeatedBatches, Watch, overfit
+from cifar_dist.debug import RepeatedBatches, Smoke, Watch, overfit
 from cifar_dist.distributed import EXIT_REQUEUE, Distributed
 from cifar_dist.errors import run_command
 from cifar_dist.evaluation import evaluate
@@ -286,6 +286,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m cifar_dist.
     parser = argparse.ArgumentParser(prog=prog, description="Train a CIFAR-10 classifier (data-parallel under a launcher).")
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every path of this config (data, net, steps, evaluation, checkpoint, resume, final records) "
+                             "on a few batches, in a throwaway run dir unless run.dir is given; one line per path, "
+                             "exit 0 only if all passed")
+    parser.add_argument("--smoke-compile", action="store_true",
+                        help="--smoke, with torch.compile too when the config asks for it (skipped otherwise: "
+                             "about a minute on a CPU)")
     args = parser.parse_intermixed_args(argv)  # overrides before or after --config
     return args, load_config(args.config, args.overrides)
 
@@ -295,11 +302,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train"
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if args.smoke or args.smoke_compile:
+        return smoke(cfg, args.smoke_compile)
     try:
         train(cfg)
     except Stopped:
         return EXIT_REQUEUE
     return 0
+
+
+def smoke(cfg: Config, compile_too: bool) -> int:
+    """--smoke through `_train` itself (debug.Smoke): 0 when every path passed, else 1."""
+    dist = Distributed(cfg.train.device)
+    try:
+        return 0 if Smoke(cfg, dist, compile_too).run(lambda c: _train(c, dist)) else 1
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

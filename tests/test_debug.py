@@ -1,23 +1,26 @@
-"""Single-GPU local debugging: overfitting a batch, the first non-finite layer named by
+"""Single-GPU local debugging: `--smoke` on every shipped config and under torchrun, a smoke that
+names the path that fails, overfitting a batch, the first non-finite layer named by
 `train.detect_anomaly` with nothing invalid written, and a profile of a few steps."""
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_same_run, read_jsonl, run, train_cmd
+from conftest import ROOT, TINY, assert_same_run, read_jsonl, run, torchrun, train_cmd
 from torch import nn
 
 from cifar_dist import checkpoint, models
-from cifar_dist.config import ConfigError, config_hash, load_config
+from cifar_dist.config import ConfigError, config_hash, load_config, shipped_configs
 from cifar_dist.data import TrainBatches
-from cifar_dist.debug import PROFILE_DIR, loss_floor, overfit
+from cifar_dist.debug import PATHS, PROFILE_DIR, loss_floor, overfit
 from cifar_dist.errors import run_command
 from cifar_dist.rundir import METRICS, MODEL, SUMMARY, RunDir, load_weights
-from cifar_dist.sources import make_synthetic
+from cifar_dist.sources import CIFAR_FILES, SYNTHETIC_CLASSES, make_synthetic
 from cifar_dist.train import main as train_main
 
 
@@ -28,6 +31,98 @@ def registered():
     yield
     models.MODELS.clear()
     models.MODELS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def small_cifar10(tmp_path_factory):
+    """100 training and 100 test images in the `cifar10` source's own layout (torchvision's python
+    pickles): the shipped configs read the real CIFAR-10 through that reader, which tests never do."""
+    folder = tmp_path_factory.mktemp("c10") / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in CIFAR_FILES[:6]:  # five training batches of 20 images, a test batch of 100
+        n = 100 if name == "test_batch" else 20
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in SYNTHETIC_CLASSES]}))
+    return folder.parent
+
+
+@pytest.fixture
+def smoke_env(env):
+    """`python -m cifar_dist.train` from any folder runs this checkout (the smoke's run dir is ./runs/...)."""
+    return dict(env, PYTHONPATH=str(ROOT))
+
+
+def smoke_table(stdout: str) -> dict[str, tuple[str, str]]:
+    """The smoke's closing lines: path -> (status, detail)."""
+    table = {}
+    for line in stdout.splitlines():
+        for path in PATHS:
+            if line.startswith(f"  {path:<12} "):
+                status, _, detail = line[15:].partition("  ")
+                table[path] = (status.strip(), detail.strip())
+    return table
+
+
+# ---------------------------------------------------------------------------- --smoke
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_smoke_passes_on_every_shipped_config(name, small_cifar10, smoke_env, tmp_path):
+    cfg = load_config(name)
+    # The configs that read the real archive (data.source=cifar10, data.path=data) read the small stand-in
+    # in the same layout here, through the same source; debug's synthetic data is its own.
+    data = [f"data.path={small_cifar10}", "data.download=false"] if cfg.data.source == "cifar10" else []
+    proc = run(train_cmd(*data, "--smoke", config=name), smoke_env, cwd=tmp_path, timeout=300)
+    table = smoke_table(proc.stdout)
+    assert list(table) == list(PATHS), proc.stdout[-3000:]
+    expected = {path: "ok" for path in PATHS} | {"compile": "skipped"}  # a compile is asked for with --smoke-compile
+    assert {path: status for path, (status, _) in table.items()} == expected, proc.stdout[-3000:]
+    assert table["compile"][1].startswith("add --smoke-compile" if cfg.model.compile else "model.compile=false")
+    assert "4 steps" in table["train steps"][1] and "smoke passed" in proc.stdout
+    assert not any((tmp_path / "runs").iterdir())  # the throwaway run dir is gone
+
+
+def test_smoke_under_torchrun_prints_one_table(smoke_env, tmp_path):
+    proc = run(torchrun(2, "-m", "cifar_dist.train", "--config", "debug", "--smoke", "run.progress=none"), smoke_env,
+               cwd=tmp_path, timeout=300)
+    table = smoke_table(proc.stdout)
+    assert [status for status, _ in table.values()] == ["ok"] * 3 + ["skipped"] + ["ok"] * 6
+    assert proc.stdout.count("smoke passed") == 1 and "on 2 x cpu" in proc.stdout
+
+
+def test_a_smoke_names_the_path_that_fails_and_keeps_its_run_dir(monkeypatch, cache_dir, tmp_path, capsys):
+    monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # The checkpoint folder cannot be made: it would be inside a file.
+    monkeypatch.setattr(checkpoint, "checkpoint_dir", lambda run_dir: blocker / "checkpoints")
+    code = run_command(train_main, [*TINY, "--smoke", f"run.dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    table = smoke_table(out)
+    assert code == 1
+    assert table["checkpoint"][0] == "failed" and table["checkpoint"][1].startswith("NotADirectoryError")
+    assert all(table[p][0] == "ok" for p in ("data", "run dir", "net", "train steps", "records", "evaluation"))
+    assert table["compile"][0] == "skipped" and all(table[p] == ("not reached", "") for p in ("resume", "final"))
+    assert "smoke FAILED in" in out and f"run dir kept: {tmp_path / 'run'}" in out
+
+
+def test_a_smoke_whose_data_is_missing_says_so(cache_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
+    code = run_command(train_main, ["--config", "medium", "--smoke", f"data.path={tmp_path}", "data.download=false",
+                                    f"run.dir={tmp_path / 'run'}"])
+    table = smoke_table(capsys.readouterr().out)
+    assert code == 1 and table["data"][0] == "failed" and "cifar-10-batches-py: missing data_batch_1" in table["data"][1]
+    assert all(status == "not reached" for path, (status, _) in table.items() if path not in ("data", "compile"))
+
+
+def test_a_smoke_needs_a_new_run_dir(cache_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert run_command(train_main, [*TINY, "--smoke", f"run.dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("error: run.dir: --smoke needs a new or empty run dir")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 # ---------------------------------------------------------------------------- train.overfit_batches
