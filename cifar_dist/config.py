@@ -78,6 +78,12 @@ class TrainConfig:
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm) or per rank
     log_every: int = 50  # optimiser steps between training records
     device: str = "auto"  # auto (GPU when present) | cpu | cuda
+    # Debugging. Train on the first N batches of epoch 0 only, with the same augmentation draws each
+    # time: step s of every epoch is batch s mod N (epochs keep their length); 0 = off.
+    overfit_batches: int = 0
+    # Debugging: stop at the first non-finite loss or gradient, naming the step and the first module
+    # whose output (or gradient) was not finite; costs one device sync per step. Resumable either way.
+    detect_anomaly: bool = False
 
 
 @dataclass
@@ -116,6 +122,12 @@ class TrackingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 0  # training steps traced by torch.profiler (rank 0) into run.dir/profile/; 0 = off
+    wait: int = 3  # steps before the trace (one-time costs: allocator, oneDNN/cuDNN set-up); >= 1
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,6 +137,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,8 +148,10 @@ class Config:
 
 # Keys whose value changes what a run computes; resuming across a change to one of them is refused.
 RESULT_KEYS = ("seed", "model.name", "data", "train")
-# ... except these, which may change on resume: more epochs, different logging or device.
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.cache_dir", "data.download")
+# ... except these, which may change on resume: more epochs, different logging or device, and the
+# NaN watch (it only reads values: a run can resume with it on to find where a NaN comes from).
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.cache_dir", "data.download",
+                     "train.detect_anomaly")
 
 
 def result_keys(cfg: Config) -> dict[str, Any]:
@@ -238,6 +253,9 @@ def validate(cfg: Config) -> None:
     one_of("train.precision", ("auto", "fp32", "bf16", "fp16"))
     one_of("train.device", ("auto", "cpu", "cuda"))
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.overfit_batches >= 0, "train.overfit_batches", "must be >= 0")
+    need(not (cfg.train.detect_anomaly and cfg.model.compile), "train.detect_anomaly",
+         "needs model.compile=false (its hooks on every module would split the compiled graph)")
     need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(0 <= cfg.eval.tta_translate <= 4, "eval.tta_translate", "must be in [0, 4] pixels")
@@ -248,6 +266,8 @@ def validate(cfg: Config) -> None:
     need(all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id", "may hold only letters, digits, - _ .")
     one_of("tracking.backend", tuple(TRACKERS))
     need(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
+    need(cfg.profile.steps >= 0, "profile.steps", "must be >= 0")
+    need(cfg.profile.wait >= 1, "profile.wait", "must be >= 1 (the profiler's own warm-up step)")
 
 
 def _get(cfg: Config, key: str) -> Any:

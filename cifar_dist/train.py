@@ -21,6 +21,7 @@ from cifar_dist import checkpoint, distributed
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import Stats, TrainBatches, load_dataset
+from cifar_dist.debug import RepeatedBatches, Smoke, Watch, overfit
 from cifar_dist.distributed import EXIT_INTERRUPTED, EXIT_REQUEUE, Distributed, install_stop_handlers
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
@@ -63,6 +64,7 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
     batches = TrainBatches(data.train_x, data.train_y, cfg.data, cfg.train.batch_size, dist.rank, dist.world,
                            cfg.seed, MEMORY_FORMAT, stats=data.stats)
+    batches = overfit(batches, cfg.train.overfit_batches)  # the first N batches again and again (debugging)
     run = open_run(cfg, dist)  # locked; nothing written in it until every check below has passed
     try:
         state, model = build_state(cfg, dist, data.train_x, len(data.classes), batches.steps_per_epoch, data.stats)
@@ -105,14 +107,15 @@ class Loop:
     """The training loop and what it needs at hand: epochs of steps, records, evaluations,
     checkpoints, and a stop at a step boundary when any rank got a signal."""
 
-    def __init__(self, cfg: Config, dist: Distributed, run: RunDir, data, batches: TrainBatches, state: TrainState,
-                 model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor]):
+    def __init__(self, cfg: Config, dist: Distributed, run: RunDir, data, batches: TrainBatches | RepeatedBatches,
+                 state: TrainState, model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor]):
         self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
         self.state, self.records = state, records
         self.pending = pending  # this rank's losses since the last record (tensors: no sync per step)
         self.autocast = autocast_context(cfg.train.precision, dist.device)
         self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast, state.scaler)
         self.console = Console(dist, cfg, batches.steps_per_epoch, data.classes)
+        self.watch = Watch(cfg, dist, run.path, state.net, len(data.classes))  # detect_anomaly, profile
         self.compile_seconds = self.train_seconds = 0.0
 
     def run(self) -> EvalResult:
@@ -125,6 +128,7 @@ class Loop:
         self.console.start(self.run_dir, count_parameters(self.state.net), len(self.data.train_y), total_steps, pos)
         self.clock = Clock(pos.elapsed)
         self.last_save = time.monotonic()
+        self.watch.start(pos.step)
         result = saved = None
         for epoch in range(pos.epoch, cfg.train.epochs):
             pos.epoch = epoch
@@ -135,6 +139,7 @@ class Loop:
             if result is not None and result is not saved and (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
                 self.save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
                 saved = result
+        self.watch.finish()
         if result is None:  # resumed from the last step's checkpoint, the final evaluation not yet recorded
             result = self.evaluate()
         self.train_seconds = self.clock.elapsed()
@@ -143,8 +148,10 @@ class Loop:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pos = self.state.position
-        self.pending.append(self.step_fn(x, y))
+        loss = self.step_fn(x, y)
+        self.pending.append(loss)
         pos.step += 1
+        self.watch.after_step(loss, pos.step)  # a non-finite loss stops the run here, before anything records it
         self.state.lookahead.after(pos.step)
         pos.offset += 1
 
@@ -310,6 +317,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m cifar_dist.
     parser = argparse.ArgumentParser(prog=prog, description="Train a CIFAR-10 classifier (data-parallel under a launcher).")
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every path of this config (data, net, steps, evaluation, checkpoint, resume, final records) "
+                             "on a few batches, in a throwaway run dir unless run.dir is given; one line per path, "
+                             "exit 0 only if all passed")
+    parser.add_argument("--smoke-compile", action="store_true",
+                        help="--smoke, with torch.compile too when the config asks for it (skipped otherwise: "
+                             "about a minute on a CPU)")
     args = parser.parse_intermixed_args(argv)  # overrides before or after --config
     return args, load_config(args.config, args.overrides)
 
@@ -319,11 +333,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train"
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if args.smoke or args.smoke_compile:
+        return smoke(cfg, args.smoke_compile)
     try:
         train(cfg)
     except Stopped:
         return EXIT_INTERRUPTED if distributed.interrupted else EXIT_REQUEUE
     return 0
+
+
+def smoke(cfg: Config, compile_too: bool) -> int:
+    """--smoke through `_train` itself (debug.Smoke): 0 when every path passed, else 1."""
+    dist = Distributed(cfg.train.device)
+    try:
+        return 0 if Smoke(cfg, dist, compile_too).run(lambda c: _train(c, dist)) else 1
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":
