@@ -1,15 +1,17 @@
 """Slurm sweeps: spec -> validated points -> one submitit job array -> exit.
 
-    python jobs/submit.py SPEC.yaml [--dry-run] [--cluster auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
+    python jobs/submit.py SPEC.yaml [--dry-run] [--executor auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
     python jobs/submit.py status SWEEP_DIR [--json]
     python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S]
     python jobs/submit.py cancel SWEEP_DIR
     python jobs/submit.py resubmit SWEEP_DIR --failed
 
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
-loads, task environment). `--cluster` picks the submitit *executor* (executors.py): `slurm`
+loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
 (sbatch), `local` (processes on this machine, no Slurm), `debug` (in this process, one point
-after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local.
+after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local. (The
+flag was once `--cluster`; that spelling is now an error naming `--executor`, so "cluster"
+means one thing: the profile, the cluster's facts.)
 
 Exit codes: 0 done; 1 the scheduler failed (or `wait`: some point did not finish); 2 a mistake
 in the spec or the command line, reported in one line before anything is submitted or written.
@@ -56,7 +58,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     profile = load_profile(spec.cluster)
     check_fits(spec.resources, profile)
-    kind, note = choose_executor(args.cluster)
+    kind, note = choose_executor(args.executor)
     sweep_dir = Path(args.sweep_dir or Path("sweeps") / spec.name).absolute()
     executor = kind(sweep_dir, profile)
     executor.check(spec.resources)
@@ -244,20 +246,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      epilog="also: status|wait|cancel|resubmit SWEEP_DIR (see the module docstring)")
     parser.add_argument("spec", metavar="SPEC.yaml", help="the sweep spec")
     parser.add_argument("--dry-run", action="store_true", help="print the points and the sbatch script; submit nothing")
-    parser.add_argument("--cluster", choices=["auto", *EXECUTORS], default="auto",
-                        help="executor: slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
+    parser.add_argument("--executor", choices=["auto", *EXECUTORS], default="auto",
+                        help="slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
+    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # the old spelling of --executor: an error naming it
     parser.add_argument("--sweep-dir", help="default: sweeps/<name>")
     parser.add_argument("--max-points", type=int, default=MAX_POINTS, help=f"refuse larger sweeps (default {MAX_POINTS})")
     args = parser.parse_args(argv)
+    if args.cluster is not None:
+        raise UserError(f"--cluster: renamed --executor (--executor {args.cluster}); the spec's cluster: names the "
+                        "cluster profile")
     args.command = "submit"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    command = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel,
-               "resubmit": cmd_resubmit}[args.command]
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        command = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel,
+                   "resubmit": cmd_resubmit}[args.command]
         return command(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

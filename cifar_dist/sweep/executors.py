@@ -117,7 +117,8 @@ class SlurmExecutor(Executor):
             "cpus_per_task": r.cpus_per_task,
             "time": r.time_min,
             "signal_delay_s": r.signal_delay_s,
-            "additional_parameters": {"requeue": True},  # allow `scontrol requeue` where JobRequeue=0
+            # requeue: allow `scontrol requeue` where JobRequeue=0; the spec's own options (validated) after it
+            "additional_parameters": {"requeue": True, **r.sbatch},
         }
         p = self.profile
         optional = {
@@ -260,7 +261,7 @@ class DebugExecutor(Executor):
         on_this_machine(self.name, r)
         if r.tasks_per_node > 1:
             raise ConfigError("resources.tasks_per_node: the debug executor runs one rank in this process; "
-                              "use --cluster local")
+                              "use --executor local")
 
     def _submit(self, job_name: str, r: Resources, tasks: list[Callable[[], Any]]) -> list[submitit.Job]:
         return submitit.DebugExecutor(self.folder).submit_array(tasks)
@@ -280,7 +281,7 @@ EXECUTORS: dict[str, type[Executor]] = {e.name: e for e in (SlurmExecutor, Local
 
 
 def choose_executor(flag: str) -> tuple[type[Executor], str]:
-    """The executor for `--cluster FLAG`, and a one-line note when `auto` chose it for lack of Slurm."""
+    """The executor for `--executor FLAG`, and a one-line note when `auto` chose it for lack of Slurm."""
     if flag != "auto":
         return EXECUTORS[flag], ""
     if shutil.which("sbatch") and shutil.which("srun"):
