@@ -106,7 +106,8 @@ def submit_points(executor: Executor, record: dict[str, Any], points: list[dict[
     """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
     r = Resources(**record["resources"])
     env, slots = dict(executor.profile.env), executor.run_slots(r)
-    tasks = [TrainTask(p["config"], env, r.cpus_per_task, str(executor.sweep_dir), slots) for p in points]
+    tasks = [TrainTask(p["config"], env, r.cpus_per_task, str(executor.sweep_dir), slots, r.signal_delay_s)
+             for p in points]
     jobs = executor.submit(record["name"], r, tasks)
     for point, job in zip(points, jobs):
         point["job_id"] = str(job.job_id)

@@ -90,6 +90,12 @@ class Executor:
     def cancel(self, job_ids: list[str]) -> None:
         """Stop these queued or running jobs (already listed in the sweep dir's cancel list)."""
 
+    @classmethod
+    def cancelled(cls, job_id: str) -> bool:
+        """In a task of job `job_id`, stopped by a signal: whether the scheduler itself is ending
+        the job (a cancel, not a pre-emption), so that requeueing it would undo the cancel."""
+        return False
+
     def where(self, n_points: int) -> str:
         """Where the submitted points run, for "N point(s) submitted as ..."."""
         raise NotImplementedError
@@ -148,6 +154,13 @@ class SlurmExecutor(Executor):
         if proc.returncode != 0:
             raise SubmitError(f"scancel failed: {proc.stderr.strip()}")
 
+    @classmethod
+    def cancelled(cls, job_id: str) -> bool:
+        # scancel marks the job CANCELLED before its tasks get SIGTERM; a pre-emption, the time
+        # limit's signal or `scancel --signal` leaves it RUNNING (or PREEMPTED, REQUEUED). Not
+        # known (no controller): False, and the requeue that follows fails the same way.
+        return slurm_job_state(job_id) == "CANCELLED"
+
     def where(self, n_points: int) -> str:
         return f"{'one Slurm job array' if n_points > 1 else 'one Slurm job'} (profile {self.profile.name})"
 
@@ -175,6 +188,16 @@ def slurm_queue(job_ids: set[str]) -> dict[str, str]:
             if state:
                 out[parts[0]] = state
     return out
+
+
+def slurm_job_state(job_id: str) -> str:
+    """Slurm's state of one job (scontrol knows ended jobs for MinJobAge, 300 s by default), or "" when unknown."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+    return fields.get("JobState", "")
 
 
 # Slurm states of a job that is not over; every other state (COMPLETED, FAILED, CANCELLED,
