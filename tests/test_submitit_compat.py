@@ -101,3 +101,7 @@ def test_local_jobs_files_liveness_and_cancel(tmp_path):
         assert submitit_compat.task_result(tmp_path, quick.job_id) == ("success", {"status": "x"})
         assert submitit_compat.task_log(tmp_path, quick.job_id).is_file()
         assert submitit_compat.task_result(tmp_path, "1234") is None
+    debug = submitit.DebugExecutor(tmp_path / "debug").submit(dict, status="y")
+    with uses("utils.temporary_save_path/cloudpickle_dump, Job.paths.result_pickle"):
+        submitit_compat.save_result(debug, debug.result())
+        assert submitit_compat.task_result(tmp_path / "debug", debug.job_id) == ("success", {"status": "y"})

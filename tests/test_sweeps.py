@@ -307,7 +307,7 @@ def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, rea
     script = iter(reads)
     seen, slept = [], []
     monkeypatch.setattr(commands, "open_sweep", lambda d: None)
-    monkeypatch.setattr(commands, "sweep_states", lambda sweep: seen.append(1) or [
+    monkeypatch.setattr(commands, "sweep_states", lambda sweep, retry_for: seen.append(1) or [
         PointState("000", "1_0", next(script), None, None, "", "lr=0.1")])
     monkeypatch.setattr(commands.time, "sleep", slept.append)
     assert commands.main(["wait", "sweeps/x", "--poll", "1"]) == code

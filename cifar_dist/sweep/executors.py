@@ -91,10 +91,10 @@ class Executor:
         """Stop these queued or running jobs (already listed in the sweep dir's cancel list)."""
 
     @classmethod
-    def cancelled(cls, job_id: str) -> bool:
-        """In a task of job `job_id`, stopped by a signal: whether the scheduler itself is ending
-        the job (a cancel, not a pre-emption), so that requeueing it would undo the cancel."""
-        return False
+    def ending(cls, job_id: str) -> str:
+        """In a task of job `job_id`, stopped by a signal: why the scheduler itself is ending the
+        job (a cancel), so that requeueing it would undo the cancel; "" when it is not."""
+        return ""
 
     def where(self, n_points: int) -> str:
         """Where the submitted points run, for "N point(s) submitted as ..."."""
@@ -155,11 +155,16 @@ class SlurmExecutor(Executor):
             raise SubmitError(f"scancel failed: {proc.stderr.strip()}")
 
     @classmethod
-    def cancelled(cls, job_id: str) -> bool:
-        # scancel marks the job CANCELLED before its tasks get SIGTERM; a pre-emption, the time
-        # limit's signal or `scancel --signal` leaves it RUNNING (or PREEMPTED, REQUEUED). Not
-        # known (no controller): False, and the requeue that follows fails the same way.
-        return slurm_job_state(job_id) == "CANCELLED"
+    def ending(cls, job_id: str) -> str:
+        # The time limit's signal, a pre-emption signal or `scancel --signal` leave the job
+        # RUNNING: it goes on only if the task requeues it. A plain scancel shows it COMPLETING
+        # (the flag outranks CANCELLED in scontrol's JobState) while its tasks stop, as does a
+        # requeue by Slurm itself, which needs no second one. Unknown (no controller): "", and
+        # the requeue that follows fails the same way.
+        state = slurm_job_state(job_id)
+        if state in ("RUNNING", ""):
+            return ""
+        return f"cancelled: Slurm is ending the job itself (JobState={state}: a cancel, or its own requeue)"
 
     def where(self, n_points: int) -> str:
         return f"{'one Slurm job array' if n_points > 1 else 'one Slurm job'} (profile {self.profile.name})"
@@ -291,7 +296,7 @@ class DebugExecutor(Executor):
 
     def finish(self, jobs: list[submitit.Job]) -> None:
         for job in jobs:  # its jobs run when asked for their results: now, here, one after another
-            job.results()
+            submitit_compat.save_result(job, job.results()[0])  # where `status` finds every executor's results
 
     def where(self, n_points: int) -> str:
         return "this process (debug executor)"

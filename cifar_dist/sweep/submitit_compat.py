@@ -23,7 +23,14 @@ from typing import Any
 
 import submitit
 from submitit.core.job_environment import SignalHandler
-from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError, pickle_load
+from submitit.core.utils import (
+    DelayedSubmission,
+    JobPaths,
+    UncompletedJobError,
+    cloudpickle_dump,
+    pickle_load,
+    temporary_save_path,
+)
 
 # submitit raises this when its checkpoint path will not requeue (timed out too many times).
 NotRequeued = UncompletedJobError
@@ -85,6 +92,14 @@ def task_result(folder: Path, job_id: str) -> tuple[str, Any] | None:
         return pickle_load(path)
     except Exception as e:  # an unreadable pickle is reported, not fatal to `status`
         return "error", f"unreadable result {path}: {e}"
+
+
+def save_result(job: submitit.Job, value: Any) -> None:
+    """Write `value` as the job's task 0 result pickle, as a Slurm or local job's own process does
+    (`task_result` reads it back): the debug executor runs its jobs in this process and keeps
+    their results in memory only."""
+    with temporary_save_path(job.paths.result_pickle) as tmp:
+        cloudpickle_dump(("success", value), tmp)
 
 
 def local_job_alive(job_id: str) -> bool:

@@ -18,8 +18,8 @@ Each task builds its distributed environment in code (no nested launcher) and ca
 
 A stop is a time-out (counted against `max_timeouts`) when it came within the signal's reach of
 the time limit (`timed_out`), else a pre-emption (free), for any time limit. If the job was
-cancelled (plain `scancel`: Slurm shows it CANCELLED while its tasks stop; or `jobs/submit.py
-cancel`), or has timed out too many times, rank 0 does not requeue and returns the marker
+cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks stop; or
+`jobs/submit.py cancel`), or has timed out too many times, rank 0 does not requeue and returns the marker
 `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped (resumable
 with `resubmit --failed`).
 """
@@ -109,9 +109,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         listed = cancelled_ids(Path(self.sweep_dir)) if self.sweep_dir else set()
         if job.job_id in listed or job.array_job_id in listed:  # `jobs/submit.py cancel`
             return "cancelled"
-        if executor.cancelled(job.job_id):  # plain scancel: its SIGTERM looks like any other stop
-            return "cancelled"
-        return ""
+        return executor.ending(job.job_id)  # plain scancel: its SIGTERM looks like any other stop
 
 
 def timed_out(age_s: float, limit_min: int, signal_delay_s: int) -> bool:
