@@ -1,10 +1,10 @@
 """Slurm sweeps: spec -> validated points -> one submitit job array -> exit.
 
     python jobs/submit.py SPEC.yaml [--dry-run] [--executor auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
-    python jobs/submit.py status SWEEP_DIR [--json]
-    python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S]
-    python jobs/submit.py cancel SWEEP_DIR
-    python jobs/submit.py resubmit SWEEP_DIR --failed
+    python jobs/submit.py status SWEEP_DIR [--json] [--retry-for S]
+    python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S] [--retry-for S]
+    python jobs/submit.py cancel SWEEP_DIR [--retry-for S]
+    python jobs/submit.py resubmit SWEEP_DIR --failed [--retry-for S]
 
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
 loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`

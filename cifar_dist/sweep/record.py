@@ -104,8 +104,12 @@ def changing(sweep_dir: Path, command: str, new: bool = False) -> Iterator[bool]
 def check_free(sweep_dir: Path) -> None:
     """A new sweep goes only into a folder that does not exist or is empty."""
     if sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
-        raise UserError(f"--sweep-dir: {sweep_dir} exists and is not empty; resubmit with "
-                        f"'python jobs/submit.py resubmit {sweep_dir} --failed' or choose another --sweep-dir")
+        raise _taken(sweep_dir)
+
+
+def _taken(sweep_dir: Path) -> UserError:
+    return UserError(f"--sweep-dir: {sweep_dir} exists and is not empty; resubmit with "
+                     f"'python jobs/submit.py resubmit {sweep_dir} --failed' or choose another --sweep-dir")
 
 
 def _claim(sweep_dir: Path) -> bool:
@@ -120,8 +124,7 @@ def _claim(sweep_dir: Path) -> bool:
     try:  # an empty folder may be seen as free by two submits; only one creates the lock file
         os.close(os.open(sweep_dir / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        check_free(sweep_dir)  # it now holds the other one's lock file: raises
-        raise
+        raise _taken(sweep_dir) from None
     return created
 
 
