@@ -19,9 +19,9 @@ Each task builds its distributed environment in code (no nested launcher) and ca
 A stop is a time-out (counted against `max_timeouts`) when it came within the signal's reach of
 the time limit (`timed_out`), else a pre-emption (free), for any time limit. If the job was
 cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks stop; or
-`jobs/submit.py cancel`), or has timed out too many times, rank 0 does not requeue and returns the marker
-`{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped (resumable
-with `resubmit --failed`).
+`jobs/submit.py cancel`), or has timed out too many times, rank 0 does not requeue and returns
+the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
+(resumable with `resubmit --failed`).
 """
 
 from __future__ import annotations
