@@ -110,6 +110,17 @@ def submit(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60)
     return subprocess.run([PY, str(SUBMIT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """`python jobs/submit.py ARGS` in the background (for races and for `wait` across an outage)."""
+    return subprocess.Popen([PY, str(SUBMIT), *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def submitted(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     proc = submit(args, env, cwd)
     assert proc.returncode == 0, f"submit {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -178,31 +189,34 @@ def scontrol(args: list[str], env: dict[str, str], check: bool = True) -> None:
     assert proc.returncode == 0 or not check, f"scontrol {args}: {proc.stderr}"
 
 
-def job_state(job_id: str, env: dict[str, str]) -> str:
-    """Slurm's own state of a job (scontrol knows ended jobs for MinJobAge, 300 s by default)."""
+def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    """`scontrol show job` of one job as {field: value} (it knows ended jobs for MinJobAge, 300 s by default)."""
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=with_conf(env), capture_output=True, text=True,
                           timeout=30)
-    for field in proc.stdout.split():
-        if field.startswith("JobState="):
-            return field.removeprefix("JobState=")
-    return "UNKNOWN"
+    return dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+
+
+def job_state(job_id: str, env: dict[str, str]) -> str:
+    """Slurm's own state of a job."""
+    return job_fields(job_id, env).get("JobState", "UNKNOWN")
 
 
 ENDED = ("FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
-def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout: float = 240) -> None:
+def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout: float = 240,
+                     until_running: bool = False) -> None:
     """Start a requeued job now rather than after Slurm's two-minute hold, and see its point
-    through to done. Twice in full test runs on a loaded 2-core VM the dev cluster did not simply
-    start it: it set the hold just after the job showed PENDING, undoing an early release (so
-    release while it is pending; idempotent), and it put a requeued job back to FAILED 0.2 s after
-    showing it PENDING, where it stayed (so requeue it again). A requeue that never trains fails
-    here, at the time-out, with the job logs."""
+    through to done (or, `until_running`, until its next life runs). Twice in full test runs on a
+    loaded 2-core VM the dev cluster did not simply start it: it set the hold just after the job
+    showed PENDING, undoing an early release (so release while it is pending; idempotent), and it
+    put a requeued job back to FAILED 0.2 s after showing it PENDING, where it stayed (so requeue
+    it again). A requeue that never trains fails here, at the time-out, with the job logs."""
 
     def done() -> bool:
         state = job_state(job_id, env)  # first: a job that ended before `status` looks has its summary by then
         [point] = [p for p in status(sweep_dir, env) if p["job_id"] == job_id]
-        if point["state"] == "done":
+        if point["state"] == "done" or until_running and state == "RUNNING":
             return True
         # Answers not checked: the job may have moved on between reading its state and acting on it.
         if state == "PENDING":
@@ -211,7 +225,8 @@ def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout:
             scontrol(["requeue", job_id], env, check=False)
         return False
 
-    wait_for(done, timeout, f"requeued job {job_id} to run again and finish", sweep_dir, poll=1)
+    wait_for(done, timeout, f"requeued job {job_id} to run again{'' if until_running else ' and finish'}", sweep_dir,
+             poll=1)
 
 
 def task_pids(job_id: str, rank: int) -> list[int]:

@@ -100,7 +100,7 @@ def test_two_nodes_train_like_two_ranks_on_one_node(two_node_run, menv, tmp_path
 
 
 def test_sbatch_template_runs_on_two_nodes(two_node_run, menv, tmp_path):
-    """slurm/train.sbatch: srun + accelerate launch, one launcher per node, machine rank from Slurm."""
+    """slurm/train.sbatch: one srun task per rank (here one per node), ranks from Slurm, no launcher."""
     run_dir = tmp_path / "tpl"
     args = [*TINY, *(f"{k}={v}" for k, v in CONFIG.items()), "seed=0", f"run.dir={run_dir}"]
     env = with_conf({**menv, "PYTHON": PY, "GLOO_SOCKET_IFNAME": "eth0"})

@@ -62,24 +62,23 @@ def submitted(job: submitit.JobEnvironment, max_num_timeout: int) -> submitit.he
     return delayed
 
 
-def test_signal_handler_measures_time_from_the_given_start(monkeypatch, tmp_path):
+def test_checkpoint_and_requeue_runs_submitits_requeue_path_with_our_time_out_rule(monkeypatch, tmp_path):
     job = local_job_environment(monkeypatch, tmp_path)
-    delayed = submitted(job, 3)
-    with uses("SignalHandler(env, paths, delayed) and its _start_time"):
-        assert not submitit_compat.signal_handler(job, delayed, time.time()).has_timed_out()
-        assert submitit_compat.signal_handler(job, delayed, time.time() - 3600).has_timed_out(), "ran 60 of 60 min"
-
-
-def test_checkpoint_and_requeue_runs_submitits_requeue_path(monkeypatch, tmp_path):
-    job = local_job_environment(monkeypatch, tmp_path)
-    with uses("DelayedSubmission.load/JobEnvironment._usr_sig/SignalHandler.checkpoint_and_try_requeue"):
-        submitted(job, 3)
-        with pytest.raises(SystemExit):  # pre-empted, not timed out: checkpointed and requeued (local: exit)
-            submitit_compat.checkpoint_and_requeue(job, time.time())
+    limits = []
+    with uses("DelayedSubmission.load/_timeout_min/JobEnvironment._usr_sig/SignalHandler.has_timed_out/"
+              "checkpoint_and_try_requeue"):
+        submitted(job, 0)
+        with pytest.raises(SystemExit):  # not a time-out: requeued (local: exit) although no time-out is left
+            submitit_compat.checkpoint_and_requeue(job, lambda limit: limits.append(limit) or False)
+        assert limits == [60], "the job's time limit in minutes, from its pickle"
         assert isinstance(submitit.helpers.DelayedSubmission.load(job.paths.submitted_pickle).function, Point)
         submitted(job, 0)
         with pytest.raises(NotRequeued, match="timed-out too many times"):
-            submitit_compat.checkpoint_and_requeue(job, time.time() - 3600)
+            submitit_compat.checkpoint_and_requeue(job, lambda limit: True)
+        submitted(job, 1)
+        with pytest.raises(SystemExit):  # a time-out with one left: requeued, the countdown spent
+            submitit_compat.checkpoint_and_requeue(job, lambda limit: True)
+        assert submitit.helpers.DelayedSubmission.load(job.paths.submitted_pickle)._timeout_countdown == 0
 
 
 def test_local_jobs_files_liveness_and_cancel(tmp_path):
@@ -102,3 +101,7 @@ def test_local_jobs_files_liveness_and_cancel(tmp_path):
         assert submitit_compat.task_result(tmp_path, quick.job_id) == ("success", {"status": "x"})
         assert submitit_compat.task_log(tmp_path, quick.job_id).is_file()
         assert submitit_compat.task_result(tmp_path, "1234") is None
+    debug = submitit.DebugExecutor(tmp_path / "debug").submit(dict, status="y")
+    with uses("utils.temporary_save_path/cloudpickle_dump, Job.paths.result_pickle"):
+        submitit_compat.save_result(debug, debug.result())
+        assert submitit_compat.task_result(tmp_path / "debug", debug.job_id) == ("success", {"status": "y"})

@@ -169,15 +169,73 @@ def test_dry_run_prints_points_and_the_exact_sbatch_script(tmp_path):
                   "random": {"n": 2, "seed": 0, "params": {"train.label_smoothing": {"uniform": [0.0, 0.2]}}}},
         "resources": {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem": 400,
                       "time_min": 240, "signal_delay_s": 120, "array_parallelism": 2, "partition": "gpu-preempt",
-                      "qos": "high", "constraint": "a100&ib"}}, sort_keys=False))
+                      "qos": "high", "constraint": "a100&ib",
+                      "sbatch": {"gres": "gpu:a100:8", "exclude": "node[1-3]", "reservation": "maint-x",
+                                 "mail_type": "END,FAIL", "exclusive": True, "nice": 10}}}, sort_keys=False))
     sweep_dir = tmp_path / "sweep"
     env = slurm_env(tmp_path / "cache", tmp_path)
-    out = submitted([str(spec), "--dry-run", "--cluster", "slurm", "--sweep-dir", str(sweep_dir)], env, tmp_path)
+    out = submitted([str(spec), "--dry-run", "--executor", "slurm", "--sweep-dir", str(sweep_dir)], env, tmp_path)
     assert not sweep_dir.exists() and not (tmp_path / "sweeps").exists(), "a dry run writes nothing"
     text = normalise(out.stdout, sweep_dir)
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+def test_a_spec_without_a_sweep_block_is_one_point(tmp_path):
+    spec = load_spec(spec_file(tmp_path, sweep=None, overrides={"train.lr": 0.2}))
+    [point] = make_points(spec, tmp_path / "sw", "abc123")
+    assert (point.name, point.values, point.run_id, point.config["train"]["lr"]) == ("000", {}, "s-abc123-000", 0.2)
+    assert point.config["run"]["name"] == "s/000"
+    with pytest.raises(ConfigError, match=re.escape("sweep: empty (give grid and/or random, or leave sweep: out")):
+        load_spec(spec_file(tmp_path, sweep={}))
+
+
+@pytest.mark.parametrize(("sbatch", "message"), [
+    ({"gres": "gpu:a100:8", "exclude": "node[1-3]", "mail_user": "me@lab.org", "exclusive": True, "nice": 5}, None),
+    ({"time": "10"}, "resources.sbatch.time: not an option a spec may pass to sbatch (allowed: begin,"),
+    ({"array": "0-9"}, "resources.sbatch.array: not an option"),
+    ({"qos": "high"}, "resources.sbatch.qos: use resources.qos (checked against the cluster profile)"),
+    ({"exclude": "n1 --wrap=x"}, "resources.sbatch.exclude: 'n1 --wrap=x' is not one sbatch value"),
+    ({"comment": "$(touch /tmp/x)"}, "is not one sbatch value"),
+    ({"reservation": "r\n#SBATCH --time=1"}, "is not one sbatch value"),
+    ({"exclusive": False}, "resources.sbatch.exclusive: false; leave the option out instead"),
+    ({"nice": -5}, "resources.sbatch.nice: must be >= 0"),
+    ({"gres": ["gpu:1"]}, "resources.sbatch.gres: expected a string or an integer or true or false"),
+])
+def test_sbatch_pass_through_is_validated(tmp_path, sbatch, message):
+    path = spec_file(tmp_path, resources={"sbatch": sbatch})
+    if message is None:
+        assert load_spec(path).resources.sbatch == {"gres": "gpu:a100:8", "exclude": "node[1-3]",
+                                                    "mail-user": "me@lab.org", "exclusive": True, "nice": "5"}
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(path)
+
+
+@pytest.mark.parametrize(("time_min", "delay", "message"), [
+    (1, 30, "resources.time_min: 1 min leaves 30 s before the signal (signal_delay_s 30), but Slurm may send it 60 s "
+            "early and a run needs about 60 s to start; give time_min >= 3 or a smaller signal_delay_s"),
+    (4, 90, None),  # 150 s before the signal: 60 s early margin + 60 s start-up fit
+    (3, 90, "give time_min >= 4"),
+    (2, 0, None),
+])
+def test_a_time_limit_must_leave_the_early_signal_and_start_up(tmp_path, time_min, delay, message):
+    path = spec_file(tmp_path, resources={"time_min": time_min, "signal_delay_s": delay})
+    if message is None:
+        assert load_spec(path).resources.time_min == time_min
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(path)
+
+
+def test_cluster_flag_is_renamed_executor(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
+    proc = submit([str(spec), "--dry-run", "--cluster", "local"], env, tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("error: --cluster: renamed --executor (--executor local); the spec's cluster: names the "
+                           "cluster profile\n")
 
 
 def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir):
@@ -211,7 +269,7 @@ def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir)
 def test_debug_executor_runs_in_this_process(tmp_path, cache_dir):
     env = slurm_env(cache_dir, tmp_path)
     spec = write_spec(tmp_path / "dbg.yaml", "dbg", {"grid": {"seed": [0]}}, overrides={"train.epochs": 1})
-    out = submitted([str(spec), "--cluster", "debug", "--sweep-dir", str(tmp_path / "sw")], env, tmp_path)
+    out = submitted([str(spec), "--executor", "debug", "--sweep-dir", str(tmp_path / "sw")], env, tmp_path)
     assert "done: test accuracy" in out.stdout, "trained before submit returned"
     assert [s["state"] for s in status(tmp_path / "sw", env)] == ["done"]
 
@@ -221,7 +279,7 @@ def test_existing_sweep_dir_is_refused(tmp_path):
     spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
     (tmp_path / "sw").mkdir()
     (tmp_path / "sw" / "keep").write_text("mine")
-    proc = submit([str(spec), "--sweep-dir", str(tmp_path / "sw"), "--cluster", "local"], env, tmp_path)
+    proc = submit([str(spec), "--sweep-dir", str(tmp_path / "sw"), "--executor", "local"], env, tmp_path)
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["keep"]
 
@@ -229,9 +287,9 @@ def test_existing_sweep_dir_is_refused(tmp_path):
 def test_max_points_lifts_the_cap(tmp_path):
     env = slurm_env(tmp_path / "cache", tmp_path)
     spec = write_spec(tmp_path / "big.yaml", "big", {"grid": {"seed": list(range(40)), "train.lr": [0.1] * 30}})
-    capped = submit([str(spec), "--dry-run", "--cluster", "local"], env, tmp_path)
+    capped = submit([str(spec), "--dry-run", "--executor", "local"], env, tmp_path)
     assert capped.returncode == 2 and "1,200 points exceeds the cap of 1,000" in capped.stderr
-    lifted = submit([str(spec), "--dry-run", "--cluster", "local", "--max-points", "1200"], env, tmp_path)
+    lifted = submit([str(spec), "--dry-run", "--executor", "local", "--max-points", "1200"], env, tmp_path)
     assert lifted.returncode == 0 and "1200 point(s)" in lifted.stdout
 
 
@@ -249,7 +307,7 @@ def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, rea
     script = iter(reads)
     seen, slept = [], []
     monkeypatch.setattr(commands, "open_sweep", lambda d: None)
-    monkeypatch.setattr(commands, "sweep_states", lambda sweep: seen.append(1) or [
+    monkeypatch.setattr(commands, "sweep_states", lambda sweep, retry_for: seen.append(1) or [
         PointState("000", "1_0", next(script), None, None, "", "lr=0.1")])
     monkeypatch.setattr(commands.time, "sleep", slept.append)
     assert commands.main(["wait", "sweeps/x", "--poll", "1"]) == code

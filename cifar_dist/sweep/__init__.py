@@ -6,6 +6,7 @@
     executors.py        one Executor class per submitit executor: slurm, local, debug
     record.py           the sweep dir: its record and each point's state
     task.py             TrainTask, run by every rank of a point's job
+    launch.py           one rank of slurm/train.sbatch (srun, no launcher): Slurm's ranks, then train
     submitit_compat.py  the only module that touches submitit's private members
 
 This package may import from the rest of cifar_dist (config, schema, errors, train); the rest of

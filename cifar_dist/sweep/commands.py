@@ -1,18 +1,24 @@
 """Slurm sweeps: spec -> validated points -> one submitit job array -> exit.
 
-    python jobs/submit.py SPEC.yaml [--dry-run] [--cluster auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
-    python jobs/submit.py status SWEEP_DIR [--json]
-    python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S]
-    python jobs/submit.py cancel SWEEP_DIR
-    python jobs/submit.py resubmit SWEEP_DIR --failed
+    python jobs/submit.py SPEC.yaml [--dry-run] [--executor auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
+    python jobs/submit.py status SWEEP_DIR [--json] [--retry-for S]
+    python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S] [--retry-for S]
+    python jobs/submit.py cancel SWEEP_DIR [--retry-for S]
+    python jobs/submit.py resubmit SWEEP_DIR --failed [--retry-for S]
 
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
-loads, task environment). `--cluster` picks the submitit *executor* (executors.py): `slurm`
+loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
 (sbatch), `local` (processes on this machine, no Slurm), `debug` (in this process, one point
-after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local.
+after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local. (The
+flag was once `--cluster`; that spelling is now an error naming `--executor`, so "cluster"
+means one thing: the profile, the cluster's facts.)
 
-Exit codes: 0 done; 1 the scheduler failed (or `wait`: some point did not finish); 2 a mistake
-in the spec or the command line, reported in one line before anything is submitted or written.
+Exit codes: 0 done; 1 some point did not finish (`wait`), or the scheduler refused (sbatch,
+scancel failed); 2 a mistake in the spec or the command line, or the sweep dir is taken or busy
+(another submit, resubmit or cancel holds it), reported in one line before anything is submitted
+or written; 3 the scheduler could not be reached (squeue kept failing for --retry-for seconds,
+default 600, while status, wait, cancel and resubmit asked again with backoff); 124 `wait --timeout`
+ran out.
 """
 
 from __future__ import annotations
@@ -29,12 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from cifar_dist.errors import UserError
-from cifar_dist.sweep.executors import EXECUTORS, Executor, choose_executor
+from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
 from cifar_dist.sweep.record import (
     ACTIVE,
+    MISMATCH,
     RESUBMITTABLE,
     PointState,
+    changing,
+    check_free,
+    discard,
+    foreign,
     format_table,
     job_ids,
     load_record,
@@ -47,6 +58,12 @@ from cifar_dist.sweep.spec import MAX_POINTS, Point, Resources, Spec, check_fits
 from cifar_dist.sweep.task import TrainTask
 
 COMMANDS = ("status", "wait", "cancel", "resubmit")
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 124
+# How long status, wait, cancel and resubmit keep asking a scheduler that does not answer (squeue
+# failing: a controller restarting or failing over) before exit 3: a restart takes seconds to a
+# few minutes; a cluster still silent after this is down for longer than a wait should hide.
+RETRY_FOR_S = 600.0
+BACKOFF_S = (2.0, 60.0)  # the first and the longest pause between tries; doubling in between
 
 
 # ---------------------------------------------------------------------------- submit
@@ -56,13 +73,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     profile = load_profile(spec.cluster)
     check_fits(spec.resources, profile)
-    kind, note = choose_executor(args.cluster)
+    kind, note = choose_executor(args.executor)
     sweep_dir = Path(args.sweep_dir or Path("sweeps") / spec.name).absolute()
     executor = kind(sweep_dir, profile)
     executor.check(spec.resources)
-    if sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
-        raise UserError(f"--sweep-dir: {sweep_dir} exists and is not empty; resubmit with "
-                        f"'python jobs/submit.py resubmit {sweep_dir} --failed' or choose another --sweep-dir")
+    check_free(sweep_dir)  # early, for the dry run too; `changing` claims it atomically
     uid = uuid.uuid4().hex[:6]  # run ids stay unique (wandb) when a sweep name is reused
     points = make_points(spec, sweep_dir, uid, args.max_points)
     if args.dry_run:
@@ -71,15 +86,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(note)
     executor.connect()
     record = new_record(spec, profile, executor, uid, points)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copyfile(spec.path, sweep_dir / "spec.yaml")
-        save_record(sweep_dir, record)
-        jobs = submit_points(executor, record, record["points"])
-    except BaseException:
-        if not any(p["job_id"] for p in record["points"]):
-            shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing half-written: no job exists for it
-        raise
+    with changing(sweep_dir, "submit", new=True) as created:
+        try:
+            shutil.copyfile(spec.path, sweep_dir / "spec.yaml")
+            save_record(sweep_dir, record)
+            jobs = submit_points(executor, record, record["points"])
+        except BaseException:
+            if not any(p["job_id"] for p in record["points"]):
+                discard(sweep_dir, created)  # nothing half-written: no job exists for it
+            raise
     print_submitted(executor, record, record["points"])
     executor.finish(jobs)
     return 0
@@ -104,7 +119,8 @@ def submit_points(executor: Executor, record: dict[str, Any], points: list[dict[
     """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
     r = Resources(**record["resources"])
     env, slots = dict(executor.profile.env), executor.run_slots(r)
-    tasks = [TrainTask(p["config"], env, r.cpus_per_task, str(executor.sweep_dir), slots) for p in points]
+    tasks = [TrainTask(p["config"], env, r.cpus_per_task, str(executor.sweep_dir), slots, r.signal_delay_s)
+             for p in points]
     jobs = executor.submit(record["name"], r, tasks)
     for point, job in zip(points, jobs):
         point["job_id"] = str(job.job_id)
@@ -153,13 +169,35 @@ def open_sweep(path: str) -> Sweep:
     return Sweep(sweep_dir, record, executor)
 
 
-def sweep_states(sweep: Sweep) -> list[PointState]:
-    return point_states(sweep.dir, sweep.record, sweep.executor.queue_states(job_ids(sweep.record)))
+def sweep_states(sweep: Sweep, retry_for: float) -> list[PointState]:
+    return point_states(sweep.dir, sweep.record, ask_queue(sweep, retry_for))
+
+
+def ask_queue(sweep: Sweep, retry_for: float) -> dict[str, str]:
+    """The executor's queue states. While the scheduler cannot be asked, ask again with backoff
+    for up to `retry_for` seconds, saying so in one line (and one more when it answers again)."""
+    start, pause, said = time.monotonic(), BACKOFF_S[0], False
+    while True:
+        try:
+            queue = sweep.executor.queue_states(job_ids(sweep.record))
+        except QueueError as e:
+            waited = time.monotonic() - start
+            if waited >= retry_for:
+                raise QueueError(f"{e} (for {waited:.0f} s; the jobs may still be running)") from None
+            if not said:
+                print(f"{e}; asking again for up to {retry_for:g} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(pause, retry_for - waited))
+            pause = min(2 * pause, BACKOFF_S[1])
+            continue
+        if said:
+            print(f"the scheduler answers again, after {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        return queue
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     sweep = open_sweep(args.sweep_dir)
-    states = sweep_states(sweep)
+    states = sweep_states(sweep, args.retry_for)
     if args.json:
         print(json.dumps([s.to_dict() for s in states], indent=1))
     else:
@@ -180,11 +218,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     seen_over = False
     while True:
-        states = sweep_states(sweep)
+        states = sweep_states(sweep, args.retry_for)
         if not any(s.state in ACTIVE for s in states):
             if seen_over or all(s.state in ("done", "cancelled") for s in states):
                 print(status_table(states))
-                return 0 if all(s.state == "done" for s in states) else 1
+                return 0 if all(s.state == "done" for s in states) else EXIT_FAILED
             seen_over = True
             time.sleep(SETTLE_SECONDS)
             continue
@@ -192,32 +230,39 @@ def cmd_wait(args: argparse.Namespace) -> int:
         if deadline is not None and time.monotonic() >= deadline:
             print(status_table(states))
             print(f"wait: timed out after {args.timeout:g} s", file=sys.stderr)
-            return 124
+            return EXIT_TIMEOUT
         time.sleep(args.poll)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    sweep = open_sweep(args.sweep_dir)
-    active = [s.job_id for s in sweep_states(sweep) if s.state in ACTIVE]
-    if not active:
-        print("cancel: nothing queued or running")
-        return 0
-    mark_cancelled(sweep.dir, active)  # first: the tasks' SIGTERM handler must see it
-    sweep.executor.cancel(active)
+    with changing(Path(args.sweep_dir).absolute(), "cancel"):
+        sweep = open_sweep(args.sweep_dir)
+        active = [s.job_id for s in sweep_states(sweep, args.retry_for) if s.state in ACTIVE]
+        if not active:
+            print("cancel: nothing queued or running")
+            return 0
+        mark_cancelled(sweep.dir, active)  # first: the tasks' SIGTERM handler must see it
+        sweep.executor.cancel(active)
     print(f"cancel: {len(active)} job(s): {' '.join(active)}")
     return 0
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
     if not args.failed:
-        raise UserError("resubmit: say which points: --failed (the failed, stopped and cancelled ones)")
-    sweep = open_sweep(args.sweep_dir)
-    names = {s.name for s in sweep_states(sweep) if s.state in RESUBMITTABLE}
-    points = [p for p in sweep.record["points"] if p["name"] in names]
-    if not points:
-        print("resubmit: no failed, stopped or cancelled points")
-        return 0
-    jobs = submit_points(sweep.executor, sweep.record, points)  # same run dirs: each resumes from its checkpoints
+        raise UserError("resubmit: say which points: --failed (the failed, stopped, cancelled and mismatched ones)")
+    with changing(Path(args.sweep_dir).absolute(), "resubmit"):
+        sweep = open_sweep(args.sweep_dir)
+        points = []
+        for state, point in zip(sweep_states(sweep, args.retry_for), sweep.record["points"]):
+            why = foreign(point, Path(point["run_dir"])) if state.state == MISMATCH else ""
+            if why:  # its job would only fail on the run dir: say so here instead
+                print(f"resubmit: point {state.name} left alone: {why}; move its run dir away to train it")
+            elif state.state in RESUBMITTABLE:
+                points.append(point)
+        if not points:
+            print("resubmit: no failed, stopped, cancelled or mismatched points")
+            return 0
+        jobs = submit_points(sweep.executor, sweep.record, points)  # same run dirs: each resumes from its checkpoints
     print_submitted(sweep.executor, sweep.record, points)
     sweep.executor.finish(jobs)
     return 0
@@ -230,13 +275,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] in COMMANDS:
         parser = argparse.ArgumentParser(prog=f"python jobs/submit.py {argv[0]}")
         parser.add_argument("sweep_dir", metavar="SWEEP_DIR")
+        parser.add_argument("--retry-for", type=float, default=RETRY_FOR_S, metavar="S",
+                            help=f"ask a scheduler that does not answer again for up to S seconds, then exit 3 "
+                                 f"(default {RETRY_FOR_S:g})")
         if argv[0] == "status":
             parser.add_argument("--json", action="store_true", help="one JSON object per point")
         if argv[0] == "wait":
-            parser.add_argument("--timeout", type=float, help="give up after this many seconds (exit 124)")
+            parser.add_argument("--timeout", type=float, help=f"give up after this many seconds (exit {EXIT_TIMEOUT})")
             parser.add_argument("--poll", type=float, default=10.0, help="seconds between checks (default 10)")
         if argv[0] == "resubmit":
-            parser.add_argument("--failed", action="store_true", help="the failed, stopped and cancelled points")
+            parser.add_argument("--failed", action="store_true",
+                                help="the failed, stopped, cancelled and mismatched points (not those holding another run)")
         args = parser.parse_args(argv[1:])
         args.command = argv[0]
         return args
@@ -244,27 +293,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      epilog="also: status|wait|cancel|resubmit SWEEP_DIR (see the module docstring)")
     parser.add_argument("spec", metavar="SPEC.yaml", help="the sweep spec")
     parser.add_argument("--dry-run", action="store_true", help="print the points and the sbatch script; submit nothing")
-    parser.add_argument("--cluster", choices=["auto", *EXECUTORS], default="auto",
-                        help="executor: slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
+    parser.add_argument("--executor", choices=["auto", *EXECUTORS], default="auto",
+                        help="slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
+    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # the old spelling of --executor: an error naming it
     parser.add_argument("--sweep-dir", help="default: sweeps/<name>")
     parser.add_argument("--max-points", type=int, default=MAX_POINTS, help=f"refuse larger sweeps (default {MAX_POINTS})")
     args = parser.parse_args(argv)
+    if args.cluster is not None:
+        raise UserError(f"--cluster: renamed --executor (--executor {args.cluster}); the spec's cluster: names the "
+                        "cluster profile")
     args.command = "submit"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    command = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel,
-               "resubmit": cmd_resubmit}[args.command]
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        command = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel,
+                   "resubmit": cmd_resubmit}[args.command]
         return command(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except QueueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

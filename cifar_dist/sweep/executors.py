@@ -90,6 +90,12 @@ class Executor:
     def cancel(self, job_ids: list[str]) -> None:
         """Stop these queued or running jobs (already listed in the sweep dir's cancel list)."""
 
+    @classmethod
+    def ending(cls, job_id: str) -> str:
+        """In a task of job `job_id`, stopped by a signal: why the scheduler itself is ending the
+        job (a cancel), so that requeueing it would undo the cancel; "" when it is not."""
+        return ""
+
     def where(self, n_points: int) -> str:
         """Where the submitted points run, for "N point(s) submitted as ..."."""
         raise NotImplementedError
@@ -117,7 +123,8 @@ class SlurmExecutor(Executor):
             "cpus_per_task": r.cpus_per_task,
             "time": r.time_min,
             "signal_delay_s": r.signal_delay_s,
-            "additional_parameters": {"requeue": True},  # allow `scontrol requeue` where JobRequeue=0
+            # requeue: allow `scontrol requeue` where JobRequeue=0; the spec's own options (validated) after it
+            "additional_parameters": {"requeue": True, **r.sbatch},
         }
         p = self.profile
         optional = {
@@ -147,6 +154,18 @@ class SlurmExecutor(Executor):
         if proc.returncode != 0:
             raise SubmitError(f"scancel failed: {proc.stderr.strip()}")
 
+    @classmethod
+    def ending(cls, job_id: str) -> str:
+        # The time limit's signal, a pre-emption signal or `scancel --signal` leave the job
+        # RUNNING: it goes on only if the task requeues it. A plain scancel shows it COMPLETING
+        # (the flag outranks CANCELLED in scontrol's JobState) while its tasks stop, as does a
+        # requeue by Slurm itself, which needs no second one. Unknown (no controller): "", and
+        # the requeue that follows fails the same way.
+        state = slurm_job_state(job_id)
+        if state in ("RUNNING", ""):
+            return ""
+        return f"cancelled: Slurm is ending the job itself (JobState={state}: a cancel, or its own requeue)"
+
     def where(self, n_points: int) -> str:
         return f"{'one Slurm job array' if n_points > 1 else 'one Slurm job'} (profile {self.profile.name})"
 
@@ -174,6 +193,16 @@ def slurm_queue(job_ids: set[str]) -> dict[str, str]:
             if state:
                 out[parts[0]] = state
     return out
+
+
+def slurm_job_state(job_id: str) -> str:
+    """Slurm's state of one job (scontrol knows ended jobs for MinJobAge, 300 s by default), or "" when unknown."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+    return fields.get("JobState", "")
 
 
 # Slurm states of a job that is not over; every other state (COMPLETED, FAILED, CANCELLED,
@@ -260,14 +289,14 @@ class DebugExecutor(Executor):
         on_this_machine(self.name, r)
         if r.tasks_per_node > 1:
             raise ConfigError("resources.tasks_per_node: the debug executor runs one rank in this process; "
-                              "use --cluster local")
+                              "use --executor local")
 
     def _submit(self, job_name: str, r: Resources, tasks: list[Callable[[], Any]]) -> list[submitit.Job]:
         return submitit.DebugExecutor(self.folder).submit_array(tasks)
 
     def finish(self, jobs: list[submitit.Job]) -> None:
         for job in jobs:  # its jobs run when asked for their results: now, here, one after another
-            job.results()
+            submitit_compat.save_result(job, job.results()[0])  # where `status` finds every executor's results
 
     def where(self, n_points: int) -> str:
         return "this process (debug executor)"
@@ -280,7 +309,7 @@ EXECUTORS: dict[str, type[Executor]] = {e.name: e for e in (SlurmExecutor, Local
 
 
 def choose_executor(flag: str) -> tuple[type[Executor], str]:
-    """The executor for `--cluster FLAG`, and a one-line note when `auto` chose it for lack of Slurm."""
+    """The executor for `--executor FLAG`, and a one-line note when `auto` chose it for lack of Slurm."""
     if flag != "auto":
         return EXECUTORS[flag], ""
     if shutil.which("sbatch") and shutil.which("srun"):

@@ -7,27 +7,42 @@ without Slurm accounting (sacct fails on clusters without slurmdbd, the dev clus
     <sweep dir>/runs/<point>/     each point's run dir (config.yaml, metrics.jsonl, checkpoints/, ...)
     <sweep dir>/submitit/         submitit's sbatch script, pickles and logs (<job id>_<task>_log.out)
     <sweep dir>/cancelled         job ids stopped by `cancel` (tasks read it to not requeue)
+    <sweep dir>/sweep.lock        flocked by the command changing the record (submit, resubmit,
+                                  cancel); names its holder
     <sweep dir>/slots/            the local executor's run slots (it starts every point at once)
 
-A point's state comes from, in order: the queue (its executor's `queue_states`), the
-run dir (summary.json = done), submitit's result pickle of task 0 (an error = failed, the
-stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
+A point is done only when its run dir's summary.json and config.yaml are its own (the record's
+run id and config hash) and the point's recorded job returned that summary (submitit's result
+pickle of task 0); a run dir holding anything else is a mismatch, never done. Otherwise its state
+comes from the queue (its executor's `queue_states`), then the result pickle (an error = failed,
+the stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_dist.errors import UserError
-from cifar_dist.rundir import SUMMARY, RunDir, write_atomic
+from cifar_dist import schema
+from cifar_dist.config import Config, config_hash
+from cifar_dist.errors import ConfigError, UserError
+from cifar_dist.rundir import CONFIG, SUMMARY, RunDir, RunDirError, write_atomic
 from cifar_dist.sweep import submitit_compat
 
 RECORD = "sweep.json"
+LOCK = "sweep.lock"
 ACTIVE = ("pending", "running", "requeued")
-RESUBMITTABLE = ("failed", "stopped", "cancelled")  # `resubmit --failed` takes these
+RESUBMITTABLE = ("failed", "stopped", "cancelled", "mismatch")  # `resubmit --failed` takes these (a mismatch: unless `foreign`)
+MISMATCH = "mismatch"  # the run dir holds a result that is not this point's (never shown as done)
 STOPPED = "stopped"  # the "status" of the marker a task returns when it stopped without finishing
 CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
 
@@ -53,6 +68,75 @@ def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(sweep_dir / RECORD, json.dumps(record, indent=1))
 
 
+@contextlib.contextmanager
+def changing(sweep_dir: Path, command: str, new: bool = False) -> Iterator[bool]:
+    """Hold the sweep dir for `command` while it changes the record and the jobs (submit,
+    resubmit, cancel); a second such command meanwhile fails at once, naming the holder, having
+    done nothing. `new`: make the sweep dir, which must not exist or be empty; of two submits
+    into one dir exactly one gets past this (mkdir, then an exclusive create of the lock file).
+    Yields whether this command made the folder (for `discard`)."""
+    if new:
+        created = _claim(sweep_dir)
+    else:
+        created = False
+        if not (sweep_dir / RECORD).is_file():
+            load_record(sweep_dir)  # the one-line "not a sweep dir" error, before any file is made here
+    f = open(sweep_dir / LOCK, "a+")  # noqa: SIM115 - held until the block ends
+    try:
+        # A new dir's claimant blocks: anyone holding it now is a command about to find no record.
+        fcntl.flock(f, fcntl.LOCK_EX if new else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another command"
+        f.close()
+        raise UserError(f"{sweep_dir}: busy, {holder} is changing this sweep; nothing done, "
+                        "run it again when that has finished") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{command} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})\n")
+        f.flush()
+        yield created
+    finally:
+        f.close()
+
+
+def check_free(sweep_dir: Path) -> None:
+    """A new sweep goes only into a folder that does not exist or is empty."""
+    if sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
+        raise _taken(sweep_dir)
+
+
+def _taken(sweep_dir: Path) -> UserError:
+    return UserError(f"--sweep-dir: {sweep_dir} exists and is not empty; resubmit with "
+                     f"'python jobs/submit.py resubmit {sweep_dir} --failed' or choose another --sweep-dir")
+
+
+def _claim(sweep_dir: Path) -> bool:
+    """Make `sweep_dir` this command's (True: it made the folder), or raise as check_free does."""
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep_dir.mkdir()
+        created = True
+    except FileExistsError:
+        check_free(sweep_dir)
+        created = False
+    try:  # an empty folder may be seen as free by two submits; only one creates the lock file
+        os.close(os.open(sweep_dir / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise _taken(sweep_dir) from None
+    return created
+
+
+def discard(sweep_dir: Path, created: bool) -> None:
+    """Take back a new sweep dir whose submission failed before any job existed."""
+    if created:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        return
+    for p in sweep_dir.iterdir():  # the folder was there, empty: leave it so
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def submitit_folder(sweep_dir: Path) -> Path:
     return sweep_dir / "submitit"
 
@@ -74,7 +158,7 @@ def cancelled_ids(sweep_dir: Path) -> set[str]:
 class PointState:
     name: str
     job_id: str
-    state: str  # pending | running | requeued | done | stopped | cancelled | failed
+    state: str  # pending | running | requeued | done | stopped | cancelled | failed | mismatch
     step: int | None  # the newest training record's step
     accuracy: float | None  # final test accuracy when done, else the newest evaluation's
     note: str  # why it failed or stopped, or ""
@@ -99,21 +183,57 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
     job_id = point.get("job_id") or ""
     run_dir = Path(point["run_dir"])
     step, accuracy = progress(run_dir)
-    state, note = _state_from_files(sweep_dir, job_id, run_dir, cancelled)
+    outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id) if job_id else None
+    if (run_dir / SUMMARY).is_file():
+        foreign_run = foreign(point, run_dir)
+        if foreign_run:  # another run's progress and result: none of it is shown as this point's
+            return PointState(point["name"], job_id, MISMATCH, None, None, foreign_run, point["describe"])
+        if _returned_by_job(point, outcome):  # done, also while Slurm still shows its job COMPLETING
+            return PointState(point["name"], job_id, "done", step, RunDir(run_dir).summary()["test_accuracy"], "",
+                              point["describe"])
     if job_id in queue:
         state, note = queue[job_id], ""
-    if state == "done":
-        accuracy = RunDir(run_dir).summary()["test_accuracy"]
+    elif (run_dir / SUMMARY).is_file():
+        why = "no result" if outcome is None else last_line(str(outcome[1]))
+        state, note = MISMATCH, f"{SUMMARY} not returned by job {job_id or '(none)'} ({why})"
+    else:
+        state, note = _ended(sweep_dir, job_id, outcome, job_id in cancelled or job_id.split("_")[0] in cancelled)
     return PointState(point["name"], job_id, state, step, accuracy, note, point["describe"])
 
 
-def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: set[str]) -> tuple[str, str]:
-    if (run_dir / SUMMARY).is_file():
-        return "done", ""
+def foreign(point: dict[str, Any], run_dir: Path) -> str:
+    """Why the finished run in `run_dir` is not this point's (another run id or config), or ""."""
+    try:
+        summary = RunDir(run_dir).summary() or {}
+        saved = _hash(schema.read_yaml_mapping(run_dir / CONFIG, "run config"))
+    except (RunDirError, ConfigError) as e:
+        return f"run dir unreadable: {e}"
+    if summary.get("run_id") != point["run_id"]:
+        return f"run dir holds run {summary.get('run_id')}, not {point['run_id']}"
+    if saved != _hash(point["config"]):
+        return f"run dir holds another config (hash {saved}, recorded {_hash(point['config'])})"
+    return ""
+
+
+def _returned_by_job(point: dict[str, Any], outcome: tuple[str, Any] | None) -> bool:
+    """Whether the point's recorded job returned this point's summary (rank 0's result pickle)."""
+    if outcome is None:
+        return False
+    kind, value = outcome
+    return kind == "success" and isinstance(value, dict) and value.get("run_id") == point["run_id"]
+
+
+def _hash(config: dict[str, Any]) -> str:
+    """config.config_hash of a config as saved, without validating it again (its data may have moved)."""
+    cfg = Config()
+    schema.update(cfg, config)
+    return config_hash(cfg)
+
+
+def _ended(sweep_dir: Path, job_id: str, outcome: tuple[str, Any] | None, is_cancelled: bool) -> tuple[str, str]:
+    """The state of a point whose job has left the queue without a summary."""
     if not job_id:
         return "failed", "never submitted"
-    is_cancelled = job_id in cancelled or job_id.split("_")[0] in cancelled
-    outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id)
     if outcome is None:
         if is_cancelled:
             return "cancelled", ""
@@ -122,7 +242,9 @@ def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: se
     kind, value = outcome
     if kind == "success" and isinstance(value, dict) and value.get("status") == STOPPED:
         reason = value.get("reason", "")
-        return ("cancelled", "") if reason == "cancelled" or is_cancelled else ("stopped", f"checkpointed, {reason}")
+        if reason.startswith("cancelled") or is_cancelled:
+            return "cancelled", ""
+        return "stopped", f"checkpointed, {reason}"
     if kind == "error":
         return ("cancelled" if is_cancelled else "failed"), last_line(str(value))
     return "failed", f"finished without a {SUMMARY}"

@@ -8,11 +8,14 @@ anything is submitted.
     sweep:
       grid: {train.lr: [0.05, 0.1], seed: [0, 1]}
       random: {n: 4, seed: 0, params: {train.lr: {loguniform: [0.01, 0.3]}}}
-    resources: {nodes: 1, gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 1, time_min: 30}
+    resources: {nodes: 1, gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 1, time_min: 30,
+                sbatch: {gres: "gpu:a100:8", exclude: "node[1-3]"}}
 
 `grid` is a cartesian product; `random` draws `n` points (seeded); with both, every random point
-is crossed with every grid point. A swept key's values replace its value in `overrides`.
-Values reach the run as data (pickled with the job), never through a shell.
+is crossed with every grid point; without a `sweep:` block the spec is one point (base +
+overrides). A swept key's values replace its value in `overrides`. Values reach the run as data
+(pickled with the job), never through a shell; `resources.sbatch` options reach sbatch as
+`#SBATCH` lines, each checked against SBATCH_OPTIONS and SBATCH_VALUE first.
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Values that end up on #SBATCH lines: Slurm names and constraint expressions, nothing a shell or
 # sbatch's own parser could read as more than one value.
 SLURM_VALUE = re.compile(r"[A-Za-z0-9_.,:|&*\[\]+-]{1,128}")
+# resources.sbatch: the options a spec may pass through to sbatch. Left out: what the sweep sets
+# itself (job name, array, output files, nodes, tasks, CPUs, memory, time limit and signal,
+# requeue) or reads back (the account, partition, qos and constraint are resources keys).
+SBATCH_OPTIONS = ("begin", "comment", "dependency", "exclude", "exclusive", "gpu-bind", "gres", "gres-flags", "hint",
+                  "licenses", "mail-type", "mail-user", "network", "nice", "nodelist", "prefer", "reservation",
+                  "switches", "tmp", "wckey")
+# Their values: one token, as SLURM_VALUE plus @ (mail-user, switches) and = (gres-flags=...).
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:|&*\[\]+@=-]{1,128}")
+# The pre-emption signal's timing. Slurm may send it up to EARLY_SIGNAL_S before the
+# signal_delay_s asked for (its event resolution), and a run needs about STARTUP_S (Python,
+# torch, data, process group) before it can stop cleanly: a shorter first life dies in start-up.
+EARLY_SIGNAL_S = 60
+STARTUP_S = 60
 # Keys the sweep fixes for every point (the run dir and id are fixed at submit time, so a
 # requeued or resubmitted point resumes from its own checkpoints).
 RESERVED = ("run.dir", "run.id", "run.name", "tracking.group")
@@ -61,6 +77,7 @@ class Resources:
     account: str | None = None  # None = the profile's account
     qos: str | None = None
     constraint: str | None = None
+    sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # more sbatch options (SBATCH_OPTIONS)
 
     @property
     def world_size(self) -> int:
@@ -126,7 +143,10 @@ def load_spec(path: str | Path) -> Spec:
     if not NAME.fullmatch(name):
         raise ConfigError(f"name: {name!r} may hold only letters, digits, - _ . (at most 64; it names the Slurm job, "
                           "the sweep dir and the run ids)")
-    sweep = _given(data, "sweep", dict, required=True)
+    sweep = _given(data, "sweep", dict)
+    if sweep == {}:
+        raise ConfigError("sweep: empty (give grid and/or random, or leave sweep: out for a single point)")
+    sweep = sweep or {"grid": {}}  # no sweep block: one point, the base with its overrides
     _check_keys(sweep, ("grid", "random"), "sweep.")
     spec = _with_given(Spec(path=path, name=name, base=_given(data, "base", str, required=True),
                             resources=_resources(_given(data, "resources", dict) or {})),
@@ -134,8 +154,6 @@ def load_spec(path: str | Path) -> Spec:
                        overrides=_flat(_given(data, "overrides", dict), "overrides"),
                        grid=_grid(_given(sweep, "grid", dict, "sweep.")),
                        random=_random(_given(sweep, "random", dict, "sweep.")))
-    if not spec.grid and spec.random is None:
-        raise ConfigError("sweep: empty (give grid and/or random; a single run is grid: {seed: [0]})")
     _check_key_sets(spec)
     return spec
 
@@ -253,14 +271,42 @@ def _resources(data: dict[str, Any]) -> Resources:
             raise ConfigError(f"resources.{key}: must be >= 0, got {getattr(r, key)}")
     if r.mem is not None and r.mem <= 0:
         raise ConfigError(f"resources.mem: must be > 0 GB, got {r.mem}")
-    if r.signal_delay_s >= 60 * r.time_min:
-        raise ConfigError(f"resources.signal_delay_s: {r.signal_delay_s} s is not shorter than the time limit "
-                          f"(time_min {r.time_min} = {60 * r.time_min} s), so no run would get to train")
+    before_signal = 60 * r.time_min - r.signal_delay_s
+    if before_signal < EARLY_SIGNAL_S + STARTUP_S:
+        shortest = math.ceil((r.signal_delay_s + EARLY_SIGNAL_S + STARTUP_S) / 60)
+        raise ConfigError(f"resources.time_min: {r.time_min} min leaves {max(before_signal, 0)} s before the signal "
+                          f"(signal_delay_s {r.signal_delay_s}), but Slurm may send it {EARLY_SIGNAL_S} s early and a "
+                          f"run needs about {STARTUP_S} s to start; give time_min >= {shortest} or a smaller signal_delay_s")
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(r, key)
         if value is not None and not SLURM_VALUE.fullmatch(value):
             raise ConfigError(f"resources.{key}: {value!r} is not a Slurm name (letters, digits and _ . , : | & * [ ] + -)")
+    r.sbatch = {_sbatch_option(k): _sbatch_value(k, v) for k, v in r.sbatch.items()}
     return r
+
+
+def _sbatch_option(key: str) -> str:
+    name = key.replace("_", "-")
+    if name in ("partition", "account", "qos", "constraint"):
+        raise ConfigError(f"resources.sbatch.{key}: use resources.{name} (checked against the cluster profile)")
+    if name not in SBATCH_OPTIONS:
+        raise ConfigError(f"resources.sbatch.{key}: not an option a spec may pass to sbatch (allowed: "
+                          f"{', '.join(SBATCH_OPTIONS)}; the others are set from resources)")
+    return name
+
+
+def _sbatch_value(key: str, value: str | int | bool) -> str | bool:
+    """A flag (true) or one token; anything a shell or sbatch's own parser could split is refused."""
+    if value is True:
+        return True
+    if value is False:
+        raise ConfigError(f"resources.sbatch.{key}: false; leave the option out instead")
+    if isinstance(value, int) and value < 0:
+        raise ConfigError(f"resources.sbatch.{key}: must be >= 0, got {value}")
+    if not SBATCH_VALUE.fullmatch(str(value)):
+        raise ConfigError(f"resources.sbatch.{key}: {value!r} is not one sbatch value (letters, digits and "
+                          "_ . , : | & * [ ] + @ = -)")
+    return str(value)
 
 
 def _check_key_sets(spec: Spec) -> None:

@@ -17,12 +17,20 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.core.job_environment import SignalHandler
-from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError, pickle_load
+from submitit.core.utils import (
+    DelayedSubmission,
+    JobPaths,
+    UncompletedJobError,
+    cloudpickle_dump,
+    pickle_load,
+    temporary_save_path,
+)
 
 # submitit raises this when its checkpoint path will not requeue (timed out too many times).
 NotRequeued = UncompletedJobError
@@ -47,21 +55,27 @@ def sbatch_text(folder: Path, params: dict[str, Any], n_points: int) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "preview")
 
 
-def signal_handler(job: submitit.JobEnvironment, delayed: DelayedSubmission, started: float) -> SignalHandler:
-    """submitit's handler for the pre-emption signal, as if made at `started` (a time.time()).
-    It tells "timed out" (counted against max_num_timeout) from "pre-empted" (free) by the time
-    since it was made; submitit makes it when the job starts, ours is made when the task stops."""
-    handler = SignalHandler(job, job.paths, delayed)
-    handler._start_time = started
-    return handler
+class _SignalHandler(SignalHandler):
+    """submitit's handler for the pre-emption signal, with the time-out decided by the caller.
+    submitit's own rule calls a signal a time-out once min(0.8 x limit, limit - 10 min) has passed
+    since the handler was made: with a limit of 10 minutes or less, every signal, pre-emptions
+    included, used up one of max_num_timeout."""
+
+    def __init__(self, job: submitit.JobEnvironment, delayed: DelayedSubmission, timed_out: bool) -> None:
+        super().__init__(job, job.paths, delayed)
+        self._timed_out = bool(timed_out)
+
+    def has_timed_out(self) -> bool:
+        return self._timed_out
 
 
-def checkpoint_and_requeue(job: submitit.JobEnvironment, started: float) -> None:
-    """Run submitit's checkpoint-and-requeue for this job's task, started at `started`: it calls
-    the task's `checkpoint()`, pickles the result and requeues the job (Slurm: scontrol requeue),
-    then exits this process. Raises `NotRequeued` when submitit will not requeue."""
+def checkpoint_and_requeue(job: submitit.JobEnvironment, timed_out: Callable[[int], bool]) -> None:
+    """Run submitit's checkpoint-and-requeue for this job's task: it calls the task's `checkpoint()`,
+    pickles the result and requeues the job (Slurm: scontrol requeue), then exits this process.
+    `timed_out(limit_min)` says whether this stop counts against max_num_timeout, given the job's
+    time limit in minutes. Raises `NotRequeued` when submitit will not requeue."""
     delayed = DelayedSubmission.load(job.paths.submitted_pickle)
-    signal_handler(job, delayed, started).checkpoint_and_try_requeue(job._usr_sig())
+    _SignalHandler(job, delayed, timed_out(delayed._timeout_min)).checkpoint_and_try_requeue(job._usr_sig())
 
 
 def task_log(folder: Path, job_id: str) -> Path:
@@ -78,6 +92,14 @@ def task_result(folder: Path, job_id: str) -> tuple[str, Any] | None:
         return pickle_load(path)
     except Exception as e:  # an unreadable pickle is reported, not fatal to `status`
         return "error", f"unreadable result {path}: {e}"
+
+
+def save_result(job: submitit.Job, value: Any) -> None:
+    """Write `value` as the job's task 0 result pickle, as a Slurm or local job's own process does
+    (`task_result` reads it back): the debug executor runs its jobs in this process and keeps
+    their results in memory only."""
+    with temporary_save_path(job.paths.result_pickle) as tmp:
+        cloudpickle_dump(("success", value), tmp)
 
 
 def local_job_alive(job_id: str) -> bool:

@@ -16,16 +16,19 @@ Each task builds its distributed environment in code (no nested launcher) and ca
 4. The requeued job starts the same task again; `train` resumes from the newest valid checkpoint
    in the run dir, which was fixed at submit time.
 
-If the job was cancelled with `jobs/submit.py cancel` (SIGTERM too), or has timed out too many
-times, rank 0 does not requeue and returns the marker `{"status": "stopped", "reason": ...}`,
-which `status` shows as cancelled or stopped (resumable with `resubmit --failed`).
+A stop is a time-out (counted against `max_timeouts`) when it came within the signal's reach of
+the time limit (`timed_out`), else a pre-emption (free), for any time limit. If the job was
+cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks stop; or
+`jobs/submit.py cancel`), or has timed out too many times, rank 0 does not requeue and returns
+the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
+(resumable with `resubmit --failed`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +36,30 @@ import submitit
 
 from cifar_dist.sweep.executors import EXECUTORS, SLOTS, wait_for_slot
 from cifar_dist.sweep.record import STOPPED, cancelled_ids
+from cifar_dist.sweep.spec import EARLY_SIGNAL_S
 from cifar_dist.sweep.submitit_compat import NotRequeued, checkpoint_and_requeue
+
+# A job's clock starts a little before its task's process does (slurmstepd, srun, exec).
+LAUNCH_SLACK_S = 10
 
 
 class TrainTask(submitit.helpers.Checkpointable):
     """Train one point: `config` is a resolved `Config.to_dict()`; `env` is the cluster
     profile's environment for tasks; `cpus` the CPUs each rank may use (compute threads);
     `sweep_dir` holds the cancel list; `local_slots` caps the points that run at once where the
-    executor starts them all together (the local one: `Executor.run_slots`; 0 = no cap)."""
+    executor starts them all together (the local one: `Executor.run_slots`; 0 = no cap);
+    `signal_delay_s` is how long before the time limit the stop signal was asked for."""
 
     def __init__(self, config: dict[str, Any], env: dict[str, str], cpus: int = 1, sweep_dir: str = "",
-                 local_slots: int = 0):
+                 local_slots: int = 0, signal_delay_s: int = 90):
         self.config = config
         self.env = env
         self.cpus = cpus
         self.sweep_dir = sweep_dir
         self.local_slots = local_slots
+        self.signal_delay_s = signal_delay_s
 
     def __call__(self) -> dict[str, Any]:
-        started = time.time()
         job = submitit.JobEnvironment()
         if self.local_slots and self.sweep_dir:
             wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
@@ -66,40 +74,57 @@ class TrainTask(submitit.helpers.Checkpointable):
         try:
             return train(cfg)
         except Stopped:
-            return self.requeue_or_stop(job, started)
+            return self.requeue_or_stop(job)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The same point again: training resumes by itself from the run dir's checkpoints."""
-        return submitit.helpers.DelayedSubmission(TrainTask(self.config, self.env, self.cpus, self.sweep_dir,
-                                                            self.local_slots))
+        return submitit.helpers.DelayedSubmission(copy.copy(self))
 
-    def requeue_or_stop(self, job: submitit.JobEnvironment, started: float) -> dict[str, Any]:
+    def requeue_or_stop(self, job: submitit.JobEnvironment) -> dict[str, Any]:
         """After `train` stopped on a signal (its checkpoint written): rank 0 requeues the job
         through submitit, exiting this process; otherwise return the stopped marker."""
         marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.config["run"]["dir"]}
         if job.global_rank != 0:
             return marker
-        if not EXECUTORS[job.cluster].requeues:
-            return {**marker, "reason": "stopped by a signal"}
-        if self.cancelled(job):
-            return {**marker, "reason": "cancelled"}
-        # submitit decides "timed out" (counted against max_timeouts) or "pre-empted" (free) from
-        # the time since its handler was made: the task's start, not now.
-        try:
-            checkpoint_and_requeue(job, started)  # requeues, then exits this process
-        except NotRequeued as e:  # submitit will not requeue (timed out too many times)
-            return {**marker, "reason": str(e)}
-        except subprocess.SubprocessError as e:  # scontrol refused (the job is ending anyway)
-            return {**marker, "reason": f"requeue failed: {e}"}
-        return {**marker, "reason": "requeue returned"}  # only a plugin whose _requeue does not exit gets here
+        reason = self.not_requeued(job)
+        if not reason:
+            age = process_age_s()
+            try:  # requeues, then exits this process
+                checkpoint_and_requeue(job, lambda limit_min: timed_out(age, limit_min, self.signal_delay_s))
+            except NotRequeued as e:  # submitit will not requeue (timed out too many times)
+                reason = str(e)
+            except subprocess.SubprocessError as e:  # scontrol refused (the job is ending anyway)
+                reason = f"requeue failed: {e}"
+            else:
+                reason = "requeue returned"  # only a plugin whose _requeue does not exit gets here
+        # The log's last word: train's own line says it stopped "for requeue", which this one corrects.
+        print(f"not requeued: {reason}; `python jobs/submit.py resubmit {self.sweep_dir} --failed` resumes it", flush=True)
+        return {**marker, "reason": reason}
 
-    def cancelled(self, job: submitit.JobEnvironment) -> bool:
-        """Whether `jobs/submit.py cancel` stopped this job. Its SIGTERM looks like any other stop
-        signal, and `scontrol requeue` on a job being cancelled would bring it back."""
-        if not self.sweep_dir:
-            return False
-        ids = cancelled_ids(Path(self.sweep_dir))
-        return job.job_id in ids or (job.array_job_id is not None and job.array_job_id in ids)
+    def not_requeued(self, job: submitit.JobEnvironment) -> str:
+        """Why this stop must not requeue the job, or "" when it should."""
+        executor = EXECUTORS[job.cluster]
+        if not executor.requeues:
+            return "stopped by a signal"
+        listed = cancelled_ids(Path(self.sweep_dir)) if self.sweep_dir else set()
+        if job.job_id in listed or job.array_job_id in listed:  # `jobs/submit.py cancel`
+            return "cancelled"
+        return executor.ending(job.job_id)  # plain scancel: its SIGTERM looks like any other stop
+
+
+def timed_out(age_s: float, limit_min: int, signal_delay_s: int) -> bool:
+    """Whether a stop signal that came `age_s` seconds into this life of the job is its time
+    limit's (counted against max_timeouts) rather than a pre-emption (free). Slurm sends the time
+    limit's signal `signal_delay_s` before the limit, or up to EARLY_SIGNAL_S earlier; a signal
+    before that cannot be it. spec.py refuses limits that leave no room for a pre-emption."""
+    return age_s >= 60 * limit_min - signal_delay_s - EARLY_SIGNAL_S - LAUNCH_SLACK_S
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc): this life's clock, from before Python loaded."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])  # field 22, starttime
+    uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def export_distributed_environment() -> None:
