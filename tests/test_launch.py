@@ -85,7 +85,7 @@ def test_srun_tasks_and_the_sbatch_template_on_one_node(reference, cache_dir, tm
         assert proc.stdout.count("done: test accuracy") == 1  # one group of 2, rank 0 alone prints
         assert_same_training(reference, tmp_path / "srun" / "run")
 
-        out = sbatch_template({**env, "PROCS_PER_NODE": "2"}, tmp_path / "sbatch", "--cpus-per-task", "2")
+        out = sbatch_template(env, tmp_path / "sbatch", "--ntasks-per-node", "2", "--cpus-per-task", "1")
         assert "2 process(es) on 1 node(s)" in out
         assert_same_training(reference, tmp_path / "sbatch" / "run")
 
