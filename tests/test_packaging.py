@@ -58,10 +58,10 @@ def test_a_plain_install_runs_a_sweep_dry_run_and_training(tmp_path, cache_dir):
 
     spec = work / "spec.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
-    out = run([cli, "sweep", spec, "--dry-run", "--cluster", "slurm"], env, work)
+    out = run([cli, "sweep", spec, "--dry-run", "--executor", "slurm"], env, work)
     assert "#SBATCH --array=0-1" in out and "#SBATCH --account=my-lab" in out and "module load cuda/12.4" in out, out
     spec.write_text(yaml.safe_dump({**SPEC, "cluster": "local", "resources": {}}))
-    out = run([cli, "sweep", spec, "--dry-run", "--cluster", "local"], env, work)
+    out = run([cli, "sweep", spec, "--dry-run", "--executor", "local"], env, work)
     assert "cluster profile local, executor local" in out and "(executor local: no sbatch script" in out, out
     assert sorted(p.name for p in work.iterdir()) == ["spec.yaml"], "a dry run writes nothing"
 
