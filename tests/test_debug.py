@@ -20,7 +20,7 @@ from cifar_dist.data import TrainBatches
 from cifar_dist.debug import PATHS, PROFILE_DIR, loss_floor, overfit
 from cifar_dist.errors import run_command
 from cifar_dist.rundir import METRICS, MODEL, SUMMARY, RunDir, load_weights
-from cifar_dist.sources import CIFAR_FILES, SYNTHETIC_CLASSES, make_synthetic
+from cifar_dist.sources import CIFAR10, SYNTHETIC_CLASSES, make_synthetic
 from cifar_dist.train import main as train_main
 
 
@@ -40,7 +40,7 @@ def small_cifar10(tmp_path_factory):
     folder = tmp_path_factory.mktemp("c10") / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name in CIFAR_FILES[:6]:  # five training batches of 20 images, a test batch of 100
+    for name in [*CIFAR10.train, *CIFAR10.test]:  # five training batches of 20 images, a test batch of 100
         n = 100 if name == "test_batch" else 20
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}
         (folder / name).write_bytes(pickle.dumps(batch))
