@@ -204,7 +204,11 @@ def test_a_result_changing_config_is_refused_with_the_keys_listed(reference, mod
 def test_epochs_may_grow_and_config_change_can_be_allowed(reference, module_env, tmp_path):
     run_dir = tmp_path / "grow"
     shutil.copytree(reference, run_dir)
-    run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", "train.epochs=3"], module_env)
+    grown = run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}", "train.epochs=3"], module_env)
+    # A linear decay ended at 0 at step 40 of 40; stretched to 60 steps (10 of warm-up), step 40 is 60% of the
+    # way down: the LR there is 0.4 x the peak (0.05), and the line says so.
+    assert "note: train.epochs 2 -> 3: the LR schedule is stretched to the new length, so the LR at step 40 goes from " \
+           "0 to 0.02 and decays from there" in grown.stdout
     assert RunDir(run_dir).summary()["steps"] == 60
     steps = [r["step"] for r in read_jsonl(run_dir / METRICS) if "train_loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 60

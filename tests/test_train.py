@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -31,6 +32,14 @@ def test_short_training_clearly_learns(tiny_run):
     train = [r for r in read_jsonl(run_dir / METRICS) if "train_loss" in r]
     assert train[-1]["train_loss"] < 0.7 * train[0]["train_loss"]
     assert "test accuracy" in proc.stdout and "frog" in proc.stdout  # the per-class table
+
+
+def test_progress_lines_in_a_log_show_percent_speed_and_eta(tiny_run):
+    """Without a terminal (a Slurm output file), each progress line carries what a bar would show."""
+    _, proc = tiny_run
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ") and " lr " in line]
+    assert lines and all(re.search(r"step +\d+/40 \( *\d+%\) .* img/s  ETA \d+ (s|min)", line) for line in lines), lines
+    assert re.search(r"step +40/40 \(100%\).*ETA 0 s", lines[-1])
 
 
 def test_run_directory_files_and_keys(tiny_run):
