@@ -248,12 +248,13 @@ def _distribution(key: str, value: Any) -> Distribution:
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}.choice: expected a non-empty list of values, got {args!r}")
         return Distribution(kind, args)
-    number = int if kind == "int" else (int, float)
-    if (not isinstance(args, list) or len(args) != 2
-            or any(isinstance(a, bool) or not isinstance(a, number) for a in args)):
-        what = "integers" if kind == "int" else "numbers"
+    what = "integers" if kind == "int" else "numbers"
+    if not isinstance(args, list) or len(args) != 2:
         raise ConfigError(f"{where}.{kind}: expected [low, high], two {what}, got {args!r}")
-    low, high = args
+    try:  # numbers as people write them: YAML 1.1 reads 1e-3 as text
+        low, high = (schema.convert(f"{where}.{kind}", int if kind == "int" else float, a) for a in args)
+    except ConfigError:
+        raise ConfigError(f"{where}.{kind}: expected [low, high], two {what}, got {args!r}") from None
     if not (low <= high if kind == "int" else low < high):
         raise ConfigError(f"{where}.{kind}: low must be {'<=' if kind == 'int' else '<'} high, got {args!r}")
     if kind == "loguniform" and low <= 0:
