@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY, assert_same_run, read_jsonl, run, torchrun, train_cmd
+from test_cifar100 import write_cifar100
 from torch import nn
 
 from cifar_dist import checkpoint, models
@@ -74,6 +75,9 @@ def test_smoke_passes_on_every_shipped_config(name, small_cifar10, smoke_env, tm
     # The configs that read the real archive (data.source=cifar10, data.path=data) read the small stand-in
     # in the same layout here, through the same source; debug's synthetic data is its own.
     data = [f"data.path={small_cifar10}", "data.download=false"] if cfg.data.source == "cifar10" else []
+    if cfg.data.source == "cifar100":  # likewise: small files in CIFAR-100's own layout
+        write_cifar100(tmp_path / "c100")
+        data = [f"data.path={tmp_path / 'c100'}", "data.download=false"]
     proc = run(train_cmd(*data, "--smoke", config=name), smoke_env, cwd=tmp_path, timeout=300)
     table = smoke_table(proc.stdout)
     assert list(table) == list(PATHS), proc.stdout[-3000:]
