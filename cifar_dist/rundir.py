@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,15 @@ class RunDir:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Replace `path` with `data` all at once, durably: a reader never sees half a file."""
+    _replace(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
+
+
+def _replace(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -222,16 +227,7 @@ def content_digest(contents: dict[str, Any]) -> str:
 
 def torch_save_atomic(path: Path, obj: Any) -> None:
     """`torch.save` with `write_atomic`'s promise: the old file or the whole new one, durably."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
+    _replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_weights(path: Path) -> Any:
