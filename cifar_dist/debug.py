@@ -237,7 +237,7 @@ class Watch:
 # ---------------------------------------------------------------------------- --smoke
 
 SMOKE_STEPS_PER_EPOCH = 2  # two epochs of two steps; the second is trained after a resume from the first
-SMOKE_TEST_IMAGES = 50  # the slice of the test set evaluated: 5 per class
+SMOKE_TEST_IMAGES = 50  # the slice of the test set evaluated: 5 per class of CIFAR-10
 # On a CPU the config's batch is capped to this many images per rank (ResNet-18's step: ~1 CPU-second
 # at 16); on a GPU it is kept, so that the smoke also shows that the real batch fits in memory.
 SMOKE_CPU_BATCH_PER_RANK = 16

@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train"
 
 def smoke(cfg: Config, compile_too: bool) -> int:
     """--smoke through `_train` itself (debug.Smoke): 0 when every path passed, else 1."""
+    install_stop_handlers()  # as train() does: a signal is a stop at a step boundary, not a kill
     dist = Distributed(cfg.train.device)
     try:
         return 0 if Smoke(cfg, dist, compile_too).run(lambda c: _train(c, dist)) else 1
