@@ -143,7 +143,8 @@ def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
 
 
 def test_cancel_stops_without_requeue_and_resubmit_resumes(tmp_path, senv):
-    spec = write_spec(tmp_path / "c.yaml", "cancel-me", {"grid": {"seed": [3]}}, overrides={"train.epochs": 10})
+    # 1,600 steps: the cancel (a new Python process, seconds to start) must land while the point still trains.
+    spec = write_spec(tmp_path / "c.yaml", "cancel-me", {"grid": {"seed": [3]}}, overrides={"train.epochs": 80})
     sweep_dir = tmp_path / "sweep"
     submitted([str(spec), "--sweep-dir", str(sweep_dir)], senv, tmp_path)
     first = job_ids(sweep_dir)[0]
@@ -195,7 +196,8 @@ def test_short_time_limit_survives_several_preemptions(tmp_path, senv):
     max_timeouts 1 would then stop the point at the second): four pre-emptions are free, and the
     point ends exactly as an uninterrupted one."""
     spec = write_spec(tmp_path / "short.yaml", "short", {"grid": {"checkpoint.keep": [2, 3]}},
-                      overrides={"train.epochs": 10}, resources={"time_min": 4, "signal_delay_s": 30, "max_timeouts": 1})
+                      # 1,600 steps: every pre-emption lands while the point still trains, on a fast machine too
+                      overrides={"train.epochs": 80}, resources={"time_min": 4, "signal_delay_s": 30, "max_timeouts": 1})
     sweep_dir = tmp_path / "sweep"
     submitted([str(spec), "--sweep-dir", str(sweep_dir)], senv, tmp_path)
     target = job_ids(sweep_dir)[0]
