@@ -164,7 +164,7 @@ def test_cancel_stops_without_requeue_and_resubmit_resumes(tmp_path, senv):
     assert second != first and record(sweep_dir)["points"][0]["job_ids"] == [first, second]
     wait_done(sweep_dir, senv)
     assert "resumed from" in (sweep_dir / "submitit" / f"{second}_0_log.out").read_text()
-    assert RunDir(run_dir).summary()["steps"] == 200
+    assert RunDir(run_dir).summary()["steps"] == 1600
     out = submitted(["resubmit", str(sweep_dir), "--failed"], senv, tmp_path)
     assert "no failed" in out.stdout and job_ids(sweep_dir)[0] == second
 
