@@ -244,7 +244,8 @@ def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, 
 
 
 def test_wait_rides_out_a_controller_restart(tmp_path, senv):
-    spec = write_spec(tmp_path / "o.yaml", "outage", None, overrides={"train.epochs": 8})
+    # 2,400 steps: the point must still train through the ~35 s outage, on a fast machine too
+    spec = write_spec(tmp_path / "o.yaml", "outage", None, overrides={"train.epochs": 120})
     sweep_dir = tmp_path / "sweep"
     submitted([str(spec), "--sweep-dir", str(sweep_dir)], senv, tmp_path)
     wait_for(lambda: newest_step(sweep_dir / "runs" / "000") >= 10, 120, "10 steps", sweep_dir, poll=0.1)
