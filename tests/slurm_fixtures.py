@@ -206,18 +206,31 @@ ENDED = ("FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEM
 
 def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout: float = 240,
                      until_running: bool = False) -> None:
-    """Start a requeued job now rather than after Slurm's two-minute hold, and see its point
-    through to done (or, `until_running`, until its next life runs). Twice in full test runs on a
-    loaded 2-core VM the dev cluster did not simply start it: it set the hold just after the job
-    showed PENDING, undoing an early release (so release while it is pending; idempotent), and it
-    put a requeued job back to FAILED 0.2 s after showing it PENDING, where it stayed (so requeue
-    it again). A requeue that never trains fails here, at the time-out, with the job logs."""
+    """Start a requeued sweep point's job now rather than after Slurm's two-minute hold, and see
+    the point through to done (or, `until_running`, until its next life runs)."""
 
     def done() -> bool:
         state = job_state(job_id, env)  # first: a job that ended before `status` looks has its summary by then
         [point] = [p for p in status(sweep_dir, env) if p["job_id"] == job_id]
-        if point["state"] == "done" or until_running and state == "RUNNING":
-            return True
+        return point["state"] == "done" or until_running and state == "RUNNING"
+
+    start_requeued(job_id, env, done, timeout, f"requeued job {job_id} to run again{'' if until_running else ' and finish'}",
+                   sweep_dir)
+
+
+def start_requeued(job_id: str, env: dict[str, str], until: Callable[[], Any], timeout: float, what: str,
+                   sweep_dir: Path | None = None) -> None:
+    """Keep starting a requeued job now, rather than after Slurm's two-minute hold, until `until()`.
+    One `scontrol update StartTime=now` is not enough: on a loaded 2-core VM the dev cluster set
+    the hold just after the job showed PENDING (while its last life was still completing), undoing
+    an early release, so release while it is pending (idempotent); and it put a requeued job back to
+    FAILED 0.2 s after showing it PENDING, where it stayed, so requeue it again. A requeue that never
+    runs fails here, at the time-out."""
+
+    def ready() -> Any:
+        if value := until():
+            return value
+        state = job_state(job_id, env)
         # Answers not checked: the job may have moved on between reading its state and acting on it.
         if state == "PENDING":
             scontrol(["update", f"JobId={job_id}", "StartTime=now"], env, check=False)
@@ -225,8 +238,7 @@ def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout:
             scontrol(["requeue", job_id], env, check=False)
         return False
 
-    wait_for(done, timeout, f"requeued job {job_id} to run again{'' if until_running else ' and finish'}", sweep_dir,
-             poll=1)
+    wait_for(ready, timeout, what, sweep_dir, poll=1)
 
 
 def task_pids(job_id: str, rank: int) -> list[int]:
