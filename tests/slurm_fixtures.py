@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from cifar_dist.rundir import METRICS
 DEV_CLUSTER = ROOT / "slurm" / "dev-cluster.sh"
 SUBMIT = ROOT / "jobs" / "submit.py"
 SLURM_CONF = Path(os.environ.get("CIFAR_DIST_SLURM_DIR", "/tmp/cifar-dist-slurm")) / "slurm.conf"
+CLUSTER_LOCK = Path("/tmp/cifar-dist-slurm-tests.lock")
 
 # TINY (conftest) as a spec's `overrides` mapping: typed YAML values, as a user would write them.
 TINY_OVERRIDES: dict[str, Any] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}
@@ -41,19 +43,22 @@ def cluster_skip_reason(nodes: int) -> str | None:
 
 @contextlib.contextmanager
 def dev_cluster(nodes: int) -> Iterator[dict[str, str]]:
-    """A running dev cluster of `nodes` nodes for the block; taken down afterwards, always."""
+    """A running dev cluster of `nodes` nodes for the block; taken down afterwards, always. There is
+    one per machine: a second test run on it (another checkout) waits here for its turn."""
     reason = cluster_skip_reason(nodes)
     if reason:
         pytest.skip(reason)
-    munge_before = munged_running()
-    up = dev_cluster_cmd("up", "--nodes", str(nodes))
-    try:
-        assert up.returncode == 0, f"dev-cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-        yield {"SLURM_CONF": str(SLURM_CONF)}
-    finally:
-        down = dev_cluster_cmd("down")
-        assert down.returncode == 0, f"dev-cluster.sh down failed:\n{down.stdout}\n{down.stderr}"
-        assert leftovers(munge_before) == [], "dev-cluster.sh down left these behind"
+    with open(CLUSTER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        munge_before = munged_running()
+        up = dev_cluster_cmd("up", "--nodes", str(nodes))
+        try:
+            assert up.returncode == 0, f"dev-cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+            yield {"SLURM_CONF": str(SLURM_CONF)}
+        finally:
+            down = dev_cluster_cmd("down")
+            assert down.returncode == 0, f"dev-cluster.sh down failed:\n{down.stdout}\n{down.stderr}"
+            assert leftovers(munge_before) == [], "dev-cluster.sh down left these behind"
 
 
 def dev_cluster_cmd(*args: str) -> subprocess.CompletedProcess:
