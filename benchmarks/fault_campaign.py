@@ -2,11 +2,18 @@
 moments of a tiny training run (real signals and kills, injected by tests/run_with_faults.py),
 each run restarted until it finishes, then compared with the uninterrupted run.
 
-    python benchmarks/fault_campaign.py --trials 120 --seed 0 [--kinds step eval ...] [--jobs 2]
+    python benchmarks/fault_campaign.py --trials 120 --seed 0 [--kinds step eval ...] [--jobs 2] [--slurm]
     python benchmarks/fault_campaign.py --seed 0 --only 17       # rerun trial 17 of that campaign
 
+--slurm adds the kinds that need the dev cluster (slurm/dev-cluster.sh, started and stopped here,
+as root): a one-point sweep on it is pre-empted (`scancel --signal=USR2`, Slurm's time-limit and
+pre-emption signal), requeued by an administrator (`scontrol requeue`), or cancelled (`cifar-dist
+sweep cancel`, then `resubmit --failed`) once it has trained a drawn number of steps, and driven
+to the end.
+
 A trial is identical when the final test_loss, confusion matrix and weights are bit-identical to the
-reference run's (1 rank, or 2 gloo ranks for `rank_kill`) and metrics.jsonl equals the reference's
+reference run's (1 rank, or 2 gloo ranks for `rank_kill`; a plain run of the sweep point's
+config for the Slurm kinds) and metrics.jsonl equals the reference's
 (wall-clock fields aside), so every step is recorded exactly once. Before each restart the valid
 checkpoints are listed (marker present, sha256 matching): every `resumed from` must name one of
 them, and every invalid one present must be named in a warning. The table goes to RESULTS.md.
@@ -15,6 +22,9 @@ them, and every invalid one present must be named in a warning. The table goes t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import os
 import random
 import re
@@ -25,20 +35,23 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PY, ROOT, append_table, train_launcher  # noqa: E402
 
 from cifar_dist import checkpoint  # noqa: E402
-from cifar_dist.rundir import MODEL, RunDir, load_weights  # noqa: E402
+from cifar_dist.rundir import METRICS, MODEL, RunDir, load_weights  # noqa: E402
+from cifar_dist.sweep.record import load_record  # noqa: E402
 
 KINDS = ("step", "eval", "checkpoint", "decode", "damaged", "rank_kill")
+SLURM_KINDS = ("slurm_preempt", "slurm_requeue", "slurm_cancel")  # --slurm: a sweep point on the dev cluster
 SIGNALS = ("KILL", "TERM", "USR1")
 DAMAGES = ("flip", "truncate", "no_marker")
 EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 20, 7  # 1,280 images / 64 per step; a checkpoint every 7 steps
@@ -49,6 +62,14 @@ SAVE_STEPS = sorted({*range(EVERY, TOTAL + 1, EVERY), *range(STEPS_PER_EPOCH, TO
 CONFIG = ["model.name=medium", "data.source=synthetic", "data.synthetic_train=1280", "data.synthetic_test=300",
           f"train.epochs={EPOCHS}", "train.batch_size=64", "train.lr=0.05", "train.warmup_epochs=0.5",
           "train.log_every=3", f"checkpoint.every_steps={EVERY}", "eval.every=1", "seed=5", "run.progress=lines"]
+# A sweep point on the dev cluster trains 30 epochs (600 steps, ~20 s): a job takes seconds to
+# start, and a Slurm command seconds to land, so the drawn step is where it is sent, not where it lands.
+SLURM_EPOCHS = 30
+SLURM_CONFIG = ["--config", "debug", *[c for c in CONFIG if not c.startswith("train.epochs=")],
+                f"train.epochs={SLURM_EPOCHS}"]
+SLURM_CONF = Path(os.environ.get("CIFAR_DIST_SLURM_DIR", "/tmp/cifar-dist-slurm")) / "slurm.conf"
+CLUSTER_LOCK = "/tmp/cifar-dist-slurm-tests.lock"  # the tests' (tests/slurm_fixtures.py): one dev cluster a machine
+SWEEP = [PY, "-m", "cifar_dist.cli", "sweep"]
 FAULT_RUNNER = str(ROOT / "tests" / "run_with_faults.py")
 MAX_RESTARTS = 3  # one fault per trial: a second restart would already be a finding
 RESUMED = re.compile(r"resumed from (\S+) \(step (\d+)")
@@ -68,7 +89,7 @@ class Fault:
 class Trial:
     index: int
     fault: Fault
-    exit_codes: list[int]  # the faulted attempt's, then each restart's
+    exit_codes: list[int | str]  # the faulted attempt's, then each restart's (Slurm kinds: the point's states)
     redone: int  # steps trained twice
     problems: list[str] = field(default_factory=list)
 
@@ -98,7 +119,14 @@ def draw(kind: str, rng: random.Random) -> Fault:
     if kind == "rank_kill":
         s, rank = rng.randrange(TOTAL), rng.randrange(2)
         return Fault(kind, f"signal_at:KILL:{s // STEPS_PER_EPOCH}:{s % STEPS_PER_EPOCH}:{rank}", s, ranks=2)
-    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    if kind in SLURM_KINDS:  # sent once the point has trained s steps, in its first 80%
+        s = rng.randrange(10, SLURM_EPOCHS * STEPS_PER_EPOCH * 4 // 5)
+        return Fault(kind, f"{kind.removeprefix('slurm_')} after step {s}", s)
+    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS + SLURM_KINDS)}")
+
+
+def reference_key(kind: str) -> str:
+    return "slurm" if kind in SLURM_KINDS else "2" if kind == "rank_kill" else "1"
 
 
 def campaign_env(cache: Path) -> dict[str, str]:
@@ -119,19 +147,22 @@ def command(ranks: int, faulted: bool) -> list[str]:
     return [*train_launcher(ranks)[:-2], FAULT_RUNNER] if ranks > 1 else [PY, FAULT_RUNNER]
 
 
-def reference(ranks: int, work: Path, env: dict[str, str]) -> Path:
-    """The uninterrupted run on `ranks` ranks."""
-    run_dir = work / f"reference_{ranks}"
-    proc = execute([*command(ranks, False), *CONFIG, f"run.dir={run_dir}"], env)
+def reference(key: str, work: Path, env: dict[str, str]) -> Path:
+    """The uninterrupted run: on 1 or 2 ranks, or of the Slurm kinds' config on 1."""
+    run_dir = work / f"reference_{key}"
+    config = SLURM_CONFIG if key == "slurm" else CONFIG
+    proc = execute([*command(2 if key == "2" else 1, False), *config, f"run.dir={run_dir}"], env)
     if proc.returncode != 0:
-        raise RuntimeError(f"the reference run on {ranks} rank(s) exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"the reference run {key} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return run_dir
 
 
-def run_trial(index: int, seed: int, kinds: Sequence[str], work: Path, references: dict[int, Path],
+def run_trial(index: int, seed: int, kinds: Sequence[str], work: Path, references: dict[str, Path],
               env: dict[str, str]) -> Trial:
     """Trial `index` of campaign `seed`: kinds in turn, the moment drawn from (seed, index)."""
     fault = draw(kinds[index % len(kinds)], random.Random(f"{seed}:{index}"))
+    if fault.kind in SLURM_KINDS:
+        return run_slurm_trial(index, fault, work, references["slurm"], env)
     run_dir = work / f"trial_{index:04d}"
     args = [*CONFIG, f"run.dir={run_dir}"]
     if fault.kind == "decode":  # an empty cache of its own, so the data really is decoded
@@ -151,8 +182,91 @@ def run_trial(index: int, seed: int, kinds: Sequence[str], work: Path, reference
         trial.problems.append(f"not finished after {MAX_RESTARTS} restarts")
     if len(trial.exit_codes) > 1:  # restarted: what was trained since the checkpoint it resumed from is redone
         trial.redone = max(0, reached - (resumed_at[0] if resumed_at else 0))
-    trial.problems += compare(references[fault.ranks], run_dir)
+    trial.problems += compare(references[reference_key(fault.kind)], run_dir)
     return trial
+
+
+def run_slurm_trial(index: int, fault: Fault, work: Path, reference: Path, env: dict[str, str]) -> Trial:
+    """A one-point sweep on the dev cluster, stopped the way `fault.kind` says once it has trained
+    `fault.reached` steps, then driven to the end as a user would: a requeued job started (rather
+    than after Slurm's two-minute hold), a cancelled point resubmitted."""
+    sweep_dir, spec = work / f"trial_{index:04d}", work / f"trial_{index:04d}.yaml"
+    overrides = {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in SLURM_CONFIG[2:])}
+    spec.write_text(yaml.safe_dump({"name": f"fault-{index}", "cluster": "local", "base": "debug",
+                                    "overrides": overrides, "resources": {"time_min": 30}}))
+    trial = Trial(index, fault, [], 0)
+    run_dir = sweep_dir / "runs" / "000"
+    if (proc := execute([*SWEEP, str(spec), "--sweep-dir", str(sweep_dir)], env)).returncode != 0:
+        trial.problems.append(f"submit exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        return trial
+    job = load_record(sweep_dir)["points"][0]["job_id"]
+    if not poll(lambda: newest_step(run_dir) >= fault.reached or RunDir(run_dir).summary(), 300):
+        trial.problems.append(f"never reached step {fault.reached}")
+    if fault.kind == "slurm_preempt":
+        slurm(["scancel", "--signal=USR2", job], env)
+    elif fault.kind == "slurm_requeue":
+        slurm(["scontrol", "requeue", job], env)
+    else:
+        execute([*SWEEP, "cancel", str(sweep_dir)], env)
+    # Stopped: the job leaves RUNNING; its checkpoint at the stop is then the newest valid one.
+    poll(lambda: job_state(job, env) != "RUNNING", 120)
+    poll(lambda: point_state(sweep_dir, env) not in ("running", "unknown"), 60)
+    stopped_at = newest_step(run_dir)
+    trial.exit_codes.append(point_state(sweep_dir, env))
+    valid = {str(c.path) for c in checkpoint.list_checkpoints(run_dir)}
+    if fault.kind == "slurm_cancel":
+        resubmitted = execute([*SWEEP, "resubmit", str(sweep_dir), "--failed"], env)
+        trial.exit_codes.append(f"resubmit {resubmitted.returncode}")
+    else:  # requeued: start it now (Slurm re-holds it while it completes: keep asking), or requeue it again
+        def started() -> bool:
+            state = job_state(job, env)
+            if state == "PENDING":
+                slurm(["scontrol", "update", f"JobId={job}", "StartTime=now"], env)
+            elif state in ("FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL"):
+                slurm(["scontrol", "requeue", job], env)
+            return state == "RUNNING" or bool(RunDir(run_dir).summary())
+        poll(started, 300, every=1)
+    waited = execute([*SWEEP, "wait", str(sweep_dir), "--poll", "1", "--timeout", "400"], env)
+    trial.exit_codes.append(point_state(sweep_dir, env))
+    if waited.returncode != 0:
+        trial.problems.append(f"wait exited {waited.returncode}: {waited.stderr.strip()[-300:]}")
+    logs = "".join(f.read_text(errors="replace") for f in sorted((sweep_dir / "submitit").glob("*_log.*")))
+    resumed = RESUMED.findall(logs)
+    trial.problems += [f"resumed from {path}, which had no valid marker" for path, _ in resumed if path not in valid]
+    if not resumed and stopped_at < SLURM_EPOCHS * STEPS_PER_EPOCH:
+        trial.problems.append(f"stopped at step {stopped_at}, never resumed")
+    trial.redone = max(0, stopped_at - int(resumed[0][1])) if resumed else 0
+    trial.problems += compare(reference, run_dir)
+    return trial
+
+
+def slurm(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A Slurm command on the dev cluster; its answer is not checked: the job may have moved on."""
+    return subprocess.run(cmd, env={**env, "SLURM_CONF": str(SLURM_CONF)}, capture_output=True, text=True, timeout=60)
+
+
+def job_state(job: str, env: dict[str, str]) -> str:
+    out = slurm(["scontrol", "show", "job", "-o", job], env).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), "UNKNOWN")
+
+
+def point_state(sweep_dir: Path, env: dict[str, str]) -> str:
+    proc = execute([*SWEEP, "status", str(sweep_dir), "--json"], env)
+    return json.loads(proc.stdout)[0]["state"] if proc.returncode == 0 else "unknown"
+
+
+def newest_step(run_dir: Path) -> int:
+    path = run_dir / METRICS
+    return max((r.get("step", 0) for r in RunDir(run_dir).metrics()), default=0) if path.exists() else 0
+
+
+def poll(done, timeout: float, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
 
 
 def restart(run_dir: Path, cmd: list[str], env: dict[str, str], trial: Trial) -> list[int]:
@@ -208,7 +322,7 @@ def compare(ref: Path, run_dir: Path) -> list[str]:
 def campaign(indices: Sequence[int], seed: int, kinds: Sequence[str], work: Path, jobs: int = 1) -> list[Trial]:
     env = campaign_env(work / "cache")
     chosen = {kinds[i % len(kinds)] for i in indices}
-    references = {ranks: reference(ranks, work, env) for ranks in sorted({2 if k == "rank_kill" else 1 for k in chosen})}
+    references = {key: reference(key, work, env) for key in sorted({reference_key(k) for k in chosen})}
     def one(index: int) -> Trial:
         trial = run_trial(index, seed, kinds, work, references, env)
         # A line per trial as it ends: a long campaign shows its progress, and a failure its rerun.
@@ -217,8 +331,24 @@ def campaign(indices: Sequence[int], seed: int, kinds: Sequence[str], work: Path
               f"{'identical' if trial.identical else '; '.join(trial.problems)}", flush=True)
         return trial
 
-    with ThreadPoolExecutor(jobs) as pool:
+    with dev_cluster(any(k in SLURM_KINDS for k in chosen)), ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(one, indices))
+
+
+@contextlib.contextmanager
+def dev_cluster(needed: bool) -> Iterator[None]:
+    """The dev cluster up for the Slurm kinds, taken down after; the tests' lock held throughout."""
+    if not needed:
+        yield
+        return
+    script = ["bash", str(ROOT / "slurm" / "dev-cluster.sh")]
+    with open(CLUSTER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([*script, "up"], check=True, capture_output=True, timeout=180)
+        try:
+            yield
+        finally:
+            subprocess.run([*script, "down"], check=True, capture_output=True, timeout=180)
 
 
 def table(trials: list[Trial]) -> tuple[list[str], list[list[str]]]:
@@ -235,20 +365,24 @@ def table(trials: list[Trial]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def describe(code: int) -> str:
-    """An exit code as subprocess reports it: negative for a process killed by a signal."""
-    return f"{code} ({signal.Signals(-code).name})" if code < 0 else str(code)
+def describe(code: int | str) -> str:
+    """An exit code as subprocess reports it: negative for a process killed by a signal (a Slurm
+    kind's: the point's state)."""
+    return f"{code} ({signal.Signals(-code).name})" if isinstance(code, int) and code < 0 else str(code)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS + SLURM_KINDS, default=list(KINDS))
+    parser.add_argument("--slurm", action="store_true", help=f"add {', '.join(SLURM_KINDS)} (the dev cluster, as root)")
     parser.add_argument("--only", type=int, nargs="+", help="rerun these trials of the campaign (no table appended)")
     parser.add_argument("--jobs", type=int, default=1, help="trials at a time")
     parser.add_argument("--work", type=Path, help="keep the run dirs here (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.slurm:
+        args.kinds += [k for k in SLURM_KINDS if k not in args.kinds]
     indices = args.only or list(range(args.trials))
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fault-campaign-") as tmp:
