@@ -51,6 +51,8 @@ def write_plots(run: RunDir) -> None:
 # Keys that name a run rather than configure it; they differ between any two runs.
 IDENTITY_KEYS = ("run.dir", "run.id", "run.name")
 CURVES_PNG, PER_CLASS_PNG, CONFUSION_PNG = "compare_curves.png", "compare_per_class.png", "compare_confusion.png"
+# In a search trial's run dir, once it ended: number, state (complete | pruned | fail), value, metric, params, note.
+TRIAL = "trial.json"
 CURVES_SIZE = (14, 4.5)  # inches at 100 dpi
 PER_CLASS_SIZE = (12, 5)
 CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, up to four to a row

@@ -29,6 +29,7 @@ RECORD = "sweep.json"
 ACTIVE = ("pending", "running", "requeued")
 RESUBMITTABLE = ("failed", "stopped", "cancelled")  # `resubmit --failed` takes these
 STOPPED = "stopped"  # the "status" of the marker a task returns when it stopped without finishing
+DONE = "done.json"  # written, last, by a task whose folder is not a run dir (a search worker): it is done
 CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
 
 
@@ -103,12 +104,12 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
     if job_id in queue:
         state, note = queue[job_id], ""
     if state == "done":
-        accuracy = RunDir(run_dir).summary()["test_accuracy"]
+        accuracy = (RunDir(run_dir).summary() or {}).get("test_accuracy")
     return PointState(point["name"], job_id, state, step, accuracy, note, point["describe"])
 
 
 def _state_from_files(sweep_dir: Path, job_id: str, run_dir: Path, cancelled: set[str]) -> tuple[str, str]:
-    if (run_dir / SUMMARY).is_file():
+    if (run_dir / SUMMARY).is_file() or (run_dir / DONE).is_file():
         return "done", ""
     if not job_id:
         return "failed", "never submitted"

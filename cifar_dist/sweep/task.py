@@ -52,12 +52,7 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         started = time.time()
-        job = submitit.JobEnvironment()
-        if self.local_slots and self.sweep_dir:
-            wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
-        os.environ.update(self.env)  # before the process group exists: GLOO_/NCCL_SOCKET_IFNAME, ...
-        export_distributed_environment()
-        limit_threads(self.cpus)
+        job = self.start()
 
         from cifar_dist.config import config_from_dict
         from cifar_dist.train import Stopped, train
@@ -68,6 +63,20 @@ class TrainTask(submitit.helpers.Checkpointable):
         except Stopped:
             return self.requeue_or_stop(job, started)
 
+    def start(self) -> submitit.JobEnvironment:
+        """This rank's job, once it may run (a local run slot), with its environment set."""
+        job = submitit.JobEnvironment()
+        if self.local_slots and self.sweep_dir:
+            wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
+        os.environ.update(self.env)  # before the process group exists: GLOO_/NCCL_SOCKET_IFNAME, ...
+        export_distributed_environment()
+        limit_threads(self.cpus)
+        return job
+
+    @property
+    def run_dir(self) -> str:
+        return self.config["run"]["dir"]
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The same point again: training resumes by itself from the run dir's checkpoints."""
         return submitit.helpers.DelayedSubmission(TrainTask(self.config, self.env, self.cpus, self.sweep_dir,
@@ -76,7 +85,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def requeue_or_stop(self, job: submitit.JobEnvironment, started: float) -> dict[str, Any]:
         """After `train` stopped on a signal (its checkpoint written): rank 0 requeues the job
         through submitit, exiting this process; otherwise return the stopped marker."""
-        marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.config["run"]["dir"]}
+        marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.run_dir}
         if job.global_rank != 0:
             return marker
         if not EXECUTORS[job.cluster].requeues:
@@ -100,6 +109,35 @@ class TrainTask(submitit.helpers.Checkpointable):
             return False
         ids = cancelled_ids(Path(self.sweep_dir))
         return job.job_id in ids or (job.array_job_id is not None and job.array_job_id in ids)
+
+
+class SearchTask(TrainTask):
+    """A study's worker (search.py): trials one after another, until the study needs no more.
+    Requeued, it first resumes its own unfinished trial, from that trial's checkpoints."""
+
+    def __init__(self, worker: str, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0):
+        super().__init__({}, env, cpus, sweep_dir, local_slots)
+        self.worker = worker
+
+    def __call__(self) -> dict[str, Any]:
+        started = time.time()
+        job = self.start()
+
+        from cifar_dist.sweep.search import run_worker
+        from cifar_dist.train import Stopped
+
+        try:
+            return run_worker(Path(self.sweep_dir), self.worker)
+        except Stopped:
+            return self.requeue_or_stop(job, started)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(SearchTask(self.worker, self.env, self.cpus, self.sweep_dir,
+                                                             self.local_slots))
+
+    @property
+    def run_dir(self) -> str:
+        return str(Path(self.sweep_dir) / "workers" / self.worker)
 
 
 def export_distributed_environment() -> None:
