@@ -359,9 +359,9 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
                 time.sleep(min(10, record["search"]["heartbeat_s"]))
                 continue
             if order is None:
-                result = {"worker": name, "trials": trained}
-                dist.main_only(lambda: write_json(sweep_dir / WORKERS / name / DONE, result))
-                return result
+                done = {"worker": name, "trials": trained}
+                dist.main_only(lambda: write_json(sweep_dir / WORKERS / name / DONE, done))  # noqa: B023 - called at once
+                return done
             try:  # every rank passes the hook (they all join its broadcast); rank 0's is called
                 result = train(config_from_dict(order["config"]), on_eval=worker.report if worker else _none, dist=dist)
             except NonFiniteLoss as e:
