@@ -31,19 +31,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileSymlinkLock
+from optuna.trial import TrialState
+
+from cifar_dist import schema
 from cifar_dist.config import config_from_dict, validate
+from cifar_dist.distributed import Distributed, install_stop_handlers
 from cifar_dist.errors import ConfigError
 from cifar_dist.report import TRIAL
 from cifar_dist.rundir import RunDir, read_json, write_atomic, write_json
+from cifar_dist.sweep.optuna_compat import SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, retried_from
 from cifar_dist.sweep.record import DONE, PointState, format_table
 from cifar_dist.sweep.spec import METRICS, Distribution, Point, Spec, base_config, describe
-from cifar_dist.train import PRUNED
+from cifar_dist.train import PRUNED, NonFiniteLoss, Stopped, train
 
 JOURNAL = "study.journal"
 WORKERS = "workers"
 CURRENT = "current.json"  # in a worker's folder: {"trial": number or null}
 WAIT = "wait"  # rank 0's answer while other workers' trials are still alive
 WORKER_ATTR = "cifar_dist:worker"  # trial system attr: the worker that runs it
+STALE = "failed by the study: no heartbeat for grace_s (a stalled worker); retried"
+optuna.logging.set_verbosity(logging.WARNING)  # not a line per trial: the workers' logs say more
 
 
 # ---------------------------------------------------------------------------- submit time
@@ -62,15 +72,13 @@ def search_record(spec: Spec) -> dict[str, Any]:
     base = base_config(spec).to_dict()
     for key, d in spec.search.params.items():
         for value in d.args:
-            _apply(spec.name, base, {key: value}, "check", "", spec.resources.world_size)
+            _apply(spec.name, "", base, spec.resources.world_size, {key: value}, "000", f"search.params: {key}={value}")
     search = asdict(spec.search)
     search["params"] = {k: {d.kind: d.args} for k, d in spec.search.params.items()}
     return {"search": search, "base_config": base, "world_size": spec.resources.world_size}
 
 
 def create_study(sweep_dir: Path, record: dict[str, Any]) -> None:
-    import optuna
-
     optuna.create_study(study_name=record["name"], storage=_storage(sweep_dir, record["search"]),
                         direction=_direction(record["search"]))
 
@@ -88,15 +96,11 @@ def _direction(search: dict[str, Any]) -> str:
     return METRICS[search["metric"]]
 
 
-def _storage(sweep_dir: Path, search: dict[str, Any]):
-    from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage
-
+def _storage(sweep_dir: Path, search: dict[str, Any]) -> HeartbeatJournalStorage:
     return HeartbeatJournalStorage(str(sweep_dir / JOURNAL), search["heartbeat_s"], search["grace_s"], search["max_retries"])
 
 
-def _sampler(search: dict[str, Any], seed: int):
-    import optuna
-
+def _sampler(search: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
     if search["sampler"] == "grid":
         return optuna.samplers.GridSampler({k: v["choice"] for k, v in search["params"].items()}, seed=seed)
     if search["sampler"] == "random":
@@ -107,9 +111,7 @@ def _sampler(search: dict[str, Any], seed: int):
                                       constant_liar=True)
 
 
-def _pruner(search: dict[str, Any], max_epochs: int):
-    import optuna
-
+def _pruner(search: dict[str, Any], max_epochs: int) -> optuna.pruners.BasePruner:
     p, low, rf = search["pruner"], search["min_epochs"], search["reduction_factor"]
     if p == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=rf)
@@ -120,21 +122,17 @@ def _pruner(search: dict[str, Any], max_epochs: int):
     return optuna.pruners.NopPruner()
 
 
-def load_study(sweep_dir: Path, record: dict[str, Any], storage: Any = None, seed: int = 0):
-    import optuna
-
+def load_study(sweep_dir: Path, record: dict[str, Any], storage: HeartbeatJournalStorage | None = None,
+               seed: int = 0) -> optuna.Study:
     search = record["search"]
     return optuna.load_study(study_name=record["name"], storage=storage or _storage(sweep_dir, search),
                              sampler=_sampler(search, seed), pruner=_pruner(search, record["base_config"]["train"]["epochs"]))
 
 
-def _apply(name: str, base: dict[str, Any], params: dict[str, Any], trial: str, uid: str, world: int,
+def _apply(name: str, uid: str, base: dict[str, Any], world: int, params: dict[str, Any], trial: str, where: str,
            run_dir: str = "") -> dict[str, Any]:
     """A trial's validated config: the base with its params, its run dir, id, name and group."""
-    from cifar_dist import schema
-
     cfg = config_from_dict(copy.deepcopy(base))
-    where = f"trial {trial} ({describe(params)})"
     try:
         schema.update(cfg, params)
         cfg.run.dir, cfg.run.id, cfg.tracking.group = run_dir, f"{name}-{uid}-{trial}" if uid else "", name
@@ -172,9 +170,6 @@ class Worker:
     """Rank 0's side of a worker: the study, its current trial, its heartbeat, its reports."""
 
     def __init__(self, sweep_dir: Path, name: str):
-        import optuna
-
-        optuna.logging.set_verbosity(logging.WARNING)  # its per-trial INFO lines; the run logs say more
         self.sweep_dir, self.name = sweep_dir, name
         self.record = json.loads((sweep_dir / "sweep.json").read_text())
         self.search = self.record["search"]
@@ -191,9 +186,6 @@ class Worker:
         while (number := self._current()) is not None:
             if order := self._resume(number):
                 return order
-        from optuna.storages.journal import JournalFileSymlinkLock
-
-        from cifar_dist.sweep.optuna_compat import SUSPENDED, fail_stale_trials
 
         lock = JournalFileSymlinkLock(str(self.sweep_dir / "budget"))  # asks one at a time: the count holds
         lock.acquire()
@@ -212,8 +204,6 @@ class Worker:
         return WAIT if alive else None
 
     def _take(self, study: Any) -> dict[str, Any]:
-        import optuna
-
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")  # we beat ourselves
             trial = study.ask()
@@ -222,7 +212,7 @@ class Worker:
         try:
             suggest(trial, self.search["params"])
         except Exception:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL)
             raise
         self._set_current(trial.number)
         return self._start(trial)
@@ -230,23 +220,21 @@ class Worker:
     def _resume(self, number: int) -> dict[str, Any] | None:
         """This worker's unfinished trial: resumed if still running; else (told already, or failed
         as stale while this worker was away and retried elsewhere) let go."""
-        import optuna
-
-        from cifar_dist.sweep.optuna_compat import SUSPENDED
-
         study = load_study(self.sweep_dir, self.record, self.storage)
         trial = optuna.trial.Trial(study, self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
-        frozen = self.storage.get_trial(trial._trial_id)
-        if frozen.state.name == "RUNNING":
-            self.storage.record_heartbeat(trial._trial_id)
-            self.storage.set_trial_system_attr(trial._trial_id, SUSPENDED, False)
-            self.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.name)
-            run = RunDir(self.run_dir(number))
-            if ended := run.summary() or read_json(run / PRUNED):  # ended before the study was told
-                self.trial = trial
-                self.told(ended)
-                return None
-            return self._start(trial)
+        try:
+            if self.storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                self.storage.record_heartbeat(trial._trial_id)
+                self.storage.set_trial_system_attr(trial._trial_id, SUSPENDED, False)
+                self.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.name)
+                run = RunDir(self.run_dir(number))
+                if ended := run.summary() or read_json(run / PRUNED):  # it ended before the study was told
+                    self.trial = trial
+                    self.told(ended)
+                    return None
+                return self._start(trial)
+        except UpdateFinishedTrialError:  # failed as stale just now: its retry is another worker's
+            pass
         self._set_current(None)
         return None
 
@@ -254,8 +242,8 @@ class Worker:
         self.trial = trial
         self._beat(trial._trial_id)
         name = trial_name(trial.number)
-        config = _apply(self.record["name"], self.record["base_config"], dict(trial.params), name, self.record["uid"],
-                        self.record["world_size"], str(self.run_dir(trial.number)))
+        config = _apply(self.record["name"], self.record["uid"], self.record["base_config"], self.record["world_size"],
+                        dict(trial.params), name, f"trial {name} ({describe(trial.params)})", str(self.run_dir(trial.number)))
         print(f"{self.name}: trial {name} ({describe(trial.params)})", flush=True)
         return {"number": trial.number, "config": config}
 
@@ -267,31 +255,34 @@ class Worker:
     def report(self, record: dict[str, Any]) -> str | None:
         """train's EvalHook: report the evaluation; the reason to stop when the pruner says so."""
         value, epoch = record[self.search["metric"]], int(round(record["epoch"]))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is already reported")  # a resumed trial redoes an evaluation
-            self.trial.report(value, epoch)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is already reported")  # a resumed trial redoes an evaluation
+                self.trial.report(value, epoch)
+        except UpdateFinishedTrialError:
+            return STALE
         if self.trial.should_prune():
             return f"pruned by {self.search['pruner']} after epoch {epoch}: {self.search['metric']} {value:.4f}"
         return None
 
     def told(self, result: dict[str, Any]) -> None:
         """Tell the study how the trial ended (train's summary, with "pruned" if it was), and record it in its run dir."""
-        import optuna
+        pruned = "pruned" in result
+        self._tell(TrialState.PRUNED if pruned else TrialState.COMPLETE, result["pruned"]["reason"] if pruned else "",
+                   None if pruned else result[self.search["metric"]])
 
-        state = optuna.trial.TrialState.PRUNED if "pruned" in result else optuna.trial.TrialState.COMPLETE
-        self._stop_beat()
-        study = self.trial.study
-        study.tell(self.trial, None if "pruned" in result else result[self.search["metric"]], state=state)
-        self._finish(state.name.lower(), result.get("pruned", {}).get("reason", ""))
-
-    def failed(self, why: str, state: str = "FAIL") -> None:
+    def failed(self, why: str, state: TrialState = TrialState.FAIL) -> None:
         """The trial ended without a result: diverged (told as pruned: a hopeless value, a signal to the
         sampler) or an error (failed; the study asks another trial in its place)."""
-        import optuna
+        self._tell(state, why)
 
+    def _tell(self, state: TrialState, note: str, value: float | None = None) -> None:
         self._stop_beat()
-        self.trial.study.tell(self.trial, state=optuna.trial.TrialState[state])
-        self._finish(state.lower(), why)
+        try:
+            self.trial.study.tell(self.trial, value, state=state)
+        except UpdateFinishedTrialError:  # this worker stalled past grace_s: the study failed the trial and retried it
+            state, note = TrialState.FAIL, STALE
+        self._finish(state.name.lower(), note)
 
     def _finish(self, state: str, note: str) -> None:
         frozen = self.storage.get_trial(self.trial._trial_id)
@@ -305,8 +296,6 @@ class Worker:
 
     def suspend(self) -> None:
         """Stopped for a requeue (checkpoint written): the trial waits for this worker, never called stale."""
-        from cifar_dist.sweep.optuna_compat import SUSPENDED
-
         self._stop_beat()
         if self.trial is not None:
             self.storage.set_trial_system_attr(self.trial._trial_id, SUSPENDED, True)
@@ -342,9 +331,6 @@ class Worker:
 def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
     """Every rank of a worker: trials until the study needs no more. Raises `Stopped` on a signal
     (rank 0 has suspended its trial); returns {"status": "done", ...}."""
-    from cifar_dist.distributed import Distributed, install_stop_handlers
-    from cifar_dist.train import NonFiniteLoss, Stopped, train
-
     install_stop_handlers()
     record = json.loads((sweep_dir / "sweep.json").read_text())
     dist = Distributed(record["base_config"]["train"]["device"])
@@ -363,13 +349,13 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
                 dist.main_only(lambda: write_json(sweep_dir / WORKERS / name / DONE, done))  # noqa: B023 - called at once
                 return done
             try:  # every rank passes the hook (they all join its broadcast); rank 0's is called
-                result = train(config_from_dict(order["config"]), on_eval=worker.report if worker else _none, dist=dist)
+                result = train(config_from_dict(order["config"]), on_eval=worker.report if worker else _ignore, dist=dist)
             except NonFiniteLoss as e:
-                dist.main_only(lambda e=e: worker.failed(f"diverged: {e}", "PRUNED"))
+                dist.main_only(lambda e=e: worker.failed(f"diverged: {e}", TrialState.PRUNED))
             except Stopped:
                 dist.main_only(lambda: worker.suspend())
                 raise
-            except BaseException as e:
+            except Exception as e:  # the trial fails (not retried: an error would recur); the worker with it
                 if worker is not None and worker.trial is not None:
                     worker.failed(f"{type(e).__name__}: {e}")
                 raise
@@ -380,7 +366,7 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
         dist.close()
 
 
-def _none(record: dict[str, Any]) -> None:
+def _ignore(record: dict[str, Any]) -> None:
     return None
 
 
@@ -389,8 +375,6 @@ def _none(record: dict[str, Any]) -> None:
 
 def trial_table(sweep_dir: Path, record: dict[str, Any], workers: list[PointState]) -> dict[str, Any]:
     """Every trial's state, epochs and result; epochs trained in all; the best trial."""
-    from cifar_dist.sweep.optuna_compat import SUSPENDED, retried_from
-
     study = load_study(sweep_dir, record)
     metric = record["search"]["metric"]
     ended = {w.name: w.state for w in workers if w.state not in ("pending", "running", "requeued")}
