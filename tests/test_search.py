@@ -278,3 +278,19 @@ def test_the_study_journal_opens_in_optuna_dashboard(study, tmp_path):
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+def test_a_worker_of_two_ranks_trains_its_trials_as_one(tmp_path, cache_dir):
+    """Rank 0 alone talks to the study; both ranks train each trial it picks and stop where it says."""
+    env = slurm_env(cache_dir, tmp_path)
+    spec = search_spec(tmp_path / "two.yaml", "two", {"trials": 3, "seed": 1}, overrides={"train.epochs": 3},
+                       resources={"tasks_per_node": 2, "time_min": 10, "signal_delay_s": 30})
+    sweep_dir = tmp_path / "sweep"
+    submitted([str(spec), "--cluster", "local", "--sweep-dir", str(sweep_dir)], env, tmp_path)
+    proc = submit(["wait", str(sweep_dir), "--poll", "1", "--timeout", "400"], env, tmp_path, timeout=460)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = status(sweep_dir, env)
+    assert [t["state"] in ("complete", "pruned") for t in table["trials"]] == [True] * 3
+    for t in table["trials"]:
+        run = RunDir(sweep_dir / "runs" / t["trial"])
+        assert (run.summary() or read_json(run / PRUNED))["world_size"] == 2

@@ -124,3 +124,29 @@ def assert_resumed_exactly(run_dir, reference) -> None:
     mine, ref = (checkpoint.load_latest(d, warn=print) for d in (run_dir, reference))
     assert mine[0].step == ref[0].step
     assert all(torch.equal(mine[1]["model"][k], ref[1]["model"][k]) for k in ref[1]["model"]), "weights differ"
+
+
+def test_cancel_stops_every_worker_and_resubmit_resumes_their_trials(tmp_path, cluster, cache_dir):
+    env = slurm_env(cache_dir, tmp_path)
+    spec = search_spec(tmp_path / "c.yaml", "slurm-cancel", {"trials": 2, "workers": 1, "pruner": "none"},
+                       overrides={"train.epochs": 4, "data.synthetic_train": 2560})
+    sweep_dir = tmp_path / "sweep"
+    submitted([str(spec), "--sweep-dir", str(sweep_dir)], env, tmp_path)
+    (first,) = job_ids(sweep_dir)
+    trial = wait_for(lambda: trial_mid_epoch(sweep_dir, "w0"), 240, "w0 inside an epoch", sweep_dir, poll=0.05)
+
+    assert first in submitted(["cancel", str(sweep_dir)], env, tmp_path).stdout
+    wait_for(lambda: not squeue(env), 60, "the cancelled worker to leave the queue", sweep_dir)
+    table = status(sweep_dir, env)
+    assert [w["state"] for w in table["workers"]] == ["cancelled"]
+    (suspended,) = [t for t in table["trials"] if t["trial"] == trial]
+    assert suspended["state"] == "suspended" and "resubmit --failed resumes it" in suspended["note"]
+
+    submitted(["resubmit", str(sweep_dir), "--failed"], env, tmp_path)
+    (second,) = job_ids(sweep_dir)
+    wait_for(lambda: not squeue(env), 300, "the resubmitted worker to finish", sweep_dir, poll=1)
+    table = status(sweep_dir, env)
+    assert [w["state"] for w in table["workers"]] == ["done"] and second != first
+    assert [t["state"] for t in table["trials"]] == ["complete", "complete"], table["trials"]
+    log = (sweep_dir / "submitit" / f"{second}_0_log.out").read_text()
+    assert f"resumed from {sweep_dir / 'runs' / trial / 'checkpoints'}/step_" in log
