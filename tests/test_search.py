@@ -294,3 +294,19 @@ def test_a_worker_of_two_ranks_trains_its_trials_as_one(tmp_path, cache_dir):
     for t in table["trials"]:
         run = RunDir(sweep_dir / "runs" / t["trial"])
         assert (run.summary() or read_json(run / PRUNED))["world_size"] == 2
+
+
+def test_bench_search_compares_both_methods_in_one_table(tmp_path, env):
+    """benchmarks/bench_search.py's plumbing on tiny synthetic studies (the real run uses the JPEG archive)."""
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([PY, "benchmarks/bench_search.py", "--seeds", "1", "--trials", "3", "--epochs", "2",
+                           "--train-subset", "0", "--extra", "data.synthetic_train=640", "data.synthetic_test=200"],
+                          env={**env, "CIFAR_DIST_RESULTS": str(results)}, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = results.read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    assert [r[0] for r in rows] == ["method", "random search, every trial to the end", "TPE + ASHA"]
+    assert rows[1][2] == "6 (1 run)" and rows[1][3] == "3+0", "random search trains every trial to the end"
+    assert int(rows[2][3].split("+")[0]) + int(rows[2][3].split("+")[1]) == 3
+    assert re.search(r"goal \(within 0\.5 points, at most 1/3 of the epochs\): (met|not met)", text)

@@ -1,7 +1,7 @@
 """A study on the real one-node Slurm (slurm/dev-cluster.sh up): two workers, one job array, take
-the trials of a range with hopeless values. One worker is pre-empted mid-trial with Slurm's own
-signal and, requeued, resumes that trial exactly from its checkpoint; the other is killed hard
-mid-trial, and the study fails its trial (no heartbeat) and retries it on the surviving worker.
+the trials of a range with hopeless values. One worker is killed hard mid-trial, and the study
+fails its trial (no heartbeat) and retries it on the other; that one is pre-empted mid-trial with
+Slurm's own signal and, requeued, resumes its trial exactly from its checkpoint.
 The study ends with its trials complete or pruned, none lost and none twice."""
 
 from __future__ import annotations
@@ -81,7 +81,12 @@ def test_study_survives_a_preempted_and_a_killed_worker(tmp_path, cluster, cache
     w0, w1 = job_ids(sweep_dir)
     assert w0.split("_")[0] == w1.split("_")[0], "one array"
 
-    # 1. Pre-empt w0 inside an epoch: it checkpoints, suspends its trial and is requeued.
+    # 1. Kill w1 hard inside a trial: no checkpoint, no word to the study.
+    killed = wait_for(lambda: trial_mid_epoch(sweep_dir, "w1"), 240, "w1 inside an epoch", sweep_dir, poll=0.05)
+    for pid in task_pids(w1, 0):
+        os.kill(pid, signal.SIGKILL)
+
+    # 2. Pre-empt w0 inside an epoch: it checkpoints, suspends its trial and is requeued; released, it resumes it.
     preempted = wait_for(lambda: trial_mid_epoch(sweep_dir, "w0"), 240, "w0 inside an epoch", sweep_dir, poll=0.05)
     subprocess.run(["scancel", "--signal=USR2", w0], env=with_conf(env), check=True, timeout=30)
     wait_for(lambda: any(t["trial"] == preempted and t["state"] == "suspended" for t in status(sweep_dir, env)["trials"]),
@@ -89,11 +94,6 @@ def test_study_survives_a_preempted_and_a_killed_worker(tmp_path, cluster, cache
     log = sweep_dir / "submitit" / f"{w0}_0_log.out"
     release(w0, env, lambda: "resumed from" in log.read_text(), sweep_dir)
     assert f"resumed from {sweep_dir / 'runs' / preempted / 'checkpoints'}/step_" in log.read_text(), logs(sweep_dir)
-
-    # 2. Kill w1 hard inside a trial: no checkpoint, no word to the study.
-    killed = wait_for(lambda: trial_mid_epoch(sweep_dir, "w1"), 240, "w1 inside an epoch", sweep_dir, poll=0.05)
-    for pid in task_pids(w1, 0):
-        os.kill(pid, signal.SIGKILL)
 
     # 3. w0 fails the silent trial once grace_s has passed, retries it, and ends the study.
     wait_for(lambda: not squeue(env), 600, "every worker to leave the queue", sweep_dir, poll=2)

@@ -383,10 +383,12 @@ def trial_table(sweep_dir: Path, record: dict[str, Any], workers: list[PointStat
         state = t.state.name.lower()
         worker = t.system_attrs.get(WORKER_ATTR, "")
         note = (read_json(sweep_dir / "runs" / trial_name(t.number) / TRIAL) or {}).get("note", "")
-        if state == "running" and (t.system_attrs.get(SUSPENDED) or worker in ended):
+        if state == "running" and t.system_attrs.get(SUSPENDED):
             state = "suspended"
             note = f"checkpointed; worker {worker} {ended.get(worker, 'requeued')}" + (
                 ": resubmit --failed resumes it" if worker in ended else "")
+        elif state == "running" and worker in ended:
+            note = f"worker {worker} {ended[worker]}: without its heartbeat the study fails and retries this trial"
         if (origin := retried_from(t)) is not None:
             note = f"retry of {trial_name(origin)}" + (f"; {note}" if note else "")
         rows.append({"trial": trial_name(t.number), "state": state, "epochs": _epochs(sweep_dir, t.number),
