@@ -149,18 +149,16 @@ def trial_name(number: int) -> str:
     return f"{number:03d}"
 
 
-def suggest(trial: Any, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The trial's values, drawn by the sampler (or fixed: a retry keeps its failed trial's)."""
-    values = {}
+def suggest(trial: optuna.Trial, params: dict[str, dict[str, Any]]) -> None:
+    """Give the trial its values: drawn by the sampler, or fixed (a retry keeps its failed trial's)."""
     for key, spec in params.items():
         d = Distribution(*next(iter(spec.items())))
         if d.kind == "choice":
-            values[key] = trial.suggest_categorical(key, d.args)
+            trial.suggest_categorical(key, d.args)
         elif d.kind == "int":
-            values[key] = trial.suggest_int(key, *d.args)
+            trial.suggest_int(key, *d.args)
         else:
-            values[key] = trial.suggest_float(key, *d.args, log=d.kind == "loguniform")
-    return values
+            trial.suggest_float(key, *d.args, log=d.kind == "loguniform")
 
 
 # ---------------------------------------------------------------------------- the worker (rank 0)
