@@ -42,7 +42,7 @@ def run_study(tmp: Path, method: str, seed: int, args: argparse.Namespace, env: 
     spec.write_text(yaml.safe_dump({
         "name": name, "cluster": "local", "base": args.base, "overrides": overrides,
         "search": {"trials": args.trials, "workers": 1, "sampler": sampler, "pruner": pruner, "seed": seed,
-                   "params": PARAMS},
+                   "min_epochs": args.min_epochs, "params": PARAMS},
         "resources": {"cpus_per_task": 1, "time_min": 600}}, sort_keys=False))
     sweep_dir = tmp / name
     start = time.perf_counter()
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="sampler seeds per method (default 3)")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=9, help="per trial (ASHA rungs at 1, 3, 9 epochs)")
+    parser.add_argument("--min-epochs", type=int, default=1, help="epochs before ASHA may prune a trial (default 1)")
     parser.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every trial")
     args = parser.parse_args()
     data = ({"data.source": "imagefolder", "data.path": str(Path(args.data).absolute())} if args.data
@@ -100,8 +101,8 @@ def main() -> None:
         [f"`{args.base}` on {source}, full test set; {args.trials} trials x {args.epochs} epochs per study, one worker, "
          f"one compute thread; sampler seeds 0..{args.seeds - 1} per method; params {json.dumps(PARAMS)}"
          + (f"; extra {' '.join(args.extra)}" if args.extra else ""),
-         "ASHA: min 1 epoch, reduction factor 3; TPE: a third of the trials (at most 10) random at the start, constant "
-         "liar; a diverged trial counts as pruned", verdict],
+         f"ASHA: min {args.min_epochs} epoch(s), reduction factor 3; TPE: a third of the trials (at most 10) random at "
+         "the start, constant liar; a diverged trial counts as pruned", verdict],
         ["method", "best test accuracy %", "epochs trained", "complete+pruned per seed", "study seconds"], rows)
 
 
