@@ -3,20 +3,22 @@ number of trials and epochs per trial, several sampler seeds each, side by side 
 
     python benchmarks/bench_search.py --data /work/shared/data/cifar10-jpeg.tar.gz [--seeds 3] [--trials 12] [--epochs 9]
 
-Each study is `python jobs/submit.py SPEC --executor debug` (one worker, in one process, one
-compute thread: on a shared 2-core machine one thread trained `blitz` 4x faster than two), read
-back with `status --json`. Per study: the best trial's final test accuracy and the epochs trained
-by all its trials (pruned ones stop early). Goal (issue #18): TPE + ASHA within 0.5 points of
+Each study is `python jobs/submit.py SPEC --executor debug` (one worker, one compute thread: on a
+shared 2-core machine one thread trained `blitz` 4x faster than two), read back with `status
+--json`; both commands run in this process (the debug executor trains in it), so a study's seconds
+hold no interpreter start-up. Per study: the best trial's final test accuracy and the epochs
+trained by all its trials (pruned ones stop early). Goal (issue #18): TPE + ASHA within 0.5 points of
 random search's best with at most a third of its epochs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,17 +26,29 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PY, ROOT, append_table, spread  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # common; the checkout
+from common import append_table, spread  # noqa: E402
 
-SUBMIT = ROOT / "jobs" / "submit.py"
 # The issue's space: a learning rate over three decades (its top end diverges), weight decay, label smoothing.
 PARAMS = {"train.lr": {"loguniform": [1e-3, 1.0]}, "train.weight_decay": {"loguniform": [1e-5, 1e-2]},
           "train.label_smoothing": {"uniform": [0.0, 0.3]}}
 METHODS = {"random search, every trial to the end": ("random", "none"), "TPE + ASHA": ("tpe", "asha")}
 
 
-def run_study(tmp: Path, method: str, seed: int, args: argparse.Namespace, env: dict[str, str]) -> dict:
+def sweep_command(argv: list[str]) -> str:
+    """`python jobs/submit.py ARGV` in this process: its output, or exit with it when it fails."""
+    from cifar_dist.sweep import commands
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = commands.main(argv)
+    if code != 0:
+        raise SystemExit(f"jobs/submit.py {' '.join(argv)} failed (exit {code}):\n{out.getvalue()[-3000:]}\n"
+                         f"{err.getvalue()[-3000:]}")
+    return out.getvalue()
+
+
+def run_study(tmp: Path, method: str, seed: int, args: argparse.Namespace) -> dict:
     sampler, pruner = METHODS[method]
     name = f"bench-{sampler}-{pruner}-s{seed}"
     spec = tmp / f"{name}.yaml"
@@ -46,14 +60,9 @@ def run_study(tmp: Path, method: str, seed: int, args: argparse.Namespace, env: 
         "resources": {"cpus_per_task": 1, "time_min": 600}}, sort_keys=False))
     sweep_dir = tmp / name
     start = time.perf_counter()
-    proc = subprocess.run([PY, str(SUBMIT), str(spec), "--executor", "debug", "--sweep-dir", str(sweep_dir)],
-                          env=env, cwd=tmp, capture_output=True, text=True)
+    sweep_command([str(spec), "--executor", "debug", "--sweep-dir", str(sweep_dir)])
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    status = subprocess.run([PY, str(SUBMIT), "status", str(sweep_dir), "--json"], env=env, cwd=tmp,
-                            capture_output=True, text=True, check=True)
-    table = json.loads(status.stdout)
+    table = json.loads(sweep_command(["status", str(sweep_dir), "--json"]))
     states = [t["state"] for t in table["trials"]]
     best = table["best"]
     print(f"{name}: best {100 * best['test_accuracy']:.2f}% ({best['values']}), {table['epochs']:g} epochs, "
@@ -77,12 +86,12 @@ def main() -> None:
             else {"data.source": "synthetic"})
     args.data_overrides = {**data, "data.train_subset": args.train_subset,
                            **{k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}}
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    os.environ.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")  # before torch loads (with the first study)
     results: dict[str, list[dict]] = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         for seed in range(args.seeds):  # the methods alternate, so a slower spell of the machine hits both
             for method in METHODS:
-                results[method].append(run_study(Path(tmp), method, seed, args, env))
+                results[method].append(run_study(Path(tmp), method, seed, args))
 
     rows, medians = [], {}
     for method, runs in results.items():
