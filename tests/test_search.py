@@ -1,17 +1,21 @@
 """Search (#18) without a cluster: the spec's `search:` block and its mistakes, train's evaluation
-hook, Optuna's heartbeat and retry on the journal file storage, a study end to end on the local
-executor (pruning, wandb groups, more workers, compare), and the study in optuna-dashboard seen
-by a headless browser."""
+hook, Optuna's heartbeat and retry on the journal file storage, studies end to end on the local
+executor (pruning, a worker added to a running study, trial names and groups, compare, a worker of
+two ranks) and the benchmark's plumbing. Each study is as small as shows its behaviour: two
+epochs per trial (ASHA's first rung, at epoch 1, is the only one where a trial can be pruned),
+a random sampler whose seed fixes every trial's values, and values whose order makes the pruning
+certain whatever the workers' timing. optuna-dashboard in a browser is slurm/check_dashboard.py
+(it needs chromium and optuna-dashboard, which the project does not install)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
-import shutil
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -19,19 +23,26 @@ import pytest
 import yaml
 from conftest import PY, TINY
 from PIL import Image
-from slurm_fixtures import TINY_OVERRIDES, slurm_env, submit, submitted, wait_for
-from wandb_records import run_records
+from slurm_fixtures import TINY_OVERRIDES, slurm_env, submitted
 
 from cifar_dist.config import load_config
-from cifar_dist.report import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, load_runs
+from cifar_dist.report import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, compare_main, load_runs
 from cifar_dist.rundir import CONFIG, PRUNED, SUMMARY, TRIAL, RunDir, read_json
 from cifar_dist.sweep import commands
 from cifar_dist.sweep.optuna_compat import HEARTBEAT, SUSPENDED, HeartbeatJournalStorage, fail_stale_trials
 from cifar_dist.sweep.spec import load_spec
 from cifar_dist.train import train
 
-# A range with hopeless ends: 1e-4 barely moves in 4 epochs; 0.5 is too high for this tiny run.
+# A range with hopeless ends: 1e-4 barely moves in a few epochs; 0.5 is too high for this tiny run.
 HOPELESS_LR = {"train.lr": {"loguniform": ["1e-4", 0.5]}}
+STEPS_PER_EPOCH = 20  # TINY: 1,280 synthetic images in steps of 64
+# The random sampler's draws from HOPELESS_LR for trials 0, 1, 2, 3 (search.py seeds each ask with
+# seed * 100003 + its number). Seed 10: 0.073, 0.089, 0.0035, 0.00011: trials 2 and 3 start only
+# once trial 0 or 1 has ended an epoch, so their first evaluation, far worse, meets a better one at
+# ASHA's rung and is pruned; the first trial evaluated at the rung is never pruned and completes.
+GOOD_THEN_HOPELESS = 10
+# Seed 11: 0.009, then 0.00014: one worker trains trial 0 to the end and trial 1 is pruned.
+ONE_THEN_HOPELESS = 11
 
 
 def search_spec(path: Path, name: str, search: dict, overrides: dict | None = None, **top) -> Path:
@@ -43,10 +54,31 @@ def search_spec(path: Path, name: str, search: dict, overrides: dict | None = No
     return path
 
 
+def sweep_command(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python jobs/submit.py ARGS` in this process, with `env` as its environment (restored after):
+    the same code as the command, without an interpreter and torch start-up each time (seconds on
+    a loaded 2-core machine). The first submit of each study runs the real command instead."""
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = commands.main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def succeeded(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = sweep_command(args, env)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
 def status(sweep_dir: Path, env: dict) -> dict:
-    proc = submit(["status", str(sweep_dir), "--json"], env, sweep_dir)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return json.loads(succeeded(["status", str(sweep_dir), "--json"], env).stdout)
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -104,7 +136,7 @@ def test_train_hook_stops_a_run_at_an_evaluation(tmp_path, cache_dir, monkeypatc
     """Every evaluation reaches the hook; a reason stops the run there: pruned.json (no summary.json)
     says at which step and why, and train returns that summary."""
     monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
-    cfg = load_config("debug", [*TINY, "train.epochs=4", f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config("debug", [*TINY, "train.epochs=3", f"run.dir={tmp_path / 'run'}"])
     seen = []
 
     def hook(record: dict) -> str | None:
@@ -114,7 +146,8 @@ def test_train_hook_stops_a_run_at_an_evaluation(tmp_path, cache_dir, monkeypatc
     result = train(cfg, on_eval=hook)
     run = RunDir(tmp_path / "run")
     assert [e for e, _ in seen] == [1, 2]
-    assert result["pruned"] == {"step": 40, "epoch": 2, "reason": "hopeless"} and result["steps"] == 40
+    assert result["pruned"] == {"step": 2 * STEPS_PER_EPOCH, "epoch": 2, "reason": "hopeless"}
+    assert result["steps"] == 2 * STEPS_PER_EPOCH
     assert read_json(run / PRUNED) == result and not (run / SUMMARY).exists()
     assert result["test_accuracy"] == seen[-1][1]
 
@@ -149,16 +182,21 @@ def test_journal_heartbeats_fail_and_retry_only_dead_workers_trials(tmp_path):
 
 @pytest.fixture(scope="module")
 def study(cache_dir, tmp_path_factory):
-    """Two local workers, six trials of a range with hopeless ends, wandb offline."""
+    """Four trials of two epochs: one worker submitted, a second added by `resubmit --workers 1`
+    while the first trains."""
     tmp = tmp_path_factory.mktemp("study")
     env = slurm_env(cache_dir, tmp)
-    spec = search_spec(tmp / "st.yaml", "st", {"trials": 6, "workers": 2, "seed": 1},
-                       overrides={"train.epochs": 4, "tracking.backend": "wandb"})
+    # heartbeat_s: a worker with nothing left to ask waits this long (at most 10 s) between looks at
+    # the other's last trial; grace_s: long enough that no live trial is called stale on a loaded machine.
+    spec = search_spec(tmp / "st.yaml", "st", {"trials": 4, "workers": 1, "sampler": "random", "seed": GOOD_THEN_HOPELESS,
+                                               "heartbeat_s": 1, "grace_s": 60},
+                       overrides={"train.epochs": 2})
     sweep_dir = tmp / "sweep"
     out = submitted([str(spec), "--executor", "local", "--sweep-dir", str(sweep_dir)], env, tmp)
-    assert "st: 2 worker(s) submitted" in out.stdout
-    proc = submit(["wait", str(sweep_dir), "--poll", "1", "--timeout", "400"], env, tmp, timeout=460)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "st: 1 worker(s) submitted" in out.stdout
+    out = succeeded(["resubmit", str(sweep_dir), "--workers", "1"], env)
+    assert "st: 1 worker(s) submitted" in out.stdout and "w1" in out.stdout
+    succeeded(["wait", str(sweep_dir), "--poll", "0.5", "--timeout", "300"], env)
     return sweep_dir, env
 
 
@@ -166,64 +204,55 @@ def test_a_study_prunes_hopeless_trials_and_ends_with_its_trials(study):
     sweep_dir, env = study
     table = status(sweep_dir, env)
     states = [t["state"] for t in table["trials"]]
-    assert len(states) == 6 and states.count("complete") + states.count("pruned") == 6, states
-    assert states.count("pruned") >= 1 and states.count("complete") >= 1, states
-    assert [w["state"] for w in table["workers"]] == ["done", "done"]
-    assert {t["worker"] for t in table["trials"]} <= {"w0", "w1"}
+    assert len(states) == 4 and states.count("complete") + states.count("pruned") == 4, table["trials"]
+    assert states[2:] == ["pruned", "pruned"] and "complete" in states[:2], table["trials"]
+    assert [(w["name"], w["state"]) for w in table["workers"]] == [("w0", "done"), ("w1", "done")]
+    assert {t["worker"] for t in table["trials"]} == {"w0", "w1"}, "the added worker took trials of the same study"
     for t in table["trials"]:
         run = RunDir(sweep_dir / "runs" / t["trial"])
         record = read_json(run / TRIAL)
         assert record["state"] == t["state"] and record["label"] == t["values"]
         if t["state"] == "pruned":
             pruned = read_json(run / PRUNED)
-            assert re.fullmatch(r"pruned by asha after epoch \d: test_accuracy 0\.\d{4}", pruned["pruned"]["reason"])
-            assert pruned["pruned"]["step"] == 20 * pruned["pruned"]["epoch"] < 80 and not (run / SUMMARY).exists()
-            assert t["epochs"] == pruned["pruned"]["epoch"]
+            assert re.fullmatch(r"pruned by asha after epoch 1: test_accuracy 0\.\d{4}", pruned["pruned"]["reason"])
+            assert pruned["pruned"]["step"] == STEPS_PER_EPOCH and not (run / SUMMARY).exists()
+            assert t["epochs"] == 1
         else:
-            assert run.summary()["steps"] == 80 and t["epochs"] == 4
-    assert table["epochs"] == sum(t["epochs"] for t in table["trials"]) < 24, "pruning saved epochs"
+            assert run.summary()["steps"] == 2 * STEPS_PER_EPOCH and t["epochs"] == 2
+    assert table["epochs"] == sum(t["epochs"] for t in table["trials"]) < 8, "pruning saved epochs"
     best = max((t for t in table["trials"] if t["state"] == "complete"), key=lambda t: t["test_accuracy"])
     assert table["best"] == best
-    text = submit(["status", str(sweep_dir)], env, sweep_dir).stdout
+    text = succeeded(["status", str(sweep_dir)], env).stdout
     assert f"best: trial {best['trial']}, test_accuracy {best['test_accuracy']:.4f}" in text
-    assert f"6 wanted; {states.count('complete')} complete, {states.count('pruned')} pruned" in text
+    assert f"4 wanted; {states.count('complete')} complete, {states.count('pruned')} pruned" in text
 
 
-def test_trials_are_grouped_in_wandb_with_their_values(study):
+def test_trials_are_named_and_grouped_by_the_study(study):
+    """tracking.group is the study's name and run.name the trial with its values (test_tracking.py
+    shows both reach wandb as its group and display name)."""
     sweep_dir, _ = study
-    run_dir = sweep_dir / "runs" / "000"
-    config = yaml.safe_load((run_dir / CONFIG).read_text())
-    (info,) = run_records(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
-    logged = {item.key: json.loads(item.value_json) for item in info.config.update}
-    lr = read_json(run_dir / TRIAL)["params"]["train.lr"]
-    assert info.run_group == "st" and info.display_name == f"st/000 train.lr={lr:.4g}"
-    assert logged["train"]["lr"] == config["train"]["lr"] == lr
+    for run_dir in sorted((sweep_dir / "runs").iterdir()):
+        config = yaml.safe_load((run_dir / CONFIG).read_text())
+        lr = read_json(run_dir / TRIAL)["params"]["train.lr"]
+        assert config["tracking"]["group"] == "st" and config["run"]["name"] == f"st/{run_dir.name} train.lr={lr:.4g}"
+        assert config["train"]["lr"] == lr and config["run"]["dir"] == str(run_dir)
 
 
-def test_more_workers_join_the_same_study(study):
-    """resubmit --workers adds workers; with every trial taken they find nothing to do and end."""
+def test_resubmit_workers_counts_from_one(study):
     sweep_dir, env = study
-    out = submitted(["resubmit", str(sweep_dir), "--workers", "1"], env, sweep_dir)
-    assert "1 worker(s) submitted" in out.stdout
-    proc = submit(["wait", str(sweep_dir), "--poll", "1", "--timeout", "120"], env, sweep_dir, timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    table = status(sweep_dir, env)
-    assert [(w["name"], w["state"]) for w in table["workers"]] == [("w0", "done"), ("w1", "done"), ("w2", "done")]
-    assert len(table["trials"]) == 6 and "w2" not in {t["worker"] for t in table["trials"]}
-    bad = submit(["resubmit", str(sweep_dir), "--workers", "-1"], env, sweep_dir)
-    assert bad.returncode == 2 and bad.stderr == "error: --workers: must be >= 1, got -1\n"
+    proc = sweep_command(["resubmit", str(sweep_dir), "--workers", "-1"], env)
+    assert (proc.returncode, proc.stderr) == (2, "error: --workers: must be >= 1, got -1\n")
 
 
-def test_compare_on_a_study_ranks_trials_and_plots_each_parameter(study, tmp_path):
+def test_compare_on_a_study_ranks_trials_and_plots_each_parameter(study, tmp_path, capsys):
     sweep_dir, env = study
-    proc = subprocess.run([PY, "-m", "cifar_dist.cli", "compare", str(sweep_dir), "--out", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert compare_main([str(sweep_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
     table = status(sweep_dir, env)
     best = table["best"]
-    assert f"best trial: {best['trial']}, test_accuracy {best['test_accuracy']:.4f}: {best['values']}\n" in proc.stdout
-    assert f"its config: {sweep_dir / 'runs' / best['trial'] / CONFIG}" in proc.stdout
-    ranked = proc.stdout.split("rank  trial")[1].splitlines()[1:7]
+    assert f"best trial: {best['trial']}, test_accuracy {best['test_accuracy']:.4f}: {best['values']}\n" in out
+    assert f"its config: {sweep_dir / 'runs' / best['trial'] / CONFIG}" in out
+    ranked = out.split("rank  trial")[1].splitlines()[1:5]
     assert [line.split()[1] for line in ranked][0] == best["trial"]
     assert [line.split()[2] for line in ranked] == sorted((t["state"] for t in table["trials"]), key=lambda s: s != "complete")
     with Image.open(tmp_path / PARAMS_PNG) as img:
@@ -233,64 +262,18 @@ def test_compare_on_a_study_ranks_trials_and_plots_each_parameter(study, tmp_pat
     assert names == {t["trial"]: t["values"] for t in table["trials"]}, "curves are named by the swept values"
 
 
-# ---------------------------------------------------------------------------- optuna-dashboard in a browser
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not chromium() or not shutil.which("optuna-dashboard", path=str(Path(PY).parent)),
-                    reason="needs chromium (apt-get install chromium) and optuna-dashboard (pip)")
-def test_the_study_journal_opens_in_optuna_dashboard(study, tmp_path):
-    """optuna-dashboard on 127.0.0.1 with the journal file; a headless Chromium renders the study's page."""
-    sweep_dir, env = study
-    port = free_port()
-    dashboard = subprocess.Popen([str(Path(PY).parent / "optuna-dashboard"), str(sweep_dir / "study.journal"),
-                                  "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    try:
-        def studies() -> list | None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                    return json.loads(r.read())["study_summaries"]
-            except OSError:
-                return None
-
-        (listed,) = wait_for(studies, 60, "optuna-dashboard to answer")
-        assert listed["study_name"] == "st"
-        page = f"http://127.0.0.1:{port}/dashboard/studies/{listed['study_id']}"
-        browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                   "--window-size=1400,1000"]
-        dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-        texts = re.findall(r">([^<>]+)<", dom)
-        assert f"st (id={listed['study_id']})" in texts and "History" in texts and "Trial" in texts, texts[:50]
-        shot = tmp_path / "dashboard.png"
-        subprocess.run([*browser, f"--screenshot={shot}", page], capture_output=True, timeout=120, check=True)
-        with Image.open(shot) as img:
-            assert img.size == (1400, 1000) and len(img.convert("L").getcolors(1 << 16)) > 20, "a blank page"
-    finally:
-        dashboard.terminate()
-        dashboard.wait(timeout=30)
-
-
-def test_a_worker_of_two_ranks_trains_its_trials_as_one(tmp_path, cache_dir):
-    """Rank 0 alone talks to the study; both ranks train each trial it picks and stop where it says."""
+def test_a_worker_of_two_ranks_trains_and_stops_its_trials_as_one(tmp_path, cache_dir):
+    """Rank 0 alone talks to the study; both ranks train each trial it picks and both stop where
+    the pruner says (a rank that went on would hang the other in its next collective)."""
     env = slurm_env(cache_dir, tmp_path)
-    spec = search_spec(tmp_path / "two.yaml", "two", {"trials": 3, "seed": 1}, overrides={"train.epochs": 3},
+    spec = search_spec(tmp_path / "two.yaml", "two", {"trials": 2, "sampler": "random", "seed": ONE_THEN_HOPELESS},
+                       overrides={"train.epochs": 2},
                        resources={"tasks_per_node": 2, "time_min": 10, "signal_delay_s": 30})
     sweep_dir = tmp_path / "sweep"
-    submitted([str(spec), "--executor", "local", "--sweep-dir", str(sweep_dir)], env, tmp_path)
-    proc = submit(["wait", str(sweep_dir), "--poll", "1", "--timeout", "400"], env, tmp_path, timeout=460)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    succeeded([str(spec), "--executor", "local", "--sweep-dir", str(sweep_dir)], env)
+    succeeded(["wait", str(sweep_dir), "--poll", "0.5", "--timeout", "300"], env)
     table = status(sweep_dir, env)
-    assert [t["state"] in ("complete", "pruned") for t in table["trials"]] == [True] * 3
+    assert [t["state"] for t in table["trials"]] == ["complete", "pruned"], table["trials"]
     for t in table["trials"]:
         run = RunDir(sweep_dir / "runs" / t["trial"])
         assert (run.summary() or read_json(run / PRUNED))["world_size"] == 2
@@ -299,7 +282,7 @@ def test_a_worker_of_two_ranks_trains_its_trials_as_one(tmp_path, cache_dir):
 def test_bench_search_compares_both_methods_in_one_table(tmp_path, env):
     """benchmarks/bench_search.py's plumbing on tiny synthetic studies (the real run uses the JPEG archive)."""
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([PY, "benchmarks/bench_search.py", "--seeds", "1", "--trials", "3", "--epochs", "2",
+    proc = subprocess.run([PY, "benchmarks/bench_search.py", "--seeds", "1", "--trials", "2", "--epochs", "2",
                            "--train-subset", "0", "--extra", "data.synthetic_train=640", "data.synthetic_test=200"],
                           env={**env, "CIFAR_DIST_RESULTS": str(results)}, cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=600)
@@ -307,6 +290,6 @@ def test_bench_search_compares_both_methods_in_one_table(tmp_path, env):
     text = results.read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
     assert [r[0] for r in rows] == ["method", "random search, every trial to the end", "TPE + ASHA"]
-    assert rows[1][2] == "6 (1 run)" and rows[1][3] == "3+0", "random search trains every trial to the end"
-    assert int(rows[2][3].split("+")[0]) + int(rows[2][3].split("+")[1]) == 3
+    assert rows[1][2] == "4 (1 run)" and rows[1][3] == "2+0", "random search trains every trial to the end"
+    assert int(rows[2][3].split("+")[0]) + int(rows[2][3].split("+")[1]) == 2
     assert re.search(r"goal \(within 0\.5 points, at most 1/3 of the epochs\): (met|not met)", text)
