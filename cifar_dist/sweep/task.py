@@ -22,6 +22,9 @@ cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks sto
 `jobs/submit.py cancel`), or has timed out too many times, rank 0 does not requeue and returns
 the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
 (resumable with `resubmit --failed`).
+
+A study's worker (`SearchTask`, search.py) is the same task around `search.run_worker`: it trains
+one trial after another in one job, and a requeued worker resumes its own unfinished trial first.
 """
 
 from __future__ import annotations
