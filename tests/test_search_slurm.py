@@ -2,7 +2,9 @@
 the trials of a range with hopeless values. One worker is killed hard mid-trial, and the study
 fails its trial (no heartbeat) and retries it on the other; that one is pre-empted mid-trial with
 Slurm's own signal and, requeued, resumes its trial exactly from its checkpoint.
-The study ends with its trials complete or pruned, none lost and none twice."""
+The study ends with its trials complete or pruned, none lost and none twice. Then `cancel` and
+`resubmit --failed` on a one-trial study. Both as small as shows it: three trials of two epochs
+(ASHA prunes at epoch 1 only), with 40 steps an epoch, so that a kill or a signal lands inside one."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from slurm_fixtures import (
     wait_for,
     with_conf,
 )
-from test_search import HOPELESS_LR, search_spec, status
+from test_search import GOOD_THEN_HOPELESS, HOPELESS_LR, search_spec, status, succeeded
 
 from cifar_dist import checkpoint
 from cifar_dist.config import config_from_dict
@@ -73,9 +75,12 @@ def release(job_id: str, env: dict, until, sweep_dir) -> None:
 
 def test_study_survives_a_preempted_and_a_killed_worker(tmp_path, cluster, cache_dir):
     env = slurm_env(cache_dir, tmp_path)
-    spec = search_spec(tmp_path / "st.yaml", "slurm-st", {"trials": 6, "workers": 2, "heartbeat_s": 1, "grace_s": 5,
+    # Trials 0 and 1 start together and draw good rates; whatever else is asked (trial 2 or 3)
+    # draws a hopeless one, once trial 0 or 1 has been evaluated: it is pruned (test_search.py).
+    spec = search_spec(tmp_path / "st.yaml", "slurm-st", {"trials": 3, "workers": 2, "heartbeat_s": 1, "grace_s": 5,
+                                                           "sampler": "random", "seed": GOOD_THEN_HOPELESS,
                                                            "params": HOPELESS_LR},
-                       overrides={"train.epochs": 6, "data.synthetic_train": 2560})
+                       overrides={"train.epochs": 2, "data.synthetic_train": 2560})
     sweep_dir = tmp_path / "sweep"
     submitted([str(spec), "--sweep-dir", str(sweep_dir)], env, tmp_path)
     w0, w1 = job_ids(sweep_dir)
@@ -101,7 +106,7 @@ def test_study_survives_a_preempted_and_a_killed_worker(tmp_path, cluster, cache
     assert [(w["name"], w["state"]) for w in table["workers"]] == [("w0", "done"), ("w1", "failed")], table["workers"]
     by_name = {t["trial"]: t for t in table["trials"]}
     states = [t["state"] for t in table["trials"]]
-    assert states.count("complete") + states.count("pruned") == 6 and states.count("fail") == 1, table["trials"]
+    assert states.count("complete") + states.count("pruned") == 3 and states.count("fail") == 1, table["trials"]
     assert states.count("pruned") >= 1, "the hopeless values were pruned"
     assert by_name[killed]["state"] == "fail"
     (retry,) = [t for t in table["trials"] if t["note"].startswith(f"retry of {killed}")]
@@ -128,22 +133,22 @@ def assert_resumed_exactly(run_dir, reference) -> None:
 
 def test_cancel_stops_every_worker_and_resubmit_resumes_their_trials(tmp_path, cluster, cache_dir):
     env = slurm_env(cache_dir, tmp_path)
-    # One trial, long enough (40 epochs) to be still running when `cancel` (a process start on a loaded machine) acts.
+    # One trial of 160 steps: `cancel` (in this process: no start-up to wait for) acts in its first epoch.
     spec = search_spec(tmp_path / "c.yaml", "slurm-cancel", {"trials": 1, "workers": 1, "pruner": "none"},
-                       overrides={"train.epochs": 40, "data.synthetic_train": 2560})
+                       overrides={"train.epochs": 4, "data.synthetic_train": 2560})
     sweep_dir = tmp_path / "sweep"
     submitted([str(spec), "--sweep-dir", str(sweep_dir)], env, tmp_path)
     (first,) = job_ids(sweep_dir)
     trial = wait_for(lambda: trial_mid_epoch(sweep_dir, "w0"), 240, "w0 inside an epoch", sweep_dir, poll=0.05)
 
-    assert first in submitted(["cancel", str(sweep_dir)], env, tmp_path).stdout
+    assert first in succeeded(["cancel", str(sweep_dir)], env).stdout
     wait_for(lambda: not squeue(env), 60, "the cancelled worker to leave the queue", sweep_dir)
     table = status(sweep_dir, env)
     assert [w["state"] for w in table["workers"]] == ["cancelled"]
     (suspended,) = [t for t in table["trials"] if t["trial"] == trial]
     assert suspended["state"] == "suspended" and "resubmit --failed resumes it" in suspended["note"]
 
-    submitted(["resubmit", str(sweep_dir), "--failed"], env, tmp_path)
+    succeeded(["resubmit", str(sweep_dir), "--failed"], env)
     (second,) = job_ids(sweep_dir)
     wait_for(lambda: not squeue(env), 300, "the resubmitted worker to finish", sweep_dir, poll=1)
     table = status(sweep_dir, env)
