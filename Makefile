@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 train: setup
 	$(VENV)/bin/cifar-dist train $(ARGS)
 
-# The tests start a real local Slurm (slurm/dev-cluster.sh); its Debian packages come first.
+# The tests start a real local Slurm (slurm/dev-cluster.sh); its Debian packages come first. Two
+# workers: many tests wait on a scheduler or a child process; the Slurm tests share one worker.
 test: setup slurm-packages
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

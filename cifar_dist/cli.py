@@ -58,6 +58,7 @@ def data_main(argv: list[str]) -> int:
     from cifar_dist.config import add_config_arguments, load_config
     from cifar_dist.data import cache_path, load_cached, load_dataset, shown_samples
     from cifar_dist.errors import UserError
+    from cifar_dist.report import MANY_CLASSES, plot_image_grid
 
     parser = argparse.ArgumentParser(prog="cifar-dist data", description="prepare: decode a data source into the cache "
                                      "ahead of training (for example on a login node with internet, before offline "
@@ -72,7 +73,7 @@ def data_main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.action == "prepare":
         ds = load_cached(cfg.data)
-        names = ds.classes if len(ds.classes) <= 20 else [*ds.classes[:5], "...", *ds.classes[-2:]]  # one line
+        names = ds.classes if len(ds.classes) <= MANY_CLASSES else [*ds.classes[:5], "...", *ds.classes[-2:]]  # one line
         print(f"{cache_path(cfg.data)}: {len(ds.train_y):,} training and {len(ds.test_y):,} test images, "
               f"{len(ds.classes)} classes ({', '.join(names)}); mean {ds.stats.mean}, std {ds.stats.std}")
         return 0
@@ -80,10 +81,8 @@ def data_main(argv: list[str]) -> int:
         raise UserError(f"data show: --out must name a .png file, got {args.out}")
     if not args.out.parent.is_dir():
         raise UserError(f"--out: folder {args.out.parent} does not exist")
-    if args.per_class < 1 or args.epoch < 0:
-        raise UserError(f"data show: --per-class must be >= 1 and --epoch >= 0, got {args.per_class} and {args.epoch}")
-    from cifar_dist.report import plot_image_grid
-
+    if not 1 <= args.per_class <= 32 or args.epoch < 0:  # 32 a class: already a 20-inch row
+        raise UserError(f"data show: --per-class must be in [1, 32] and --epoch >= 0, got {args.per_class} and {args.epoch}")
     d = cfg.data
     ds = load_dataset(d)
     images = shown_samples(ds, d, cfg.seed, args.per_class, args.epoch)

@@ -20,10 +20,7 @@ import yaml
 
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError
-from cifar_dist.models import MODELS
 from cifar_dist.schema import flatten
-from cifar_dist.sources import SOURCES
-from cifar_dist.trackers import TRACKERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -210,6 +207,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, what: str = "") -> Non
 
 
 def validate(cfg: Config) -> None:
+    # The registries import torch (seconds): imported here, not with the module, so the sweep
+    # commands that only read configs (status, wait, cancel) start without it.
+    from cifar_dist.models import MODELS
+    from cifar_dist.sources import SOURCES
+    from cifar_dist.trackers import TRACKERS
+
     def need(ok: bool, key: str, problem: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {problem}, got {_get(cfg, key)!r}")

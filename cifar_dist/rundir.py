@@ -29,11 +29,12 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cifar_dist.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.yaml"
 ENV = "env.json"
@@ -213,6 +214,9 @@ def save_model(path: Path, model_name: str, classes: list[str], state_dict: dict
 def content_digest(contents: dict[str, Any]) -> str:
     """sha256 of named tensors and plain (JSON-able) values, nested dicts included, in name order:
     the checksum stored inside model.pt and the data cache, over everything else in them."""
+    import torch  # here, as in every function of this module that needs it: the sweep commands
+    # read run dirs (summary, metrics) and start seconds sooner without torch.
+
     h = hashlib.sha256()
 
     def add(fields: dict[str, Any], prefix: str) -> None:
@@ -233,12 +237,16 @@ def content_digest(contents: dict[str, Any]) -> str:
 
 def torch_save_atomic(path: Path, obj: Any) -> None:
     """`torch.save` with `write_atomic`'s promise: the old file or the whole new one, durably."""
+    import torch
+
     _replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_weights(path: Path) -> Any:
     """A model.pt or checkpoint file as plain data; a file that would run code when unpickled is
     refused. A model.pt with a sha256 (all written since it was added) is checked against it."""
+    import torch
+
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(blob, dict) and "sha256" in blob:
         contents = {k: v for k, v in blob.items() if k != "sha256"}

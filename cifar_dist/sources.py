@@ -34,7 +34,10 @@ IMAGE_SIZE = 32  # pixels; other sizes are resized on decode
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 # Greyscale modes Pillow opens 16-bit images in ("I": older Pillow's 16-bit PNG); its convert("RGB") clips them at 255.
 WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
-STATS_DECIMALS = 4  # CIFAR-10's exact statistics round to its published constants at 4 decimals
+STATS_DECIMALS = 4  # plenty for normalising, and short enough to read in model.pt and `data prepare`
+# Statistics within this of CIFAR-10's constants, each of the six, are CIFAR-10's (the original: 4e-5 off;
+# the JPEG archive: 0.0018 off) and keep the constants: its runs keep their results. CIFAR-100 (published) is 0.02 off.
+CIFAR10_TOLERANCE = 0.005
 
 
 class DataError(UserError):
@@ -55,9 +58,10 @@ CIFAR10_STATS = Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 def image_stats(x_u8_nhwc: torch.Tensor) -> Stats:
     """Mean and (population) standard deviation per channel, from a histogram of each channel's 256
-    levels: exact and independent of order and device. Rounded to 4 decimals, which gives the
-    original CIFAR-10 exactly the constants it was always normalised with. A channel without spread
-    gets one grey level (1/255) as its std, not 0, so normalising never divides by zero."""
+    levels: exact and independent of order and device; rounded to 4 decimals. A channel without
+    spread gets one grey level (1/255) as its std, not 0, so normalising never divides by zero.
+    CIFAR-10, in any encoding, gets exactly the constants its runs were always normalised with:
+    the JPEG archive's own statistics (0.0018 off) cost blitz 0.35 points of accuracy (measured)."""
     levels = torch.arange(256, dtype=torch.float64) / 255
     mean, std = [], []
     for c in range(3):
@@ -66,6 +70,9 @@ def image_stats(x_u8_nhwc: torch.Tensor) -> Stats:
         s = float(((counts * (levels - m) ** 2).sum() / counts.sum()).sqrt())
         mean.append(round(m, STATS_DECIMALS))
         std.append(round(max(s, 1 / 255), STATS_DECIMALS))
+    pairs = zip((*mean, *std), (*CIFAR10_STATS.mean, *CIFAR10_STATS.std))
+    if all(abs(a - b) <= CIFAR10_TOLERANCE for a, b in pairs):
+        return CIFAR10_STATS
     return Stats(tuple(mean), tuple(std))  # type: ignore[arg-type]
 
 

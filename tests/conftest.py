@@ -16,6 +16,10 @@ from cifar_dist.rundir import METRICS, MODEL, RunDir, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# Threads per process: the cores shared among pytest-xdist's workers (`make test` runs two), so
+# tests side by side do not oversubscribe the CPU (OpenMP's spin-waits make that several times slower).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 # A tiny run: the blitz net on 1,280 synthetic images, 2 epochs of 64-image steps (~2 s of training).
 TINY = [
@@ -23,6 +27,14 @@ TINY = [
     "train.epochs=2", "train.batch_size=64", "train.lr=0.05", "train.warmup_epochs=0.5", "train.log_every=5",
     "run.progress=lines",
 ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The dev Slurm cluster is one per machine: under pytest-xdist (--dist loadgroup) its tests all
+    # run on one worker, in order, while the other tests share both workers.
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +47,7 @@ def env(cache_dir, tmp_path) -> dict[str, str]:
     """The environment for commands under test: a shared data cache, no wandb network, CPU."""
     e = dict(os.environ)
     e.update(CIFAR_DIST_CACHE=str(cache_dir), WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
-             WANDB_DIR=str(tmp_path), OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "2"))
+             WANDB_DIR=str(tmp_path))
     e.pop("WANDB_API_KEY", None)
     return e
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from cifar_dist.rundir import METRICS
 DEV_CLUSTER = ROOT / "slurm" / "dev-cluster.sh"
 SUBMIT = ROOT / "jobs" / "submit.py"
 SLURM_CONF = Path(os.environ.get("CIFAR_DIST_SLURM_DIR", "/tmp/cifar-dist-slurm")) / "slurm.conf"
+CLUSTER_LOCK = Path("/tmp/cifar-dist-slurm-tests.lock")
 
 # TINY (conftest) as a spec's `overrides` mapping: typed YAML values, as a user would write them.
 TINY_OVERRIDES: dict[str, Any] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}
@@ -41,19 +43,22 @@ def cluster_skip_reason(nodes: int) -> str | None:
 
 @contextlib.contextmanager
 def dev_cluster(nodes: int) -> Iterator[dict[str, str]]:
-    """A running dev cluster of `nodes` nodes for the block; taken down afterwards, always."""
+    """A running dev cluster of `nodes` nodes for the block; taken down afterwards, always. There is
+    one per machine: a second test run on it (another checkout) waits here for its turn."""
     reason = cluster_skip_reason(nodes)
     if reason:
         pytest.skip(reason)
-    munge_before = munged_running()
-    up = dev_cluster_cmd("up", "--nodes", str(nodes))
-    try:
-        assert up.returncode == 0, f"dev-cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-        yield {"SLURM_CONF": str(SLURM_CONF)}
-    finally:
-        down = dev_cluster_cmd("down")
-        assert down.returncode == 0, f"dev-cluster.sh down failed:\n{down.stdout}\n{down.stderr}"
-        assert leftovers(munge_before) == [], "dev-cluster.sh down left these behind"
+    with open(CLUSTER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        munge_before = munged_running()
+        up = dev_cluster_cmd("up", "--nodes", str(nodes))
+        try:
+            assert up.returncode == 0, f"dev-cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+            yield {"SLURM_CONF": str(SLURM_CONF)}
+        finally:
+            down = dev_cluster_cmd("down")
+            assert down.returncode == 0, f"dev-cluster.sh down failed:\n{down.stdout}\n{down.stderr}"
+            assert leftovers(munge_before) == [], "dev-cluster.sh down left these behind"
 
 
 def dev_cluster_cmd(*args: str) -> subprocess.CompletedProcess:
@@ -206,18 +211,31 @@ ENDED = ("FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEM
 
 def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout: float = 240,
                      until_running: bool = False) -> None:
-    """Start a requeued job now rather than after Slurm's two-minute hold, and see its point
-    through to done (or, `until_running`, until its next life runs). Twice in full test runs on a
-    loaded 2-core VM the dev cluster did not simply start it: it set the hold just after the job
-    showed PENDING, undoing an early release (so release while it is pending; idempotent), and it
-    put a requeued job back to FAILED 0.2 s after showing it PENDING, where it stayed (so requeue
-    it again). A requeue that never trains fails here, at the time-out, with the job logs."""
+    """Start a requeued sweep point's job now rather than after Slurm's two-minute hold, and see
+    the point through to done (or, `until_running`, until its next life runs)."""
 
     def done() -> bool:
         state = job_state(job_id, env)  # first: a job that ended before `status` looks has its summary by then
         [point] = [p for p in status(sweep_dir, env) if p["job_id"] == job_id]
-        if point["state"] == "done" or until_running and state == "RUNNING":
-            return True
+        return point["state"] == "done" or until_running and state == "RUNNING"
+
+    start_requeued(job_id, env, done, timeout, f"requeued job {job_id} to run again{'' if until_running else ' and finish'}",
+                   sweep_dir)
+
+
+def start_requeued(job_id: str, env: dict[str, str], until: Callable[[], Any], timeout: float, what: str,
+                   sweep_dir: Path | None = None) -> None:
+    """Keep starting a requeued job now, rather than after Slurm's two-minute hold, until `until()`.
+    One `scontrol update StartTime=now` is not enough: on a loaded 2-core VM the dev cluster set
+    the hold just after the job showed PENDING (while its last life was still completing), undoing
+    an early release, so release while it is pending (idempotent); and it put a requeued job back to
+    FAILED 0.2 s after showing it PENDING, where it stayed, so requeue it again. A requeue that never
+    runs fails here, at the time-out."""
+
+    def ready() -> Any:
+        if value := until():
+            return value
+        state = job_state(job_id, env)
         # Answers not checked: the job may have moved on between reading its state and acting on it.
         if state == "PENDING":
             scontrol(["update", f"JobId={job_id}", "StartTime=now"], env, check=False)
@@ -225,8 +243,7 @@ def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout:
             scontrol(["requeue", job_id], env, check=False)
         return False
 
-    wait_for(done, timeout, f"requeued job {job_id} to run again{'' if until_running else ' and finish'}", sweep_dir,
-             poll=1)
+    wait_for(ready, timeout, what, sweep_dir, poll=1)
 
 
 def task_pids(job_id: str, rank: int) -> list[int]:

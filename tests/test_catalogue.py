@@ -44,7 +44,7 @@ class Case:
 
 def sandbox_template(root: Path) -> Path:
     box = root / "box"
-    env = dict(os.environ, CIFAR_DIST_CACHE=str(box / "cache"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, CIFAR_DIST_CACHE=str(box / "cache"))
     subprocess.run([*TRAIN, f"run.dir={box / 'run'}", "checkpoint.every_steps=20"], env=env, cwd=root, check=True,
                    capture_output=True, timeout=300)
     write_image_tree(box / "images", CLASSES, {"train": 4, "test": 2})
@@ -218,7 +218,7 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path):
     shutil.copytree(template, box, symlinks=True)
     case.setup(box)
     before = snapshot(box)
-    env = dict(os.environ, CIFAR_DIST_CACHE=str(box / "cache"), OMP_NUM_THREADS="2", WANDB_MODE="offline")
+    env = dict(os.environ, CIFAR_DIST_CACHE=str(box / "cache"), WANDB_MODE="offline")
     env.pop("SLURM_CONF", None)
     held = open(box / "run" / LOCK, "a") if case.name == "a busy run dir" else None  # noqa: SIM115
     if held:

@@ -23,7 +23,6 @@ from slurm_fixtures import (
     finish,
     job_fields,
     job_ids,
-    job_state,
     logs,
     newest_step,
     record,
@@ -31,6 +30,7 @@ from slurm_fixtures import (
     slurm_env,
     squeue,
     start,
+    start_requeued,
     status,
     submit,
     submitted,
@@ -295,9 +295,7 @@ def test_sbatch_template_with_two_ranks_stops_with_75_requeues_itself_and_resume
     text = out.read_text()
     assert "srun: error: " in text and "Exited with exit code 75" in text, text[-3000:]
     assert "the ranks exited 75 (stopped, checkpointed); requeueing job" in text
-    wait_for(lambda: job_state(job, senv) == "PENDING", 60, "the requeued job to be pending")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
-    wait_for(lambda: "resumed from" in out.read_text(), 120, "the second life to resume")
+    start_requeued(job, senv, lambda: "resumed from" in out.read_text(), 240, "the second life to resume")
     stopped_at = newest_step(run_dir)
     wait_for(lambda: newest_step(run_dir) >= stopped_at + 10, 120, "the second life to train", poll=0.05)
     subprocess.run(["scancel", job], env=env, check=True, timeout=30)

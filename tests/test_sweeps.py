@@ -8,7 +8,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -245,13 +244,12 @@ def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir)
     empty_bin.mkdir()
     env = slurm_env(cache_dir, tmp_path, PATH=str(empty_bin))
     spec = write_spec(tmp_path / "loc.yaml", "loc", {"grid": {"seed": [0, 1, 2]}}, resources={"array_parallelism": 2})
-    start = time.monotonic()
     out = submitted([str(spec)], env, tmp_path)  # the default sweep dir: sweeps/<name>
-    assert time.monotonic() - start < 10, "submit must not wait for the jobs"
     first = out.stdout.splitlines()[0]
     assert first.startswith("no Slurm on this machine") and "local executor" in first
     sweep_dir = tmp_path / "sweeps" / "loc"
     assert record(sweep_dir)["executor"] == "local"
+    # Seen after submit returned: it did not wait for the points (nor run more than two at once).
     wait_for(lambda: sorted(s["state"] for s in status(sweep_dir, env)) == ["pending", "running", "running"], 60,
              "two points running, one waiting for a slot", sweep_dir, poll=0.1)
     states = wait_done(sweep_dir, env, timeout=180)
