@@ -179,6 +179,9 @@ def test_journal_heartbeats_fail_and_retry_only_dead_workers_trials(tmp_path):
 
 # ---------------------------------------------------------------------------- a study on the local executor
 
+# Its tests on one pytest-xdist worker (`make test` runs two): the module's study is made once.
+one_study = pytest.mark.xdist_group("search-study")
+
 
 @pytest.fixture(scope="module")
 def study(cache_dir, tmp_path_factory):
@@ -200,6 +203,7 @@ def study(cache_dir, tmp_path_factory):
     return sweep_dir, env
 
 
+@one_study
 def test_a_study_prunes_hopeless_trials_and_ends_with_its_trials(study):
     sweep_dir, env = study
     table = status(sweep_dir, env)
@@ -227,6 +231,7 @@ def test_a_study_prunes_hopeless_trials_and_ends_with_its_trials(study):
     assert f"4 wanted; {states.count('complete')} complete, {states.count('pruned')} pruned" in text
 
 
+@one_study
 def test_trials_are_named_and_grouped_by_the_study(study):
     """tracking.group is the study's name and run.name the trial with its values (test_tracking.py
     shows both reach wandb as its group and display name)."""
@@ -238,12 +243,14 @@ def test_trials_are_named_and_grouped_by_the_study(study):
         assert config["train"]["lr"] == lr and config["run"]["dir"] == str(run_dir)
 
 
+@one_study
 def test_resubmit_workers_counts_from_one(study):
     sweep_dir, env = study
     proc = sweep_command(["resubmit", str(sweep_dir), "--workers", "-1"], env)
     assert (proc.returncode, proc.stderr) == (2, "error: --workers: must be >= 1, got -1\n")
 
 
+@one_study
 def test_compare_on_a_study_ranks_trials_and_plots_each_parameter(study, tmp_path, capsys):
     sweep_dir, env = study
     assert compare_main([str(sweep_dir), "--out", str(tmp_path)]) == 0
