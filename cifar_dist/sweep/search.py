@@ -40,13 +40,11 @@ from optuna.trial import TrialState
 
 from cifar_dist import schema
 from cifar_dist.config import config_from_dict, validate
-from cifar_dist.distributed import Distributed, install_stop_handlers
 from cifar_dist.errors import ConfigError
 from cifar_dist.rundir import PRUNED, TRIAL, RunDir, read_json, write_atomic, write_json
 from cifar_dist.sweep.optuna_compat import SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, retried_from
 from cifar_dist.sweep.record import DONE, PointState, format_table, load_record
 from cifar_dist.sweep.spec import METRICS, Distribution, Point, Spec, base_config, describe
-from cifar_dist.train import NonFiniteLoss, Stopped, train
 
 JOURNAL = "study.journal"
 WORKERS = "workers"
@@ -340,6 +338,10 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
     """Every rank of a worker: trials until the study needs no more. Raises `Stopped` on a signal
     (rank 0 has suspended its trial); returns {"status": DONE, "worker": name, "trials": [numbers trained]},
     which `status` reads as this worker done (record.py)."""
+    # Here, not with the module: the sweep commands (status, wait, cancel) read studies without torch.
+    from cifar_dist.distributed import Distributed, install_stop_handlers
+    from cifar_dist.train import NonFiniteLoss, Stopped, train
+
     install_stop_handlers()
     record = load_record(sweep_dir)
     dist = Distributed(record["base_config"]["train"]["device"])
