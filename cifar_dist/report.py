@@ -1,5 +1,5 @@
-"""Plots and comparisons made from run directories alone (config.yaml, metrics.jsonl, summary.json),
-and the grid of augmented training images `cifar-dist data show` draws.
+"""Plots and comparisons made from run directories alone (config.yaml, metrics.jsonl, summary.json, and a
+search trial's trial.json), and the grid of augmented training images `cifar-dist data show` draws.
 
 Every per-class output reads at ten classes and at a hundred: past MANY_CLASSES classes, bars are
 sorted by accuracy, confusion matrices lose their per-cell numbers, tables turn to a row per class,
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from cifar_dist.errors import UserError, run_command
-from cifar_dist.rundir import CLASS_PLOT, CONFIG, LOSS_PLOT, RunDir
+from cifar_dist.rundir import CLASS_PLOT, CONFIG, LOSS_PLOT, TRIAL, RunDir, read_json
 from cifar_dist.schema import flatten
 
 MANY_CLASSES = 20  # past this many classes, per-class outputs summarise, sort and scale (console.py too)
@@ -95,6 +95,9 @@ def plot_image_grid(images: Any, classes: list[str], title: str, out: Path) -> N
 # Keys that name a run rather than configure it; they differ between any two runs.
 IDENTITY_KEYS = ("run.dir", "run.id", "run.name")
 CURVES_PNG, PER_CLASS_PNG, CONFUSION_PNG = "compare_curves.png", "compare_per_class.png", "compare_confusion.png"
+PARAMS_PNG = "compare_params.png"  # a search: the final metric against each swept parameter
+PARAM_PANEL = (4.5, 4)  # inches per parameter's panel
+PRUNED_COLOR = "0.75"  # pruned trials' curves and points: grey, behind the others
 CURVES_SIZE = (14, 4.5)  # inches at 100 dpi
 PER_CLASS_SIZE = (12, 5)
 CONFUSION_PANEL = 4.5  # inches per run's confusion matrix, at least
@@ -117,6 +120,18 @@ class ComparedRun:
     config: dict[str, Any]  # flattened: "train.lr" -> 0.05
     summary: dict[str, Any] | None  # None while the run is unfinished
     metrics: list[dict[str, Any]]
+    path: Path | None = None
+    trial: dict[str, Any] | None = None  # a search trial's TRIAL record, once it ended
+    values: str = ""  # the swept keys' values ("train.lr=0.1 seed=0"): its name in plots
+
+    @property
+    def pruned(self) -> bool:
+        """Stopped early: pruned, or failed."""
+        return (self.trial or {}).get("state") in ("pruned", "fail")
+
+    @property
+    def name(self) -> str:
+        return self.values or self.label
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -149,8 +164,19 @@ def load_runs(paths: list[Path]) -> list[ComparedRun]:
             raise CompareError(f"{run / CONFIG}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(config or {}, dict):
             raise CompareError(f"{run / CONFIG}: not a run config")
-        runs.append(ComparedRun(str(path.relative_to(common)), flatten(config or {}), run.summary(), run.metrics()))
+        runs.append(ComparedRun(str(path.relative_to(common)), flatten(config or {}), run.summary(), run.metrics(), path,
+                                read_json(run / TRIAL)))
+    keys = differing_keys(runs)
+    for r in runs:
+        r.values = " ".join(f"{k}={_short(r.config.get(k))}" for k in keys)
+    if len({r.values for r in runs}) < len(runs):  # the same values twice: only the paths tell them apart
+        for r in runs:
+            r.values = ""
     return runs
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def differing_keys(runs: list[ComparedRun]) -> list[str]:
@@ -169,9 +195,6 @@ def compare_tables(runs: list[ComparedRun]) -> str:
     """The config keys that differ, accuracies, time, speed and world size; then per-class accuracy."""
     keys = differing_keys(runs)
 
-    def value(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
@@ -182,7 +205,7 @@ def compare_tables(runs: list[ComparedRun]) -> str:
     rows = [head]
     for r in runs:
         s = r.summary or {}
-        rows.append([r.label, *(value(r.config.get(k, "-")) for k in keys), pct(s.get("test_accuracy")),
+        rows.append([r.label, *(_short(r.config.get(k, "-")) for k in keys), pct(s.get("test_accuracy")),
                      pct(s.get("best_test_accuracy")), number(s.get("train_seconds"), 1),
                      number(s.get("images_per_second"), 0), number(s.get("world_size"), 0)])
     classes = list(dict.fromkeys(c for r in runs for c in (r.summary or {}).get("per_class_accuracy", {})))
@@ -210,6 +233,63 @@ def ranked_classes(runs: list[ComparedRun], classes: list[str]) -> list[str]:
     return sorted(classes, key=lambda c: -mean(c))
 
 
+def study_tables(runs: list[ComparedRun]) -> str:
+    """A search's trials: the best one's values and config, then every trial ranked (complete ones
+    by their final metric, then pruned ones by how far they got)."""
+    trials = [r for r in runs if r.trial]
+    metric = trials[0].trial["metric"]
+    sign = -1 if metric.endswith("loss") else 1  # accuracy is maximised, loss minimised
+
+    def rank(r: ComparedRun) -> tuple:
+        value = r.trial["value"]
+        return (r.pruned, -_epochs(r), -sign * value if value is not None else float("inf"))
+
+    ranked = sorted(trials, key=rank)
+    rows = [["rank", "trial", "state", metric, "epochs", "values"]]
+    rows += [[str(i + 1), r.label, r.trial["state"], "-" if r.trial["value"] is None else f"{r.trial['value']:.4f}",
+              f"{_epochs(r):g}", r.values or "-"] for i, r in enumerate(ranked)]
+    counts = ", ".join(f"{sum(r.trial['state'] == s for r in trials)} {s}" for s in ("complete", "pruned", "fail"))
+    text = f"study: {len(trials)} trials ended ({counts}); {metric}, {sum(_epochs(r) for r in trials):g} epochs trained\n"
+    best = ranked[0]
+    if not best.pruned:
+        text += f"best trial: {best.label}, {metric} {best.trial['value']:.4f}: {best.values}\nits config: {best.path / CONFIG}\n"
+    return text + format_table(rows)
+
+
+def _epochs(r: ComparedRun) -> float:
+    return max((m["epoch"] for m in r.metrics if "train_loss" in m), default=0)
+
+
+def plot_params(runs: list[ComparedRun], out: Path) -> None:
+    """The final metric against each swept parameter, one panel each: complete trials in colour,
+    pruned ones grey (at their last evaluation). Log axes for positive values over > 1.5 decades."""
+    plt = _pyplot()
+    trials = [r for r in runs if r.trial and r.trial["value"] is not None]
+    keys = differing_keys(runs)
+    metric = trials[0].trial["metric"]
+    scale = 100 if metric.endswith("accuracy") else 1
+    fig, axes = plt.subplots(1, len(keys), figsize=(PARAM_PANEL[0] * len(keys), PARAM_PANEL[1]), dpi=100, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        xs = [r.config.get(key) for r in trials]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        if not numeric:  # choices: one position per value
+            names = list(dict.fromkeys(map(str, xs)))
+            ax.set_xticks(range(len(names)), names)
+            xs = [names.index(str(x)) for x in xs]
+        elif min(xs) > 0 and max(xs) / min(xs) > 30:
+            ax.set_xscale("log")
+        for pruned, style in ((True, {"color": PRUNED_COLOR, "label": "pruned"}), (False, {"color": "C0", "label": "complete"})):
+            points = [(x, scale * r.trial["value"]) for x, r in zip(xs, trials) if r.pruned == pruned]
+            if points:
+                ax.scatter(*zip(*points), s=30, edgecolors="k", linewidths=0.5, **style)
+        ax.set(xlabel=key, ylabel=f"{metric}{' (%)' if scale == 100 else ''}", title=key)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / PARAMS_PNG)
+    plt.close(fig)
+
+
 def _pyplot():
     import matplotlib
 
@@ -220,21 +300,26 @@ def _pyplot():
 
 
 def plot_curves(runs: list[ComparedRun], out: Path) -> None:
-    """Test accuracy, training loss and test loss against epochs, one line per run."""
+    """Test accuracy, training loss and test loss against epochs, one line per run, named by its
+    swept values; pruned trials in grey, behind the others, named once."""
     plt = _pyplot()
     fig, (acc, train, test) = plt.subplots(1, 3, figsize=CURVES_SIZE, dpi=100)
-    for r in runs:
+    pruned = [r for r in runs if r.pruned]
+    for r in sorted(runs, key=lambda r: not r.pruned):  # grey first: the others drawn over them
         tr = [m for m in r.metrics if "train_loss" in m]
         te = [m for m in r.metrics if "test_accuracy" in m]
-        line, = acc.plot([m["epoch"] for m in te], [100 * m["test_accuracy"] for m in te], "o-", label=r.label)
-        train.plot([m["epoch"] for m in tr], [m["train_loss"] for m in tr], color=line.get_color(), label=r.label)
-        test.plot([m["epoch"] for m in te], [m["test_loss"] for m in te], "o-", color=line.get_color(), label=r.label)
+        grey = {"color": PRUNED_COLOR, "zorder": 1} if r.pruned else {}
+        line, = acc.plot([m["epoch"] for m in te], [100 * m["test_accuracy"] for m in te], "o-", **grey)
+        grey = {"color": line.get_color(), "zorder": 1 if r.pruned else 2}
+        train.plot([m["epoch"] for m in tr], [m["train_loss"] for m in tr], **grey)
+        label = (f"stopped early ({len(pruned)})" if r is pruned[0] else "_") if r.pruned else r.name  # "_": no entry
+        test.plot([m["epoch"] for m in te], [m["test_loss"] for m in te], "o-", label=label, **grey)
     acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     train.set(xlabel="epoch", ylabel="cross-entropy", title="training loss (label-smoothed)")
     test.set(xlabel="epoch", ylabel="cross-entropy", title="test loss")
     for ax in (acc, train, test):
         ax.grid(alpha=0.3)
-    run_legend(test, len(runs))
+    run_legend(test, len(runs) - len(pruned) + bool(pruned))
     fig.tight_layout()
     fig.savefig(out / CURVES_PNG)
     plt.close(fig)
@@ -254,7 +339,7 @@ def plot_per_class(runs: list[ComparedRun], out: Path) -> None:
         classes = ranked_classes(done, classes)
         for r in done:
             ax.plot(range(len(classes)), [100 * (class_accuracy(r, c) or 0) for c in classes], "o-", ms=3, lw=1,
-                    label=r.label)
+                    label=r.name)
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
         ax.set_xlim(-0.7, len(classes) - 0.3)
         title += f": {len(classes)} classes, best first by the mean over runs"
@@ -262,7 +347,7 @@ def plot_per_class(runs: list[ComparedRun], out: Path) -> None:
         width = 0.8 / max(1, len(done))
         for i, r in enumerate(done):
             xs = [c + (i - (len(done) - 1) / 2) * width for c in range(len(classes))]
-            ax.bar(xs, [100 * (class_accuracy(r, c) or 0) for c in classes], width, label=r.label)
+            ax.bar(xs, [100 * (class_accuracy(r, c) or 0) for c in classes], width, label=r.name)
         ax.set_xticks(range(len(classes)), classes, rotation=30)
     ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=title)
     ax.grid(axis="y", alpha=0.3)
@@ -310,7 +395,7 @@ def plot_confusions(runs: list[ComparedRun], out: Path) -> None:
         labels = 7 if len(classes) <= MANY_CLASSES else 5
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=labels)
         ax.set_yticks(range(len(classes)), classes, fontsize=labels)
-        ax.set(xlabel="predicted", ylabel="true", title=f"{r.label}: {r.summary['test_accuracy']:.2%}")
+        ax.set(xlabel="predicted", ylabel="true", title=f"{r.name}: {r.summary['test_accuracy']:.2%}")
     fig.savefig(out / CONFUSION_PNG)
     plt.close(fig)
 
@@ -333,8 +418,9 @@ def _compare(argv: list[str]) -> int:
         description="Compare runs from their run directories alone (config.yaml, summary.json, metrics.jsonl): "
                     "print a table of the config keys that differ, final and best test accuracy, training seconds, "
                     f"images/s, world size and per-class accuracy; write {CURVES_PNG} (test accuracy and losses "
-                    f"against epochs), {PER_CLASS_PNG} (per-class accuracy grouped by run) and {CONFUSION_PNG} "
-                    "(a confusion matrix per run).")
+                    f"against epochs, named by the swept values), {PER_CLASS_PNG} (per-class accuracy grouped by run) "
+                    f"and {CONFUSION_PNG} (a confusion matrix per run). On a search's sweep dir also: the best trial, "
+                    f"the trials ranked, {PARAMS_PNG} (the final metric against each parameter); pruned trials grey.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR",
                         help="a run directory, or a folder searched recursively for run directories")
     parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: the first sweep directory given, "
@@ -344,8 +430,14 @@ def _compare(argv: list[str]) -> int:
     out = args.out or next((p for p in args.paths if not RunDir(p).is_run()), Path.cwd())
     out.mkdir(parents=True, exist_ok=True)
     print(compare_tables(runs))
+    study = any(r.trial for r in runs)
+    if study:
+        print("\n" + study_tables(runs))
     plot_curves(runs, out)
     written = [CURVES_PNG]
+    if study and differing_keys(runs) and any(r.trial and r.trial["value"] is not None for r in runs):
+        plot_params(runs, out)
+        written.append(PARAMS_PNG)
     if any(r.summary for r in runs):  # per-class accuracy and confusion counts come from summary.json
         plot_per_class(runs, out)
         plot_confusions(runs, out)

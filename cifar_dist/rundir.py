@@ -4,6 +4,10 @@
     <run dir>/env.json         code version, package versions, device, world size, host
     <run dir>/metrics.jsonl    one JSON object per record (training records and evaluations)
     <run dir>/summary.json     the final evaluation and timings (written last: the run is done)
+    <run dir>/pruned.json      instead of summary.json, for a run its caller stopped early (train's
+                               on_eval hook: a pruned search trial): the summary, and when and why
+    <run dir>/trial.json       a search trial's end (sweep/search.py): number, state (complete |
+                               pruned | fail), value, metric, params, note
     <run dir>/model.pt         the final weights and input statistics, with their sha256, for predict and evaluate
     <run dir>/loss.png, per_class_accuracy.png
     <run dir>/checkpoints/     step_<global step>/ (checkpoint.py)
@@ -36,6 +40,8 @@ CONFIG = "config.yaml"
 ENV = "env.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+PRUNED = "pruned.json"
+TRIAL = "trial.json"
 MODEL = "model.pt"
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "loss.png"

@@ -12,6 +12,7 @@ import math
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,15 @@ from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad
 from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
 from cifar_dist.report import write_plots
-from cifar_dist.rundir import MODEL, SUMMARY, RunDir, RunDirError, save_model, write_json
+from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
 from cifar_dist.runs import abandon, open_run, record_start
 from cifar_dist.state import TrainState
 from cifar_dist.trackers import NullRecords, RunInfo, open_records
 
 MEMORY_FORMAT = torch.channels_last  # faster convolutions on GPU and on CPU (oneDNN) alike
+# Called on rank 0 with each evaluation record; a returned reason stops the run after that evaluation
+# (a step boundary) on every rank, e.g. a hyperparameter search pruning a hopeless trial.
+EvalHook = Callable[[dict[str, Any]], str | None]
 
 
 class Stopped(Exception):
@@ -47,16 +51,21 @@ class NonFiniteLoss(UserError):
     """Training diverged (a NaN or infinite loss); the run stops without writing the bad state."""
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None = None) -> dict[str, Any]:
+    """The summary; for a run that `on_eval` stopped, the summary with a "pruned" entry (also in
+    pruned.json; no summary.json). `dist`: a process group kept open by a caller that trains
+    several runs in one job (a search worker); by default one is made and closed here."""
     install_stop_handlers()  # first: a pre-emption during start-up must end in exit 75 too, not a kill
-    dist = Distributed(cfg.train.device)
+    own = dist is None
+    dist = dist or Distributed(cfg.train.device)
     try:
-        return _train(cfg, dist)
+        return _train(cfg, dist, on_eval)
     finally:
-        dist.close()
+        if own:
+            dist.close()
 
 
-def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
+def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> dict[str, Any]:
     if cfg.train.batch_size % dist.world:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split evenly over {dist.world} ranks")
     for note in adopt_launcher_settings(cfg):
@@ -83,10 +92,16 @@ def _train(cfg: Config, dist: Distributed) -> dict[str, Any]:
 
     info = RunInfo(run, cfg.run.name or run.path.name, cfg.to_dict(), data.classes, data.test_x, cfg.train.batch_size)
     records = open_records(dist.is_main, info, cfg.tracking, cfg.tracking.backend, state.position.records)
-    loop = Loop(cfg, dist, run, data, batches, state, model, records, pending)
+    loop = Loop(cfg, dist, run, data, batches, state, model, records, pending, on_eval)
     result = loop.run()
     summary = make_summary(cfg, dist, run, result, state, loop.train_seconds, loop.compile_seconds,
                            len(data.train_y) * cfg.train.epochs, data.classes)
+    if loop.stop_reason:
+        pos = state.position
+        summary["pruned"] = {"step": pos.step, "epoch": pos.epoch, "reason": loop.stop_reason}
+        dist.print(f"stopped early at step {pos.step} (epoch {pos.epoch}): {loop.stop_reason}")
+        dist.main_only(lambda: (write_json(run / PRUNED, summary), records.finish(summary)))
+        return summary
     dist.main_only(lambda: finish_run(run, cfg, state, data.classes, data.stats, summary, records))
     loop.console.finish(summary)
     return summary
@@ -108,8 +123,10 @@ class Loop:
     checkpoints, and a stop at a step boundary when any rank got a signal."""
 
     def __init__(self, cfg: Config, dist: Distributed, run: RunDir, data, batches: TrainBatches | RepeatedBatches,
-                 state: TrainState, model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor]):
+                 state: TrainState, model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor],
+                 on_eval: EvalHook | None = None):
         self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
+        self.on_eval, self.stop_reason = on_eval, None
         self.state, self.records = state, records
         self.pending = pending  # this rank's losses since the last record (tensors: no sync per step)
         self.autocast = autocast_context(cfg.train.precision, dist.device)
@@ -136,6 +153,8 @@ class Loop:
                 self.step(x, y)
                 self.between_steps()
             result = self.end_epoch(epoch) or result
+            if self.stop_reason:
+                break
             if result is not None and result is not saved and (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
                 self.save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
                 saved = result
@@ -182,6 +201,8 @@ class Loop:
             record = eval_record(pos.step, epoch + 1, self.clock.elapsed(), result, self.data.classes)
             self.records.log(record, result)
             self.console.eval(record, result)
+            if self.on_eval is not None:  # rank 0 asks; every rank gets its answer
+                self.stop_reason = self.dist.broadcast(self.dist.main_only(lambda: self.on_eval(record)))
         pos.epoch, pos.offset = epoch + 1, 0
         return result
 

@@ -29,6 +29,7 @@ TINY = [
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to group the tests
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The dev Slurm cluster is one per machine: under pytest-xdist (--dist loadgroup) its tests all
     # run on one worker, in order, while the other tests share both workers.

@@ -4,7 +4,11 @@
     python jobs/submit.py status SWEEP_DIR [--json] [--retry-for S]
     python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S] [--retry-for S]
     python jobs/submit.py cancel SWEEP_DIR [--retry-for S]
-    python jobs/submit.py resubmit SWEEP_DIR --failed [--retry-for S]
+    python jobs/submit.py resubmit SWEEP_DIR --failed | --workers N [--retry-for S]
+
+A spec with `search:` instead of `sweep:` runs a study (search.py): its "points" are workers that
+take trials from an Optuna study in the sweep dir; `status` shows the trials, `resubmit --workers N`
+adds workers to the same study.
 
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
 loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_dist.errors import UserError
+from cifar_dist.sweep import search
 from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
 from cifar_dist.sweep.record import (
@@ -55,7 +60,7 @@ from cifar_dist.sweep.record import (
     status_table,
 )
 from cifar_dist.sweep.spec import MAX_POINTS, Point, Resources, Spec, check_fits, load_spec, make_points
-from cifar_dist.sweep.task import TrainTask
+from cifar_dist.sweep.task import SearchTask, TrainTask
 
 COMMANDS = ("status", "wait", "cancel", "resubmit")
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 124
@@ -79,17 +84,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     executor.check(spec.resources)
     check_free(sweep_dir)  # early, for the dry run too; `changing` claims it atomically
     uid = uuid.uuid4().hex[:6]  # run ids stay unique (wandb) when a sweep name is reused
-    points = make_points(spec, sweep_dir, uid, args.max_points)
+    study: dict[str, Any] = {}  # a search's part of the record
+    if spec.search:
+        points, study = search.make_workers(sweep_dir, 0, spec.search.workers), search.search_record(spec)
+    else:
+        points = make_points(spec, sweep_dir, uid, args.max_points)
     if args.dry_run:
-        return dry_run(spec, executor, points)
+        return dry_run(spec, executor, points, study)
     if note:
         print(note)
     executor.connect()
-    record = new_record(spec, profile, executor, uid, points)
+    record = {**new_record(spec, profile, executor, uid, points), **study}
     with changing(sweep_dir, "submit", new=True) as created:
         try:
             shutil.copyfile(spec.path, sweep_dir / "spec.yaml")
             save_record(sweep_dir, record)
+            if study:
+                search.create_study(sweep_dir, record)
             jobs = submit_points(executor, record, record["points"])
         except BaseException:
             if not any(p["job_id"] for p in record["points"]):
@@ -109,18 +120,23 @@ def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str, point
         "executor": executor.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resources": dataclasses.asdict(spec.resources),
-        "points": [{"name": p.name, "values": p.values, "describe": p.describe(), "run_id": p.run_id,
-                    "run_dir": p.run_dir, "config": p.config, "job_id": None, "job_ids": []} for p in points],
+        "points": [point_entry(p) for p in points],
         "submissions": [],
     }
+
+
+def point_entry(p: Point) -> dict[str, Any]:
+    return {"name": p.name, "values": p.values, "describe": p.describe(), "run_id": p.run_id, "run_dir": p.run_dir,
+            "config": p.config, "job_id": None, "job_ids": []}
 
 
 def submit_points(executor: Executor, record: dict[str, Any], points: list[dict[str, Any]]) -> list:
     """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
     r = Resources(**record["resources"])
     env, slots = dict(executor.profile.env), executor.run_slots(r)
-    tasks = [TrainTask(p["config"], env, r.cpus_per_task, str(executor.sweep_dir), slots, r.signal_delay_s)
-             for p in points]
+    where = str(executor.sweep_dir)
+    tasks = [SearchTask(p["name"], env, r.cpus_per_task, where, slots, r.signal_delay_s) if "search" in record else
+             TrainTask(p["config"], env, r.cpus_per_task, where, slots, r.signal_delay_s) for p in points]
     jobs = executor.submit(record["name"], r, tasks)
     for point, job in zip(points, jobs):
         point["job_id"] = str(job.job_id)
@@ -132,16 +148,21 @@ def submit_points(executor: Executor, record: dict[str, Any], points: list[dict[
 
 
 def print_submitted(executor: Executor, record: dict[str, Any], points: list[dict[str, Any]]) -> None:
-    print(f"{record['name']}: {len(points)} point(s) submitted as {executor.where(len(points))}")
+    what = "worker(s)" if "search" in record else "point(s)"
+    print(f"{record['name']}: {len(points)} {what} submitted as {executor.where(len(points))}")
+    if "search" in record:
+        print(search.describe_search(record["search"]))
     print(format_table([[p["name"], p["job_id"], p["run_id"], p["describe"]] for p in points],
                        ["point", "job", "run id", "values"]))
     print(f"sweep dir: {executor.sweep_dir}\nstatus:    python jobs/submit.py status {executor.sweep_dir}")
 
 
-def dry_run(spec: Spec, executor: Executor, points: list[Point]) -> int:
+def dry_run(spec: Spec, executor: Executor, points: list[Point], study: dict[str, Any]) -> int:
     sweep_dir = executor.sweep_dir
-    print(f"{spec.name}: {len(points)} point(s), cluster profile {executor.profile.name}, executor {executor.name}; "
-          "dry run, nothing submitted")
+    print(f"{spec.name}: {len(points)} {'worker(s)' if study else 'point(s)'}, cluster profile {executor.profile.name}, "
+          f"executor {executor.name}; dry run, nothing submitted")
+    if study:
+        print(search.describe_search(study["search"]))
     print(format_table([[p.name, p.run_id, p.describe()] for p in points], ["point", "run id", "values"]))
     print(f"sweep dir: {sweep_dir} (run dirs {sweep_dir / 'runs'}/<point>)")
     print(executor.preview(spec.name, spec.resources, len(points)), end="")
@@ -198,11 +219,15 @@ def ask_queue(sweep: Sweep, retry_for: float) -> dict[str, str]:
 def cmd_status(args: argparse.Namespace) -> int:
     sweep = open_sweep(args.sweep_dir)
     states = sweep_states(sweep, args.retry_for)
+    record = sweep.record
+    trials = search.trial_table(sweep.dir, record, states) if "search" in record else None
     if args.json:
-        print(json.dumps([s.to_dict() for s in states], indent=1))
+        workers = [s.to_dict() for s in states]
+        print(json.dumps({**trials, "workers": workers} if trials else workers, indent=1))
     else:
-        record = sweep.record
         print(f"{record['name']} ({record['executor']} executor, profile {record['profile']}): {sweep.dir}")
+        if trials:
+            print(search.status_text(trials, record["search"]["metric"]) + "\nworkers:")
         print(status_table(states))
     return 0
 
@@ -248,17 +273,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    if not args.failed:
-        raise UserError("resubmit: say which points: --failed (the failed, stopped, cancelled and mismatched ones)")
+    if args.workers < 0:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    if not args.failed and not args.workers:
+        raise UserError("resubmit: say which: --failed (the failed, stopped, cancelled and mismatched points, or a "
+                        "study's workers) or --workers N (N more workers for a study)")
     with changing(Path(args.sweep_dir).absolute(), "resubmit"):
         sweep = open_sweep(args.sweep_dir)
+        if args.workers and "search" not in sweep.record:
+            raise UserError("--workers: this sweep dir holds a grid/random sweep, not a study")
         points = []
-        for state, point in zip(sweep_states(sweep, args.retry_for), sweep.record["points"]):
+        states = sweep_states(sweep, args.retry_for) if args.failed else []
+        for state, point in zip(states, sweep.record["points"]):
             why = foreign(point, Path(point["run_dir"])) if state.state == MISMATCH else ""
             if why:  # its job would only fail on the run dir: say so here instead
                 print(f"resubmit: point {state.name} left alone: {why}; move its run dir away to train it")
             elif state.state in RESUBMITTABLE:
                 points.append(point)
+        if args.workers:  # recorded with their job ids once submitted (submit_points saves the record)
+            added = [point_entry(w) for w in search.make_workers(sweep.dir, len(sweep.record["points"]), args.workers)]
+            sweep.record["points"] += added
+            points += added
         if not points:
             print("resubmit: no failed, stopped, cancelled or mismatched points")
             return 0
@@ -285,7 +320,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.add_argument("--poll", type=float, default=10.0, help="seconds between checks (default 10)")
         if argv[0] == "resubmit":
             parser.add_argument("--failed", action="store_true",
-                                help="the failed, stopped, cancelled and mismatched points (not those holding another run)")
+                                help="the failed, stopped, cancelled and mismatched points (not those holding another "
+                                     "run), or a study's workers")
+            parser.add_argument("--workers", type=int, default=0, metavar="N", help="a study: N more workers")
         args = parser.parse_args(argv[1:])
         args.command = argv[0]
         return args

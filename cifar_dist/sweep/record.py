@@ -16,6 +16,8 @@ run id and config hash) and the point's recorded job returned that summary (subm
 pickle of task 0); a run dir holding anything else is a mismatch, never done. Otherwise its state
 comes from the queue (its executor's `queue_states`), then the result pickle (an error = failed,
 the stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
+A study's points are its workers (search.py: study.journal, runs/<trial>/, workers/<worker>/): a
+worker has no run dir, and is done when its recorded job returned the worker's DONE result.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ACTIVE = ("pending", "running", "requeued")
 RESUBMITTABLE = ("failed", "stopped", "cancelled", "mismatch")  # `resubmit --failed` takes these (a mismatch: unless `foreign`)
 MISMATCH = "mismatch"  # the run dir holds a result that is not this point's (never shown as done)
 STOPPED = "stopped"  # the "status" of the marker a task returns when it stopped without finishing
+DONE = "done"  # the "status" of what a search worker returns when its study needs nothing more from it
 CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
 
 
@@ -184,6 +187,8 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
     run_dir = Path(point["run_dir"])
     step, accuracy = progress(run_dir)
     outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id) if job_id else None
+    if _worker_done(point, outcome):  # a search worker (search.py): no run dir of its own, its job's word alone
+        return PointState(point["name"], job_id, "done", None, None, "", point["describe"])
     if (run_dir / SUMMARY).is_file():
         foreign_run = foreign(point, run_dir)
         if foreign_run:  # another run's progress and result: none of it is shown as this point's
@@ -221,6 +226,15 @@ def _returned_by_job(point: dict[str, Any], outcome: tuple[str, Any] | None) -> 
         return False
     kind, value = outcome
     return kind == "success" and isinstance(value, dict) and value.get("run_id") == point["run_id"]
+
+
+def _worker_done(point: dict[str, Any], outcome: tuple[str, Any] | None) -> bool:
+    """Whether the point is a search worker whose recorded job returned that it is done."""
+    if outcome is None:
+        return False
+    kind, value = outcome
+    return (kind == "success" and isinstance(value, dict) and value.get("status") == DONE
+            and value.get("worker") == point["name"])
 
 
 def _hash(config: dict[str, Any]) -> str:

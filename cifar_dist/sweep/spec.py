@@ -16,6 +16,12 @@ is crossed with every grid point; without a `sweep:` block the spec is one point
 overrides). A swept key's values replace its value in `overrides`. Values reach the run as data
 (pickled with the job), never through a shell; `resources.sbatch` options reach sbatch as
 `#SBATCH` lines, each checked against SBATCH_OPTIONS and SBATCH_VALUE first.
+
+A `search:` block instead of `sweep:` makes the spec a study (search.py: Optuna picks each
+trial's values and prunes hopeless trials; `workers` array tasks take trials one after another):
+
+    search: {trials: 32, workers: 4, metric: test_accuracy, sampler: tpe, pruner: asha,
+             params: {train.lr: {loguniform: [1e-3, 1.0]}}}
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from cifar_dist.sweep.profiles import Profile
 
 T = TypeVar("T")
 
-TOP_KEYS = ("name", "cluster", "base", "overrides", "sweep", "resources")
+TOP_KEYS = ("name", "cluster", "base", "overrides", "sweep", "search", "resources")
 # The name becomes the Slurm job name, the sweep dir's name and part of every run id.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Values that end up on #SBATCH lines: Slurm names and constraint expressions, nothing a shell or
@@ -60,6 +66,9 @@ STARTUP_S = 60
 RESERVED = ("run.dir", "run.id", "run.name", "tracking.group")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 MAX_POINTS = 1000  # a typo such as a 100-value grid crossed with 100 seeds should not reach the queue
+METRICS = {"test_accuracy": "maximize", "test_loss": "minimize"}  # a search's metric -> its direction
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("asha", "hyperband", "median", "none")
 
 
 @dataclass
@@ -108,6 +117,28 @@ class RandomSweep:
 
 
 @dataclass
+class Search:
+    """A study (search.py); every field but `params` has its default here."""
+
+    trials: int = 0  # trials that end complete or pruned (failed ones are retried, not counted)
+    workers: int = 1  # array tasks that take trials concurrently
+    metric: str = "test_accuracy"  # a key of METRICS; every evaluation of it is reported to the pruner
+    sampler: str = "tpe"  # tpe | random | grid (grid: every param a `choice`)
+    pruner: str = "asha"  # asha | hyperband | median | none
+    seed: int = 0  # the sampler's
+    min_epochs: int = 1  # epochs every trial trains before it may be pruned
+    reduction_factor: int = 3  # asha, hyperband: 1 in this many trials goes on at each rung
+    heartbeat_s: int = 60  # a running trial's worker says it is alive this often
+    grace_s: int = 600  # a trial not heard of for this long (its worker killed) is failed and retried
+    max_retries: int = 3  # retries of one trial after such failures
+    params: dict[str, Distribution] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return METRICS[self.metric]
+
+
+@dataclass
 class Spec:
     path: Path
     name: str
@@ -116,6 +147,7 @@ class Spec:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, for every point
     grid: dict[str, list[Any]] = field(default_factory=dict)
     random: RandomSweep | None = None
+    search: Search | None = None
     resources: Resources = field(default_factory=Resources)
 
 
@@ -143,17 +175,21 @@ def load_spec(path: str | Path) -> Spec:
     if not NAME.fullmatch(name):
         raise ConfigError(f"name: {name!r} may hold only letters, digits, - _ . (at most 64; it names the Slurm job, "
                           "the sweep dir and the run ids)")
+    search = _search(_given(data, "search", dict))
     sweep = _given(data, "sweep", dict)
+    if search and sweep is not None:
+        raise ConfigError("sweep, search: give one (sweep: every point trained to the end; search: a study that prunes)")
     if sweep == {}:
         raise ConfigError("sweep: empty (give grid and/or random, or leave sweep: out for a single point)")
-    sweep = sweep or {"grid": {}}  # no sweep block: one point, the base with its overrides
+    # No sweep block: one point, the base with its overrides; or a study, whose trials the search picks.
+    sweep = sweep or ({} if search else {"grid": {}})
     _check_keys(sweep, ("grid", "random"), "sweep.")
     spec = _with_given(Spec(path=path, name=name, base=_given(data, "base", str, required=True),
                             resources=_resources(_given(data, "resources", dict) or {})),
                        cluster=_given(data, "cluster", str),
                        overrides=_flat(_given(data, "overrides", dict), "overrides"),
                        grid=_grid(_given(sweep, "grid", dict, "sweep.")),
-                       random=_random(_given(sweep, "random", dict, "sweep.")))
+                       random=_random(_given(sweep, "random", dict, "sweep.")), search=search)
     _check_key_sets(spec)
     return spec
 
@@ -217,27 +253,62 @@ def _random(data: dict[str, Any] | None) -> RandomSweep | None:
     if n < 1:
         raise ConfigError(f"sweep.random.n: must be >= 1, got {n}")
     params = _given(data, "params", dict, where, required=True)
-    if not params:
-        raise ConfigError("sweep.random.params: empty (give at least one key and its distribution)")
-    return _with_given(RandomSweep(n=n, params={k: _distribution(k, v) for k, v in _flat_params(params).items()}),
+    return _with_given(RandomSweep(n=n, params=_params(params, "sweep.random.params")),
                        seed=_given(data, "seed", int, where))
 
 
-def _flat_params(params: dict[Any, Any]) -> dict[str, Any]:
+def _search(data: dict[str, Any] | None) -> Search | None:
+    if data is None:
+        return None
+    params = _given(data, "params", dict, "search.", required=True)
+    search = schema.build(Search, {k: v for k, v in data.items() if k != "params"}, "search.")
+    search.params = _params(params, "search.params")
+    if "trials" not in data:
+        raise ConfigError("search.trials: missing")
+    for key in ("trials", "workers", "min_epochs", "heartbeat_s", "grace_s"):
+        if getattr(search, key) < 1:
+            raise ConfigError(f"search.{key}: must be >= 1, got {getattr(search, key)}")
+    for key, allowed in (("metric", tuple(METRICS)), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        if getattr(search, key) not in allowed:
+            raise ConfigError(f"search.{key}: must be one of {', '.join(allowed)}, got {getattr(search, key)!r}")
+    if search.reduction_factor < 2:
+        raise ConfigError(f"search.reduction_factor: must be >= 2, got {search.reduction_factor}")
+    if search.max_retries < 0:
+        raise ConfigError(f"search.max_retries: must be >= 0, got {search.max_retries}")
+    if search.grace_s <= 2 * search.heartbeat_s:
+        raise ConfigError(f"search.grace_s: {search.grace_s} s must exceed two heartbeats "
+                          f"(heartbeat_s {search.heartbeat_s}), or live trials would be failed")
+    if search.sampler == "grid":
+        for key, d in search.params.items():
+            if d.kind != "choice":
+                raise ConfigError(f"search.params.{key}: the grid sampler takes {{choice: [...]}} only, got {d.kind}")
+        size = math.prod(len(d.args) for d in search.params.values())
+        if search.trials > size:
+            raise ConfigError(f"search.trials: {search.trials}, but the grid has {size} points")
+    return search
+
+
+def _params(params: dict[Any, Any], where: str) -> dict[str, Distribution]:
+    if not params:
+        raise ConfigError(f"{where}: empty (give at least one key and its distribution)")
+    return {k: _distribution(k, v, where) for k, v in _flat_params(params, where).items()}
+
+
+def _flat_params(params: dict[Any, Any], where: str) -> dict[str, Any]:
     """Dotted keys, also when written nested ({train: {lr: {uniform: [...]}}})."""
     out: dict[str, Any] = {}
     for key, value in params.items():
         if not isinstance(key, str):
-            raise ConfigError(f"sweep.random.params: key {key!r} is not a dotted config key")
+            raise ConfigError(f"{where}: key {key!r} is not a dotted config key")
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-            out.update({f"{key}.{k}": v for k, v in _flat_params(value).items()})  # a section, not a distribution
+            out.update({f"{key}.{k}": v for k, v in _flat_params(value, where).items()})  # a section, not a distribution
         else:
             out[key] = value
     return out
 
 
-def _distribution(key: str, value: Any) -> Distribution:
-    where = f"sweep.random.params.{key}"
+def _distribution(key: str, value: Any, params: str) -> Distribution:
+    where = f"{params}.{key}"
     forms = "{choice: [a, b, ...]}, {uniform: [low, high]}, {loguniform: [low, high]} or {int: [low, high]}"
     if not isinstance(value, dict) or len(value) != 1:
         raise ConfigError(f"{where}: expected one of {forms}, got {value!r}")
@@ -311,7 +382,7 @@ def _sbatch_value(key: str, value: str | int | bool) -> str | bool:
 
 
 def _check_key_sets(spec: Spec) -> None:
-    swept_random = set(spec.random.params) if spec.random else set()
+    swept_random = set(spec.random.params) if spec.random else set(spec.search.params) if spec.search else set()
     for key in sorted(set(spec.overrides) | set(spec.grid) | swept_random):
         if key in RESERVED or any(key.startswith(r + ".") for r in RESERVED):
             raise ConfigError(f"{key}: set by the sweep for every point (run dir and id fixed at submit time, "

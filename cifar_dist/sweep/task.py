@@ -22,6 +22,9 @@ cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks sto
 `jobs/submit.py cancel`), or has timed out too many times, rank 0 does not requeue and returns
 the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
 (resumable with `resubmit --failed`).
+
+A study's worker (`SearchTask`, search.py) is the same task around `search.run_worker`: it trains
+one trial after another in one job, and a requeued worker resumes its own unfinished trial first.
 """
 
 from __future__ import annotations
@@ -60,12 +63,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.signal_delay_s = signal_delay_s
 
     def __call__(self) -> dict[str, Any]:
-        job = submitit.JobEnvironment()
-        if self.local_slots and self.sweep_dir:
-            wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
-        os.environ.update(self.env)  # before the process group exists: GLOO_/NCCL_SOCKET_IFNAME, ...
-        export_distributed_environment()
-        limit_threads(self.cpus)
+        job = self.start()
 
         from cifar_dist.config import config_from_dict
         from cifar_dist.train import Stopped, train
@@ -76,6 +74,20 @@ class TrainTask(submitit.helpers.Checkpointable):
         except Stopped:
             return self.requeue_or_stop(job)
 
+    def start(self) -> submitit.JobEnvironment:
+        """This rank's job, once it may run (a local run slot), with its environment set."""
+        job = submitit.JobEnvironment()
+        if self.local_slots and self.sweep_dir:
+            wait_for_slot(Path(self.sweep_dir) / SLOTS, self.local_slots, job.job_id, job.global_rank)
+        os.environ.update(self.env)  # before the process group exists: GLOO_/NCCL_SOCKET_IFNAME, ...
+        export_distributed_environment()
+        limit_threads(self.cpus)
+        return job
+
+    @property
+    def run_dir(self) -> str:
+        return self.config["run"]["dir"]
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The same point again: training resumes by itself from the run dir's checkpoints."""
         return submitit.helpers.DelayedSubmission(copy.copy(self))
@@ -83,7 +95,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def requeue_or_stop(self, job: submitit.JobEnvironment) -> dict[str, Any]:
         """After `train` stopped on a signal (its checkpoint written): rank 0 requeues the job
         through submitit, exiting this process; otherwise return the stopped marker."""
-        marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.config["run"]["dir"]}
+        marker = {"status": STOPPED, "rank": job.global_rank, "run_dir": self.run_dir}
         if job.global_rank != 0:
             return marker
         reason = self.not_requeued(job)
@@ -125,6 +137,33 @@ def process_age_s() -> float:
     start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])  # field 22, starttime
     uptime_s = float(Path("/proc/uptime").read_text().split()[0])
     return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class SearchTask(TrainTask):
+    """A study's worker (search.py): trials one after another, until the study needs no more.
+    Requeued, it first resumes its own unfinished trial, from that trial's checkpoints."""
+
+    def __init__(self, worker: str, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0,
+                 signal_delay_s: int = 90):
+        super().__init__({}, env, cpus, sweep_dir, local_slots, signal_delay_s)
+        self.worker = worker
+
+    def __call__(self) -> dict[str, Any]:
+        job = self.start()
+
+        from cifar_dist.sweep.search import run_worker
+        from cifar_dist.train import Stopped
+
+        try:
+            return run_worker(Path(self.sweep_dir), self.worker)
+        except Stopped:
+            return self.requeue_or_stop(job)
+
+    @property
+    def run_dir(self) -> str:
+        from cifar_dist.sweep.search import worker_dir
+
+        return str(worker_dir(Path(self.sweep_dir), self.worker))
 
 
 def export_distributed_environment() -> None:
