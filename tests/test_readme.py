@@ -1,7 +1,7 @@
 """README.md's commands, run exactly as printed, in the order printed, in a copy of the checkout
 (`cifar_dist/train.py`, `jobs/submit.py` and `runs/...` are paths relative to it). The copy holds
-what the README assumes a user has: `cifar10-jpeg.tar.gz` and `data/cifar-10-batches-py/` (small
-files in the real formats: the real archive is not there in CI), `my.yaml`, `photo.jpg`,
+what the README assumes a user has: `cifar10-jpeg.tar.gz`, `data/cifar-10-batches-py/` and
+`data/cifar-100-python/` (small files in the real formats: the real archives are not there in CI), `my.yaml`, `photo.jpg`,
 `more_images/`, the README's own `sweep.yaml`, and the runs the README names (`runs/my-run`,
 `runs/a`, `runs/b`). Every command of the README is in RULES: run here, run on the dev cluster,
 or not run, with the reason; a command added to the README without a rule fails this test."""
@@ -18,6 +18,7 @@ import pytest
 from conftest import PY, ROOT, write_image_tree
 from PIL import Image
 from slurm_fixtures import cluster_skip_reason, dev_cluster
+from test_cifar100 import write_cifar100
 from test_data import write_cifar_pickles
 
 from cifar_dist.rundir import SUMMARY, RunDir
@@ -72,6 +73,7 @@ def checkout(tmp_path_factory):
         tar.add(images, arcname="cifar10-jpeg")
     shutil.rmtree(root / "jpeg-src")
     write_cifar_pickles(root / "data", n_per_batch=60)  # the shipped configs' data.path: data (300 training images)
+    write_cifar100(root / "data")  # the cifar100 config's, beside it (300 training images)
     (root / "my.yaml").write_text("model: {name: blitz}\ndata: {source: synthetic, synthetic_train: 640, "
                                   "synthetic_test: 200}\ntrain: {batch_size: 64}\n")
     Image.new("RGB", (48, 40), (200, 40, 40)).save(root / "photo.jpg")
