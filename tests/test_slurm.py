@@ -214,7 +214,8 @@ def test_short_time_limit_survives_several_preemptions(tmp_path, senv):
 
 
 def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, senv):
-    specs = [write_spec(tmp_path / f"{name}.yaml", name, {"grid": {"seed": [0, 1]}}, overrides={"train.epochs": 4})
+    # 400 steps: the cancel must land while the points still train (80 ended first once in CI)
+    specs = [write_spec(tmp_path / f"{name}.yaml", name, {"grid": {"seed": [0, 1]}}, overrides={"train.epochs": 20})
              for name in ("alpha", "beta")]
     sweep_dir = tmp_path / "sweep"
     results = [finish(p) for p in [start([str(s), "--sweep-dir", str(sweep_dir)], senv, tmp_path) for s in specs]]
@@ -229,6 +230,7 @@ def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, 
 
     submitted(["cancel", str(sweep_dir)], senv, tmp_path)
     wait_for(lambda: squeue(senv) == [], 60, "the cancelled jobs to leave the queue", sweep_dir)
+    assert [s["state"] for s in status(sweep_dir, senv)] == ["cancelled", "cancelled"]
     first = job_ids(sweep_dir)
     results = [finish(p) for p in [start(["resubmit", str(sweep_dir), "--failed"], senv, tmp_path) for _ in range(2)]]
     assert sum("submitted as" in r.stdout for r in results) == 1, results
