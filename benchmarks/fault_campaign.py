@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         notes = [f"`python benchmarks/fault_campaign.py --trials {args.trials} --seed {args.seed} --kinds "
                  f"{' '.join(args.kinds)} --jobs {args.jobs}`: {minutes:.0f} min",
                  f"config: {' '.join(CONFIG)} ({TOTAL} steps)",
+                 *([f"Slurm kinds: a one-point sweep on the dev cluster (`cluster: local`) of {' '.join(SLURM_CONFIG)} "
+                    f"({SLURM_EPOCHS * STEPS_PER_EPOCH} steps); their 'exit codes' are the point's state after the stop"]
+                   if any(k in SLURM_KINDS for k in args.kinds) else []),
                  "identical: bit-identical test_loss, confusion matrix and weights, metrics.jsonl equal to the "
                  "uninterrupted run's (every step once), every resume from a checkpoint valid at that moment, "
                  "every invalid one named in a warning",
