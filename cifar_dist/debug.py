@@ -29,11 +29,8 @@ from cifar_dist.config import Config, ConfigError, ProfileConfig, validate
 from cifar_dist.data import TrainBatches, load_cached
 from cifar_dist.distributed import Distributed
 from cifar_dist.errors import UserError
-from cifar_dist.rundir import RunDir, RunDirError, load_weights, write_atomic
+from cifar_dist.rundir import OPS, PROFILE_DIR, TRACE, RunDir, RunDirError, load_weights, write_atomic
 
-PROFILE_DIR = "profile"  # in the run dir: TRACE and OPS
-TRACE = "trace.json"  # Chrome trace format: https://ui.perfetto.dev or chrome://tracing
-OPS = "ops.txt"
 OPS_ROWS = 30  # operators in the table
 
 

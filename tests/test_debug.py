@@ -16,9 +16,9 @@ from torch import nn
 
 from cifar_dist import checkpoint, models
 from cifar_dist.config import ConfigError, config_hash, load_config, shipped_configs
-from cifar_dist.debug import PATHS, PROFILE_DIR, loss_floor, overfit
+from cifar_dist.debug import PATHS, loss_floor, overfit
 from cifar_dist.errors import run_command
-from cifar_dist.rundir import METRICS, MODEL, SUMMARY, RunDir, load_weights
+from cifar_dist.rundir import METRICS, MODEL, OPS, PROFILE_DIR, SUMMARY, TRACE, RunDir, load_weights
 from cifar_dist.sources import SOURCES, SYNTHETIC_CLASSES
 from cifar_dist.train import main as train_main
 
@@ -250,11 +250,11 @@ def test_profile_writes_a_trace_and_an_operator_table_and_training_goes_on(env, 
     run_dir = tmp_path / "run"
     proc = run(train_cmd(*TINY, "profile.steps=3", "profile.wait=2", f"run.dir={run_dir}"), env)
     folder = run_dir / PROFILE_DIR
-    assert f"profile: steps 3-5 traced: {folder / 'trace.json'}" in proc.stdout
-    trace = json.loads((folder / "trace.json").read_text())
+    assert f"profile: steps 3-5 traced: {folder / TRACE}" in proc.stdout
+    trace = json.loads((folder / TRACE).read_text())
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
     assert len(steps) == 3
-    ops = (folder / "ops.txt").read_text()
+    ops = (folder / OPS).read_text()
     assert ops.startswith("steps 3-5, rank 0: top operators by self_cpu_time_total") and "convolution" in ops
     assert RunDir(run_dir).summary()["steps"] == 40
     assert load_weights(run_dir / MODEL)["model"] == "blitz"
