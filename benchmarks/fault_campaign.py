@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PY, ROOT, append_table, train_launcher  # noqa: E402
 
 from cifar_dist import checkpoint  # noqa: E402
-from cifar_dist.rundir import METRICS, MODEL, RunDir, load_weights  # noqa: E402
+from cifar_dist.rundir import MODEL, RunDir, load_weights  # noqa: E402
 from cifar_dist.sweep.record import load_record  # noqa: E402
 
 KINDS = ("step", "eval", "checkpoint", "decode", "damaged", "rank_kill")
@@ -256,8 +256,7 @@ def point_state(sweep_dir: Path, env: dict[str, str]) -> str:
 
 
 def newest_step(run_dir: Path) -> int:
-    path = run_dir / METRICS
-    return max((r.get("step", 0) for r in RunDir(run_dir).metrics()), default=0) if path.exists() else 0
+    return max((r.get("step", 0) for r in RunDir(run_dir).metrics()), default=0)
 
 
 def poll(done, timeout: float, every: float = 0.1) -> bool:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import PY, ROOT, TINY
 
-from cifar_dist.rundir import METRICS
+from cifar_dist.rundir import RunDir
 
 DEV_CLUSTER = ROOT / "slurm" / "dev-cluster.sh"
 SUBMIT = ROOT / "jobs" / "submit.py"
@@ -175,11 +175,8 @@ def wait_done(sweep_dir: Path, env: dict[str, str], timeout: float = 240) -> lis
 
 
 def newest_step(run_dir: Path) -> int:
-    path = run_dir / METRICS
-    if not path.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    # The run dir's own reader: it stops at a line the training process is still writing.
+    return max((r.get("step", 0) for r in RunDir(run_dir).metrics()), default=0)
 
 
 def squeue(env: dict[str, str]) -> list[str]:
