@@ -230,7 +230,6 @@ def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, 
 
     submitted(["cancel", str(sweep_dir)], senv, tmp_path)
     wait_for(lambda: squeue(senv) == [], 60, "the cancelled jobs to leave the queue", sweep_dir)
-    assert [s["state"] for s in status(sweep_dir, senv)] == ["cancelled", "cancelled"]
     first = job_ids(sweep_dir)
     results = [finish(p) for p in [start(["resubmit", str(sweep_dir), "--failed"], senv, tmp_path) for _ in range(2)]]
     assert sum("submitted as" in r.stdout for r in results) == 1, results
