@@ -95,7 +95,8 @@ def test_grid_sweep_is_one_job_array_that_returns_at_once(tmp_path, senv):
     assert not list(tmp_path.glob("pwned*")), "a config value went through a shell"
     text = submit(["status", str(sweep_dir)], senv, tmp_path).stdout
     assert "4 done" in text
-    assert squeue(senv) == []
+    # A task's result is on disk a moment before Slurm sees its process exit.
+    wait_for(lambda: squeue(senv) == [], 60, "the finished array to leave the queue", sweep_dir)
 
 
 def test_one_point_as_two_slurm_tasks_is_two_gloo_ranks(tmp_path, senv):
