@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,8 +216,8 @@ def test_short_time_limit_survives_several_preemptions(tmp_path, senv):
 
 
 def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, senv):
-    # 400 steps: the cancel must land while the points still train (80 ended first once in CI)
-    specs = [write_spec(tmp_path / f"{name}.yaml", name, {"grid": {"seed": [0, 1]}}, overrides={"train.epochs": 20})
+    # 1,200 steps: the cancel must land while the points still train (80, and once 400, ended first in CI)
+    specs = [write_spec(tmp_path / f"{name}.yaml", name, {"grid": {"seed": [0, 1]}}, overrides={"train.epochs": 60})
              for name in ("alpha", "beta")]
     sweep_dir = tmp_path / "sweep"
     results = [finish(p) for p in [start([str(s), "--sweep-dir", str(sweep_dir)], senv, tmp_path) for s in specs]]
@@ -229,8 +230,11 @@ def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, 
     assert rec["name"] == name and all(p["run_id"].startswith(f"{name}-") for p in rec["points"])
     assert {line.split()[0] for line in squeue(senv)} <= set(job_ids(sweep_dir)), "every job queued is the record's"
 
+    runs = [Path(p["run_dir"]) for p in rec["points"]]
+    wait_for(lambda: all(newest_step(r) >= 10 for r in runs), 180, "both points to train 10 steps", sweep_dir, poll=0.1)
     submitted(["cancel", str(sweep_dir)], senv, tmp_path)
     wait_for(lambda: squeue(senv) == [], 60, "the cancelled jobs to leave the queue", sweep_dir)
+    assert [s["state"] for s in status(sweep_dir, senv)] == ["cancelled", "cancelled"]
     first = job_ids(sweep_dir)
     results = [finish(p) for p in [start(["resubmit", str(sweep_dir), "--failed"], senv, tmp_path) for _ in range(2)]]
     assert sum("submitted as" in r.stdout for r in results) == 1, results

@@ -21,7 +21,17 @@ from cifar_dist.config import config_from_dict
 from cifar_dist.rundir import CONFIG, SUMMARY, write_json
 from cifar_dist.sweep import commands
 from cifar_dist.sweep.executors import Executor, QueueError
-from cifar_dist.sweep.record import LOCK, RECORD, PointState, changing, discard, foreign, point_states, save_record
+from cifar_dist.sweep.record import (
+    LOCK,
+    RECORD,
+    PointState,
+    changing,
+    discard,
+    foreign,
+    mark_cancelled,
+    point_states,
+    save_record,
+)
 from cifar_dist.sweep.spec import load_spec, make_points
 from cifar_dist.sweep.task import process_age_s, timed_out
 
@@ -111,6 +121,18 @@ def test_a_summary_the_recorded_job_did_not_return_is_a_mismatch(tmp_path, resul
     assert state.state == "mismatch" and state.note.startswith(note), state
     assert not foreign(point, Path(point["run_dir"])), "its own run: resubmit --failed may confirm it"
     assert state_of(sweep_dir, point, {"77_0": "requeued"}).state == "requeued", "its job is still at it"
+
+
+@pytest.mark.parametrize(("cancelled", "result"), [("77", None), ("77_0", None), ("77_0", ("error", "SIGTERM"))])
+def test_a_run_that_finished_as_cancel_landed_is_cancelled_not_done(tmp_path, cancelled, result):
+    """`cancel` (the whole array or one task) killed the job after its run wrote summary.json,
+    before the job returned it."""
+    sweep_dir, point = finished_point(tmp_path, result=result)
+    mark_cancelled(sweep_dir, [cancelled])
+    state = state_of(sweep_dir, point)
+    assert state.state == "cancelled", state
+    assert "resubmit --failed" in state.note
+    assert state_of(sweep_dir, point, {"77_0": "running"}).state == "running", "Slurm has not ended it yet"
 
 
 # ---------------------------------------------------------------------------- one command at a time changes a sweep

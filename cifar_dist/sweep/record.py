@@ -13,7 +13,8 @@ without Slurm accounting (sacct fails on clusters without slurmdbd, the dev clus
 
 A point is done only when its run dir's summary.json and config.yaml are its own (the record's
 run id and config hash) and the point's recorded job returned that summary (submitit's result
-pickle of task 0); a run dir holding anything else is a mismatch, never done. Otherwise its state
+pickle of task 0); a run dir holding anything else is a mismatch (or cancelled, where `cancel` killed
+the job between its run's summary and its result), never done. Otherwise its state
 comes from the queue (its executor's `queue_states`), then the result pickle (an error = failed,
 the stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
 A study's points are its workers (search.py: study.journal, runs/<trial>/, workers/<worker>/): a
@@ -196,13 +197,17 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
         if _returned_by_job(point, outcome):  # done, also while Slurm still shows its job COMPLETING
             return PointState(point["name"], job_id, "done", step, RunDir(run_dir).summary()["test_accuracy"], "",
                               point["describe"])
+    is_cancelled = job_id in cancelled or job_id.split("_")[0] in cancelled
     if job_id in queue:
         state, note = queue[job_id], ""
+    elif (run_dir / SUMMARY).is_file() and is_cancelled:
+        # `cancel` landed between the run's last file and its job's result: its own run, never shown as done
+        state, note = "cancelled", f"after its run wrote {SUMMARY}; `resubmit --failed` confirms it from its final checkpoint"
     elif (run_dir / SUMMARY).is_file():
         why = "no result" if outcome is None else last_line(str(outcome[1]))
         state, note = MISMATCH, f"{SUMMARY} not returned by job {job_id or '(none)'} ({why})"
     else:
-        state, note = _ended(sweep_dir, job_id, outcome, job_id in cancelled or job_id.split("_")[0] in cancelled)
+        state, note = _ended(sweep_dir, job_id, outcome, is_cancelled)
     return PointState(point["name"], job_id, state, step, accuracy, note, point["describe"])
 
 
