@@ -286,17 +286,23 @@ def test_a_worker_of_two_ranks_trains_and_stops_its_trials_as_one(tmp_path, cach
         assert (run.summary() or read_json(run / PRUNED))["world_size"] == 2
 
 
-def test_bench_search_compares_both_methods_in_one_table(tmp_path, env):
+def test_bench_search_compares_the_methods_in_one_table(tmp_path, env):
     """benchmarks/bench_search.py's plumbing on tiny synthetic studies (the real run uses the JPEG archive)."""
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([PY, "benchmarks/bench_search.py", "--seeds", "1", "--trials", "2", "--epochs", "2",
-                           "--train-subset", "0", "--extra", "data.synthetic_train=640", "data.synthetic_test=200"],
+                           "--train-subset", "0", "--methods", "random", "tpe-asha", "random-asha",
+                           "--extra", "data.synthetic_train=640", "data.synthetic_test=200"],
                           env={**env, "CIFAR_DIST_RESULTS": str(results)}, cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = results.read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    assert [r[0] for r in rows] == ["method", "random search, every trial to the end", "TPE + ASHA"]
+    assert [r[0] for r in rows] == ["method", "random search, every trial to the end", "TPE + ASHA",
+                                    "random search + ASHA (random search's trials, pruned)"]
     assert rows[1][2] == "4 (1 run)" and rows[1][3] == "2+0", "random search trains every trial to the end"
-    assert int(rows[2][3].split("+")[0]) + int(rows[2][3].split("+")[1]) == 2
-    assert re.search(r"goal \(within 0\.5 points, at most 1/3 of the epochs\): (met|not met)", text)
+    for row in rows[2:]:
+        assert sum(map(int, row[3].split("+"))) == 2 and float(row[2].split()[0]) <= 4
+    assert len(re.findall(r"goal \(within 0\.5 points, at most 1/3 of the epochs\): (met|not met)", text)) == 2
+    kept = re.search(r"random search \+ ASHA kept random search's winning trial in ([01]) of 1 studies", text)
+    pruned_any = rows[3][3] != "2+0"
+    assert kept and (kept[1] == "1" or pruned_any), "only pruning can lose random search's winner"
