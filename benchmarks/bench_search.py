@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -34,10 +35,18 @@ from common import append_table, spread  # noqa: E402
 # The space: a learning rate over three decades (its top end diverges), weight decay, label smoothing.
 PARAMS = {"train.lr": {"loguniform": [1e-3, 1.0]}, "train.weight_decay": {"loguniform": [1e-5, 1e-2]},
           "train.label_smoothing": {"uniform": [0.0, 0.3]}}
-METHODS = {  # name on the command line: (row label, in the table's title, sampler, pruner)
-    "random": ("random search, every trial to the end", "random search to the end", "random", "none"),
-    "tpe-asha": ("TPE + ASHA", "TPE + ASHA", "tpe", "asha"),
-    "random-asha": ("random search + ASHA (random search's trials, pruned)", "random search + ASHA", "random", "asha"),
+class Method(NamedTuple):
+    label: str  # the table's row
+    title: str  # in the table's heading
+    sampler: str
+    pruner: str
+
+
+METHODS = {  # by the name given to --methods
+    "random": Method("random search, every trial to the end", "random search to the end", "random", "none"),
+    "tpe-asha": Method("TPE + ASHA", "TPE + ASHA", "tpe", "asha"),
+    "random-asha": Method("random search + ASHA (random search's trials, pruned)", "random search + ASHA", "random",
+                          "asha"),
 }
 
 
@@ -55,7 +64,7 @@ def sweep_command(argv: list[str]) -> str:
 
 
 def run_study(tmp: Path, method: str, seed: int, args: argparse.Namespace) -> dict:
-    _, _, sampler, pruner = METHODS[method]
+    sampler, pruner = METHODS[method].sampler, METHODS[method].pruner
     name = f"bench-{sampler}-{pruner}-s{seed}"
     spec = tmp / f"{name}.yaml"
     overrides = {"train.epochs": args.epochs, "eval.every": 1, "run.progress": "none", **args.data_overrides}
@@ -105,7 +114,7 @@ def main() -> None:
     for method, runs in results.items():
         best, epochs = [r["best"] for r in runs], [r["epochs"] for r in runs]
         medians[method] = statistics.median(best), statistics.median(epochs)
-        rows.append([METHODS[method][0], spread(best, "{:.2f}"), spread(epochs, "{:.0f}"),
+        rows.append([METHODS[method].label, spread(best, "{:.2f}"), spread(epochs, "{:.0f}"),
                      " / ".join(f"{r['complete']}+{r['pruned']}" for r in runs),
                      spread([r["seconds"] for r in runs], "{:.0f}")])
     verdicts = []
@@ -113,7 +122,7 @@ def main() -> None:
         acc_a, ep_a = medians["random"]
         for method in [m for m in args.methods if m != "random"]:
             acc_b, ep_b = medians[method]
-            verdicts.append(f"{METHODS[method][0]} vs random (medians): {acc_b - acc_a:+.2f} points with "
+            verdicts.append(f"{METHODS[method].label} vs random (medians): {acc_b - acc_a:+.2f} points with "
                             f"{ep_b / ep_a:.2f}x the epochs; goal (within 0.5 points, at most 1/3 of the epochs): "
                             f"{'met' if acc_b >= acc_a - 0.5 and ep_b <= ep_a / 3 else 'not met'}")
         if "random-asha" in results:  # the same trials: did pruning stop the trial that would have won?
@@ -121,7 +130,7 @@ def main() -> None:
             verdicts.append(f"random search + ASHA kept random search's winning trial in {kept} of {args.seeds} studies")
     source = f"{Path(args.data).name}, {args.train_subset:,} training images" if args.data else "synthetic data"
     append_table(
-        f"Search: {' vs '.join(METHODS[m][1] for m in args.methods)} (CPU)",
+        f"Search: {' vs '.join(METHODS[m].title for m in args.methods)} (CPU)",
         [f"`{args.base}` on {source}, full test set; {args.trials} trials x {args.epochs} epochs per study, one worker, "
          f"one compute thread; sampler seeds 0..{args.seeds - 1} per method; params {json.dumps(PARAMS)}"
          + (f"; extra {' '.join(args.extra)}" if args.extra else ""),

@@ -155,6 +155,11 @@ def cancelled_ids(sweep_dir: Path) -> set[str]:
     return set(path.read_text().split()) if path.exists() else set()
 
 
+def was_cancelled(job_id: str, listed: set[str]) -> bool:
+    """Whether `cancel` stopped this job: listed itself, or its array (an array task is ARRAY_TASK)."""
+    return job_id in listed or job_id.split("_")[0] in listed
+
+
 # ---------------------------------------------------------------------------- point states
 
 
@@ -190,20 +195,21 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
     outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id) if job_id else None
     if _worker_done(point, outcome):  # a search worker (search.py): no run dir of its own, its job's word alone
         return PointState(point["name"], job_id, "done", None, None, "", point["describe"])
-    if (run_dir / SUMMARY).is_file():
+    finished = (run_dir / SUMMARY).is_file()
+    if finished:
         foreign_run = foreign(point, run_dir)
         if foreign_run:  # another run's progress and result: none of it is shown as this point's
             return PointState(point["name"], job_id, MISMATCH, None, None, foreign_run, point["describe"])
         if _returned_by_job(point, outcome):  # done, also while Slurm still shows its job COMPLETING
             return PointState(point["name"], job_id, "done", step, RunDir(run_dir).summary()["test_accuracy"], "",
                               point["describe"])
-    is_cancelled = job_id in cancelled or job_id.split("_")[0] in cancelled
+    is_cancelled = was_cancelled(job_id, cancelled)
     if job_id in queue:
         state, note = queue[job_id], ""
-    elif (run_dir / SUMMARY).is_file() and is_cancelled:
+    elif finished and is_cancelled:
         # `cancel` landed between the run's last file and its job's result: its own run, never shown as done
         state, note = "cancelled", f"after its run wrote {SUMMARY}; `resubmit --failed` confirms it from its final checkpoint"
-    elif (run_dir / SUMMARY).is_file():
+    elif finished:
         why = "no result" if outcome is None else last_line(str(outcome[1]))
         state, note = MISMATCH, f"{SUMMARY} not returned by job {job_id or '(none)'} ({why})"
     else:

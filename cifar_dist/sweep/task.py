@@ -38,7 +38,7 @@ from typing import Any
 import submitit
 
 from cifar_dist.sweep.executors import EXECUTORS, SLOTS, wait_for_slot
-from cifar_dist.sweep.record import STOPPED, cancelled_ids
+from cifar_dist.sweep.record import STOPPED, cancelled_ids, was_cancelled
 from cifar_dist.sweep.spec import EARLY_SIGNAL_S
 from cifar_dist.sweep.submitit_compat import NotRequeued, checkpoint_and_requeue
 
@@ -119,7 +119,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         if not executor.requeues:
             return "stopped by a signal"
         listed = cancelled_ids(Path(self.sweep_dir)) if self.sweep_dir else set()
-        if job.job_id in listed or job.array_job_id in listed:  # `jobs/submit.py cancel`
+        if was_cancelled(job.job_id, listed):  # `jobs/submit.py cancel`
             return "cancelled"
         return executor.ending(job.job_id)  # plain scancel: its SIGTERM looks like any other stop
 
