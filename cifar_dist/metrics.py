@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only in annotations: the sweep commands read DIRECTIONS without loading torch
+    import torch
+
+# The metrics a run records that a search or a ranking may be judged by, and which way is better.
+DIRECTIONS = {"test_accuracy": "maximize", "test_loss": "minimize"}
+
+
+def direction(metric: str) -> str:
+    """"maximize" or "minimize" for a metric of DIRECTIONS."""
+    return DIRECTIONS[metric]
 
 
 @dataclass

@@ -16,8 +16,10 @@ from typing import Any
 import yaml
 
 from cifar_dist.errors import UserError, run_command
+from cifar_dist.metrics import direction
 from cifar_dist.rundir import CLASS_PLOT, CONFIG, LOSS_PLOT, TRIAL, RunDir, read_json
 from cifar_dist.schema import flatten
+from cifar_dist.tables import format_table
 
 MANY_CLASSES = 20  # past this many classes, per-class outputs summarise, sort and scale (console.py too)
 INCHES_PER_CLASS = 0.16  # width of a class on a per-class axis once there are many (7-point labels fit)
@@ -184,13 +186,6 @@ def differing_keys(runs: list[ComparedRun]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def format_table(rows: list[list[str]]) -> str:
-    """Columns two spaces apart; the first column left-aligned, the others right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                     .rstrip() for row in rows)
-
-
 def compare_tables(runs: list[ComparedRun]) -> str:
     """The config keys that differ, accuracies, time, speed and world size; then per-class accuracy."""
     keys = differing_keys(runs)
@@ -238,7 +233,7 @@ def study_tables(runs: list[ComparedRun]) -> str:
     by their final metric, then pruned ones by how far they got)."""
     trials = [r for r in runs if r.trial]
     metric = trials[0].trial["metric"]
-    sign = -1 if metric.endswith("loss") else 1  # accuracy is maximised, loss minimised
+    sign = 1 if direction(metric) == "maximize" else -1
 
     def rank(r: ComparedRun) -> tuple:
         value = r.trial["value"]
@@ -257,7 +252,7 @@ def study_tables(runs: list[ComparedRun]) -> str:
 
 
 def _epochs(r: ComparedRun) -> float:
-    return max((m["epoch"] for m in r.metrics if "train_loss" in m), default=0)
+    return RunDir(r.path or ".").epochs_trained(r.metrics)
 
 
 def plot_params(runs: list[ComparedRun], out: Path) -> None:

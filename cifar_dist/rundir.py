@@ -83,6 +83,11 @@ class RunDir:
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / METRICS)
 
+    def epochs_trained(self, records: list[dict[str, Any]] | None = None) -> float:
+        """Epochs trained so far, from the newest training record (of `records`, if already read)."""
+        return max((r.get("epoch", 0) for r in (self.metrics() if records is None else records) if "train_loss" in r),
+                   default=0)
+
     # ---- the lock: one process trains in a run dir at a time
 
     def lock(self) -> None:

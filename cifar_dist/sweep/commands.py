@@ -51,7 +51,6 @@ from cifar_dist.sweep.record import (
     check_free,
     discard,
     foreign,
-    format_table,
     job_ids,
     load_record,
     mark_cancelled,
@@ -61,6 +60,7 @@ from cifar_dist.sweep.record import (
 )
 from cifar_dist.sweep.spec import MAX_POINTS, Point, Resources, Spec, check_fits, load_spec, make_points
 from cifar_dist.sweep.task import SearchTask, TrainTask
+from cifar_dist.tables import format_table
 
 COMMANDS = ("status", "wait", "cancel", "resubmit")
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 124

@@ -40,6 +40,7 @@ from cifar_dist.config import Config, config_hash
 from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.rundir import CONFIG, SUMMARY, RunDir, RunDirError, write_atomic
 from cifar_dist.sweep import submitit_compat
+from cifar_dist.tables import format_table
 
 RECORD = "sweep.json"
 LOCK = "sweep.lock"
@@ -287,12 +288,6 @@ def progress(run_dir: Path) -> tuple[int | None, float | None]:
         step = record.get("step", step)
         accuracy = record.get("test_accuracy", accuracy)
     return step, accuracy
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
 
 
 def status_table(states: list[PointState]) -> str:

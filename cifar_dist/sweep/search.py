@@ -41,10 +41,12 @@ from optuna.trial import TrialState
 from cifar_dist import schema
 from cifar_dist.config import config_from_dict, validate
 from cifar_dist.errors import ConfigError
+from cifar_dist.metrics import direction
 from cifar_dist.rundir import PRUNED, TRIAL, RunDir, read_json, write_atomic, write_json
 from cifar_dist.sweep.optuna_compat import SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, retried_from
-from cifar_dist.sweep.record import DONE, PointState, format_table, load_record
-from cifar_dist.sweep.spec import METRICS, Distribution, Point, Spec, base_config, describe
+from cifar_dist.sweep.record import DONE, PointState, load_record
+from cifar_dist.sweep.spec import Distribution, Point, Spec, base_config, describe
+from cifar_dist.tables import format_table
 
 JOURNAL = "study.journal"
 WORKERS = "workers"
@@ -103,7 +105,7 @@ def describe_search(s: dict[str, Any]) -> str:
 
 
 def _direction(search: dict[str, Any]) -> str:
-    return METRICS[search["metric"]]
+    return direction(search["metric"])
 
 
 def _storage(sweep_dir: Path, search: dict[str, Any]) -> HeartbeatJournalStorage:
@@ -415,9 +417,7 @@ def _last(trial: Any) -> float | None:
 
 
 def _epochs(sweep_dir: Path, number: int) -> float:
-    """Epochs the trial trained, from its run dir's newest training record."""
-    return max((r.get("epoch", 0) for r in RunDir(trial_dir(sweep_dir, number)).metrics() if "train_loss" in r),
-               default=0)
+    return RunDir(trial_dir(sweep_dir, number)).epochs_trained()
 
 
 def status_text(table: dict[str, Any], metric: str) -> str:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from cifar_dist import schema
 from cifar_dist.config import Config, load_config, validate
 from cifar_dist.errors import ConfigError
+from cifar_dist.metrics import DIRECTIONS, direction
 from cifar_dist.sweep.profiles import Profile
 
 T = TypeVar("T")
@@ -66,7 +67,6 @@ STARTUP_S = 60
 RESERVED = ("run.dir", "run.id", "run.name", "tracking.group")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 MAX_POINTS = 1000  # a typo such as a 100-value grid crossed with 100 seeds should not reach the queue
-METRICS = {"test_accuracy": "maximize", "test_loss": "minimize"}  # a search's metric -> its direction
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("asha", "hyperband", "median", "none")
 
@@ -122,7 +122,7 @@ class Search:
 
     trials: int = 0  # trials that end complete or pruned (failed ones are retried, not counted)
     workers: int = 1  # array tasks that take trials concurrently
-    metric: str = "test_accuracy"  # a key of METRICS; every evaluation of it is reported to the pruner
+    metric: str = "test_accuracy"  # a key of metrics.DIRECTIONS; every evaluation of it is reported to the pruner
     sampler: str = "tpe"  # tpe | random | grid (grid: every param a `choice`)
     pruner: str = "asha"  # asha | hyperband | median | none
     seed: int = 0  # the sampler's
@@ -135,7 +135,7 @@ class Search:
 
     @property
     def direction(self) -> str:
-        return METRICS[self.metric]
+        return direction(self.metric)
 
 
 @dataclass
@@ -268,7 +268,7 @@ def _search(data: dict[str, Any] | None) -> Search | None:
     for key in ("trials", "workers", "min_epochs", "heartbeat_s", "grace_s"):
         if getattr(search, key) < 1:
             raise ConfigError(f"search.{key}: must be >= 1, got {getattr(search, key)}")
-    for key, allowed in (("metric", tuple(METRICS)), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
+    for key, allowed in (("metric", tuple(DIRECTIONS)), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if getattr(search, key) not in allowed:
             raise ConfigError(f"search.{key}: must be one of {', '.join(allowed)}, got {getattr(search, key)!r}")
     if search.reduction_factor < 2:
