@@ -54,8 +54,8 @@ def gpu_step_rates(steps: int) -> dict[str, float]:
     device = torch.device("cuda")
     images = torch.randint(0, 256, (50_000, 32, 32, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (50_000,), device=device)
-    batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last,
-                           stats=CIFAR10_STATS)  # random images: any statistics do
+    batches = TrainBatches(images, labels, cfg.data, global_batch=cfg.train.batch_size, rank=0, world=1, seed=0,
+                           memory_format=torch.channels_last, stats=CIFAR10_STATS)  # random images: any statistics do
     rates = {}
     for wrapped in (False, True):
         net = build_model("fast").to(device, memory_format=torch.channels_last)

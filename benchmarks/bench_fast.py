@@ -63,8 +63,8 @@ def bare_step_seconds(config: str, data: Path, extra: list[str], steps: int) -> 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: to try the script out
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     ds = load_dataset(cfg.data).to(device)
-    batches = TrainBatches(ds.train_x, ds.train_y, cfg.data, cfg.train.batch_size, 0, 1, cfg.seed, torch.channels_last,
-                           stats=ds.stats)
+    batches = TrainBatches(ds.train_x, ds.train_y, cfg.data, global_batch=cfg.train.batch_size, rank=0, world=1,
+                           seed=cfg.seed, memory_format=torch.channels_last, stats=ds.stats)
     net = make_net(cfg, ds.train_x, len(ds.classes), torch.channels_last, stats=ds.stats)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10**6)
     step = make_step(cfg, net, optimizer, scheduler, autocast_context(cfg.train.precision, device))

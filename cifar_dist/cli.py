@@ -12,6 +12,7 @@ USAGE = """usage: cifar-dist COMMAND [ARGS]
 
 commands:
   train    [--config NAME|PATH ...] [--print-config] [key=value ...]  train (and evaluate) one run
+  train    --smoke [--config NAME|PATH ...] [key=value ...]           every path of a config on a few batches
   evaluate RUN_DIR|FILE [--json OUT] [key=value ...]                 exact test-set evaluation, any world size
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
@@ -29,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from cifar_dist.train import main as train_main
-
-        return run_command(lambda a: train_main(a, prog="cifar-dist train"), rest)
+        return run_command(train_main, rest)
     if command == "evaluate":
         from cifar_dist.evaluate import main as evaluate_main
 
@@ -52,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(data_main, rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def train_main(argv: list[str]) -> int:
+    """`cifar-dist train`: the training command line (train.py), and --smoke, which runs above it (debug/smoke.py)."""
+    from cifar_dist import train
+    from cifar_dist.debug import smoke
+
+    parser = train.argument_parser("cifar-dist train")
+    smoke.add_arguments(parser)
+    args, cfg = train.parse_args(argv, parser=parser)
+    if (args.smoke or args.smoke_compile) and not args.print_config:
+        return smoke.run_smoke(cfg, compile_too=args.smoke_compile)
+    return train.run_parsed(args, cfg)
 
 
 def data_main(argv: list[str]) -> int:

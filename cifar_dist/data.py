@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -155,7 +156,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
 
 
-class TrainBatches:
+class Batches(Protocol):
+    """What the loop trains on: `steps_per_epoch` batches an epoch, batch (epoch, step) a function
+    of that pair alone, so that a resume mid-epoch gets the very batches an unbroken run gets."""
+
+    steps_per_epoch: int
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (images, labels) of global step `step` of `epoch`."""
+        ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from step `start` on (a resume starts mid-epoch)."""
+        for step in range(start, self.steps_per_epoch):
+            yield self.batch(epoch, step)
+
+
+class TrainBatches(Batches):
     """The training set as one tensor on the device, served as this rank's share of each global batch.
 
     Epoch e is one permutation drawn from (seed, e); global step s of the epoch takes positions
@@ -164,9 +181,9 @@ class TrainBatches:
     in epoch e are drawn for the whole epoch at once from the same seed, indexed by i.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, global_batch: int,
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, *, global_batch: int,
                  rank: int, world: int, seed: int, memory_format: torch.memory_format = torch.contiguous_format,
-                 *, stats: Stats):
+                 stats: Stats):
         if global_batch > len(labels):
             raise DataError(f"train.batch_size={global_batch} is larger than the training set ({len(labels)} images)")
         self.images, self.labels, self.cfg, self.stats = images, labels, cfg, stats
@@ -174,10 +191,6 @@ class TrainBatches:
         self.rank, self.seed, self.memory_format = rank, seed, memory_format
         self.steps_per_epoch = len(labels) // global_batch
         self._plan: tuple[int, dict[str, torch.Tensor]] | None = None
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step in range(start, self.steps_per_epoch):
-            yield self.batch(epoch, step)
 
     def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         first = step * self.global_batch + self.rank * self.local_batch

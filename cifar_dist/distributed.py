@@ -13,7 +13,7 @@ import subprocess
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -89,6 +89,13 @@ def first_host(nodelist: str) -> str:
     if proc.returncode != 0 or not proc.stdout.split():
         raise DistributedError(f"srun: cannot read the step's node list {nodelist!r} ({proc.stderr.strip()})")
     return proc.stdout.split()[0]
+
+
+class StopOrSave(NamedTuple):
+    """What all ranks agreed at a step boundary (`Distributed.stop_or_save`)."""
+
+    stop: bool  # some rank received a stop signal: checkpoint and exit for requeue
+    save: bool  # some rank's checkpoint is due
 
 
 class DistributedError(UserError):
@@ -192,16 +199,22 @@ class Distributed:
 
     # ---- stop signals: the handler only sets a flag (install_stop_handlers); the loop acts at a step boundary
 
-    def agree(self, save: bool) -> tuple[bool, bool]:
-        """(stop, save) on every rank: whether any rank has received a stop signal, and whether
-        any rank wants a checkpoint now. One small all-reduce at every step boundary, on the gloo
-        side group with CPU tensors: on GPUs a reduction on the main group would end in a
-        device-to-host read each step, stalling the CPU until the GPU drained its queue."""
+    def stop_or_save(self, save_due: bool) -> StopOrSave:
+        """What every rank does at this step boundary: stop when any rank has received a stop signal;
+        save a checkpoint when any rank's `save_due`. One small all-reduce, on the gloo side group
+        with CPU tensors: on GPUs a reduction on the main group would end in a device-to-host read
+        each step, stalling the CPU until the GPU drained its queue."""
         if self.world == 1:
-            return _stop_requested, save
-        flags = torch.tensor([int(_stop_requested), int(save)])
+            return StopOrSave(_stop_requested, save_due)
+        flags = torch.tensor([int(_stop_requested), int(save_due)])
         tdist.all_reduce(flags, op=tdist.ReduceOp.SUM, group=self._wait_group)
-        return bool(flags[0]), bool(flags[1])
+        return StopOrSave(bool(flags[0]), bool(flags[1]))
+
+    def stop_requested(self) -> bool:
+        """Whether any rank has received a stop signal (every rank gets the same answer)."""
+        return self.stop_or_save(save_due=False).stop
+
+    agree = stop_or_save  # sweep/search.py's name for it (its `agree(False)[0]` is `stop_requested()`)
 
     def close(self) -> None:
         if self.world > 1 and tdist.is_initialized():

@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"the model's classes {classes} are not the data's {data.classes}")
     # The run's precision and memory format: the same numbers as training's final evaluation.
     fmt = torch.channels_last
-    result = evaluate(net.to(dist.device, memory_format=fmt), data.test_x, data.test_y, len(classes), dist,
-                      cfg.eval.batch_size, cfg.eval.tta_flip, autocast_context(cfg.train.precision, dist.device), fmt,
-                      tta_translate=cfg.eval.tta_translate, stats=stats)
+    result = evaluate(net.to(dist.device, memory_format=fmt), data, dist, cfg.eval, stats=stats,
+                      autocast=autocast_context(cfg.train.precision, dist.device), memory_format=fmt)
     dist.print(format_eval({"epoch": "-", "step": "-"}, result, classes))
     if args.json and dist.is_main:
         args.json.write_text(json.dumps({

@@ -9,19 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_dist.data import Stats, eval_shard, normalize
+from cifar_dist.config import EvalConfig
+from cifar_dist.data import Dataset, Stats, eval_shard, normalize
 from cifar_dist.distributed import Distributed
 from cifar_dist.metrics import EvalResult
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, dist: Distributed,
-             batch_size: int, tta_flip: bool = False, autocast: contextlib.AbstractContextManager | None = None,
-             memory_format: torch.memory_format = torch.contiguous_format, n_samples: int = 0,
-             tta_translate: int = 0, *, stats: Stats) -> EvalResult:
-    """Test-time augmentation averages logits: of the image and its mirror (`tta_flip`), and with
-    `tta_translate` = t also of the image shifted by t pixels down-right and up-left (reflected at
+def evaluate(net: nn.Module, data: Dataset, dist: Distributed, cfg: EvalConfig, *, stats: Stats | None = None,
+             autocast: contextlib.AbstractContextManager | None = None,
+             memory_format: torch.memory_format = torch.contiguous_format, samples: int = 0) -> EvalResult:
+    """`net` on the test set of `data` (on the net's device), its inputs normalised with `stats` (the
+    data's own by default), in batches of cfg.batch_size images per rank; `samples`: how many
+    (index, true, predicted) triples of rank 0's shard the result keeps, for captioned examples.
+
+    Test-time augmentation averages logits: of the image and its mirror (cfg.tta_flip), and with
+    cfg.tta_translate = t also of the image shifted by t pixels down-right and up-left (reflected at
     the borders), weighted 1/2, 1/4, 1/4 (airbench's multi-crop evaluation)."""
+    images, labels, num_classes, stats = data.test_x, data.test_y, len(data.classes), stats or data.stats
+    tta_flip, tta_translate = cfg.tta_flip, cfg.tta_translate
 
     def view(x: torch.Tensor) -> torch.Tensor:
         logits = net(x).float()  # averaged in fp32, not in the autocast dtype
@@ -41,9 +47,9 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_cla
     shard = eval_shard(len(labels), dist.rank, dist.world)
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=images.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
-    samples: list[tuple[int, int, int]] = []
-    for start in range(shard.start, shard.stop, batch_size):
-        stop = min(start + batch_size, shard.stop)
+    kept: list[tuple[int, int, int]] = []
+    for start in range(shard.start, shard.stop, cfg.batch_size):
+        stop = min(start + cfg.batch_size, shard.stop)
         x = normalize(images[start:stop], stats).contiguous(memory_format=memory_format)
         y = labels[start:stop]
         with autocast or contextlib.nullcontext():
@@ -51,9 +57,9 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_cla
         pred = logits.argmax(1)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         counts += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
-        if len(samples) < n_samples:
-            k = min(n_samples - len(samples), len(y))
-            samples += [(start + i, int(y[i]), int(pred[i])) for i in range(k)]
+        if len(kept) < samples:
+            k = min(samples - len(kept), len(y))
+            kept += [(start + i, int(y[i]), int(pred[i])) for i in range(k)]
     counts, loss_sum = dist.sum(counts), dist.sum(loss_sum)
     net.train(was_training)
-    return EvalResult(counts.view(num_classes, num_classes).cpu(), float(loss_sum) / len(labels), samples)
+    return EvalResult(counts.view(num_classes, num_classes).cpu(), float(loss_sum) / len(labels), kept)

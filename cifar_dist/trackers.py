@@ -3,7 +3,7 @@
 A tracker is one class behind a small interface (`Tracker`: `log` each record, `finish` with the
 summary), registered by name with `@register("name")`; `tracking.backend=name` selects it.
 Shipped: `wandb`, `tensorboard` (event files in `run.dir/tensorboard/`, for offline clusters),
-and `none`. Only rank 0 records: `open_records` gives other ranks `NullRecords`, so the loop
+and `none`. Only rank 0 records: `open_records` gives other ranks `NoRecords`, so the loop
 never asks which rank it is. Trackers know nothing of the config class: they are told what they
 need (`RunInfo`, the `tracking.*` settings).
 """
@@ -30,6 +30,7 @@ from cifar_dist.rundir import METRICS, MetricsFile, RunDir
 class TrackingSettings(Protocol):
     """The `tracking.*` keys a tracker reads (config.TrackingConfig)."""
 
+    backend: str
     project: str
     entity: str
     group: str
@@ -77,8 +78,19 @@ def register(name: str) -> Callable[[type[Tracker]], type[Tracker]]:
 # ---------------------------------------------------------------------------- records: metrics.jsonl + the tracker
 
 
-class NullRecords:
-    """What ranks other than 0 record: nothing."""
+class Records(Protocol):
+    """Where the loop's records go: `log` each (an evaluation with its result), `finish` with the
+    summary; `lines`: the records of metrics.jsonl so far, which a checkpoint notes to resume from."""
+
+    lines: int
+
+    def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class NoRecords:
+    """The records of ranks other than 0: none."""
 
     lines = 0
 
@@ -89,17 +101,17 @@ class NullRecords:
         pass
 
 
-class Records(NullRecords):
-    """metrics.jsonl (always) and the `tracking.backend` tracker, written by rank 0."""
+class MetricsAndTracker:
+    """Rank 0's records: metrics.jsonl (always) and the `tracking.backend` tracker."""
 
-    def __init__(self, info: RunInfo, settings: TrackingSettings, backend: str, keep_lines: int):
-        # Resume: drop the records written after the checkpoint; they are about to be redone.
-        self.metrics = MetricsFile(info.run / METRICS, keep_lines)
-        # The tracker works out from the previous records which steps it already has.
-        self.tracker = TRACKERS[backend](info, settings, self.metrics.previous, self.metrics.lines)
+    def __init__(self, info: RunInfo, settings: TrackingSettings, keep: int):
+        """Resume: of the records metrics.jsonl holds, the first `keep` stay (those of the checkpoint); the rest
+        are about to be redone. The tracker works out from all of them which steps it already has."""
+        self.metrics = MetricsFile(info.run / METRICS, keep)
+        self.tracker = TRACKERS[settings.backend](info, settings, self.metrics.previous, self.metrics.lines)
 
     @property
-    def lines(self) -> int:  # type: ignore[override]
+    def lines(self) -> int:
         return self.metrics.lines
 
     def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
@@ -111,8 +123,9 @@ class Records(NullRecords):
         self.tracker.finish(summary)
 
 
-def open_records(is_main: bool, info: RunInfo, settings: TrackingSettings, backend: str, keep_lines: int) -> NullRecords:
-    return Records(info, settings, backend, keep_lines) if is_main else NullRecords()
+def open_records(info: RunInfo, settings: TrackingSettings, *, keep: int, on_this_rank: bool) -> Records:
+    """Rank 0's records (`on_this_rank`), or nothing."""
+    return MetricsAndTracker(info, settings, keep) if on_this_rank else NoRecords()
 
 
 # ---------------------------------------------------------------------------- tensorboard

@@ -21,8 +21,11 @@ import torch
 from cifar_dist import checkpoint, distributed
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
-from cifar_dist.data import Stats, TrainBatches, load_dataset
-from cifar_dist.debug import RepeatedBatches, Smoke, Watch, overfit
+from cifar_dist.data import Batches, Dataset, TrainBatches, load_dataset
+from cifar_dist.debug.anomaly import NOTICE as ANOMALY_NOTICE
+from cifar_dist.debug.anomaly import AnomalyDetector
+from cifar_dist.debug.overfit import overfit_batches, overfit_notice
+from cifar_dist.debug.profiler import StepProfiler, maybe_profile
 from cifar_dist.distributed import EXIT_INTERRUPTED, EXIT_REQUEUE, Distributed, install_stop_handlers
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
@@ -35,8 +38,9 @@ from cifar_dist.report import write_plots
 from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
 from cifar_dist.runs import abandon, open_run, record_start
 from cifar_dist.state import TrainState
-from cifar_dist.trackers import NullRecords, RunInfo, open_records
+from cifar_dist.trackers import Records, RunInfo, open_records
 
+PROG = "python -m cifar_dist.train"
 MEMORY_FORMAT = torch.channels_last  # faster convolutions on GPU and on CPU (oneDNN) alike
 # Called on rank 0 with each evaluation record; a returned reason stops the run after that evaluation
 # (a step boundary) on every rank, e.g. a hyperparameter search pruning a hopeless trial.
@@ -71,14 +75,14 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> d
     for note in adopt_launcher_settings(cfg):
         dist.print(note)
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
-    batches = TrainBatches(data.train_x, data.train_y, cfg.data, cfg.train.batch_size, dist.rank, dist.world,
-                           cfg.seed, MEMORY_FORMAT, stats=data.stats)
-    batches = overfit(batches, cfg.train.overfit_batches)  # the first N batches again and again (debugging)
+    batches = TrainBatches(data.train_x, data.train_y, cfg.data, global_batch=cfg.train.batch_size, rank=dist.rank,
+                           world=dist.world, seed=cfg.seed, memory_format=MEMORY_FORMAT, stats=data.stats)
+    batches = overfit_batches(batches, cfg.train.overfit_batches)  # debugging: the first N again and again
     run = open_run(cfg, dist)  # locked; nothing written in it until every check below has passed
     try:
-        state, model = build_state(cfg, dist, data.train_x, len(data.classes), batches.steps_per_epoch, data.stats)
+        state, model = build_state(cfg, dist, data, batches.steps_per_epoch)
         pending = resume(run, cfg, dist, state)
-        if dist.agree(False)[0]:  # stopped during start-up: nothing trained, nothing to save
+        if dist.stop_requested():  # during start-up: nothing trained, nothing to save
             dist.print("stop signal during start-up; exiting for requeue")
             raise Stopped(str(run.path))
     except BaseException:
@@ -91,27 +95,26 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> d
         return summary
 
     info = RunInfo(run, cfg.run.name or run.path.name, cfg.to_dict(), data.classes, data.test_x, cfg.train.batch_size)
-    records = open_records(dist.is_main, info, cfg.tracking, cfg.tracking.backend, state.position.records)
-    loop = Loop(cfg, dist, run, data, batches, state, model, records, pending, on_eval)
+    records = open_records(info, cfg.tracking, keep=state.position.records, on_this_rank=dist.is_main)
+    loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
+                pending=pending, on_eval=on_eval)
     result = loop.run()
-    summary = make_summary(cfg, dist, run, result, state, loop.train_seconds, loop.compile_seconds,
-                           len(data.train_y) * cfg.train.epochs, data.classes)
+    summary = make_summary(loop, result)
     if loop.stop_reason:
         pos = state.position
         summary["pruned"] = {"step": pos.step, "epoch": pos.epoch, "reason": loop.stop_reason}
         dist.print(f"stopped early at step {pos.step} (epoch {pos.epoch}): {loop.stop_reason}")
         dist.main_only(lambda: (write_json(run / PRUNED, summary), records.finish(summary)))
         return summary
-    dist.main_only(lambda: finish_run(run, cfg, state, data.classes, data.stats, summary, records))
+    dist.main_only(lambda: finish_run(loop, summary))
     loop.console.finish(summary)
     return summary
 
 
-def build_state(cfg: Config, dist: Distributed, train_x: torch.Tensor, num_classes: int,
-                steps_per_epoch: int, stats: Stats) -> tuple[TrainState, torch.nn.Module]:
+def build_state(cfg: Config, dist: Distributed, data: Dataset, steps_per_epoch: int) -> tuple[TrainState, torch.nn.Module]:
     """The recipe's net, optimiser, schedule and Lookahead; and the module to train (DDP when N > 1)."""
     total_steps = cfg.train.epochs * steps_per_epoch
-    net = make_net(cfg, train_x, num_classes, MEMORY_FORMAT, dist.rank, stats=stats)
+    net = make_net(cfg, data.train_x, len(data.classes), MEMORY_FORMAT, dist.rank, stats=data.stats)
     model = dist.prepare(net, cfg.train.sync_bn)
     optimizer, scheduler = make_optimizer(cfg, net, steps_per_epoch, total_steps)
     lookahead = Lookahead(net, cfg.train.lookahead_every, total_steps)
@@ -122,17 +125,19 @@ class Loop:
     """The training loop and what it needs at hand: epochs of steps, records, evaluations,
     checkpoints, and a stop at a step boundary when any rank got a signal."""
 
-    def __init__(self, cfg: Config, dist: Distributed, run: RunDir, data, batches: TrainBatches | RepeatedBatches,
-                 state: TrainState, model: torch.nn.Module, records: NullRecords, pending: list[torch.Tensor],
+    def __init__(self, cfg: Config, dist: Distributed, *, run: RunDir, data: Dataset, batches: Batches,
+                 state: TrainState, model: torch.nn.Module, records: Records, pending: list[torch.Tensor],
                  on_eval: EvalHook | None = None):
+        """`model` is `state.net` as trained (DDP-wrapped when N > 1); `pending`: this rank's losses
+        since the last record, from the checkpoint resumed (tensors: no sync per step)."""
         self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
         self.on_eval, self.stop_reason = on_eval, None
-        self.state, self.records = state, records
-        self.pending = pending  # this rank's losses since the last record (tensors: no sync per step)
+        self.state, self.records, self.pending = state, records, pending
         self.autocast = autocast_context(cfg.train.precision, dist.device)
         self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast, state.scaler)
         self.console = Console(dist, cfg, batches.steps_per_epoch, data.classes)
-        self.watch = Watch(cfg, dist, run.path, state.net, len(data.classes))  # detect_anomaly, profile
+        self.anomaly = AnomalyDetector(state.net, dist) if cfg.train.detect_anomaly else None
+        self.profiler: StepProfiler | None = None  # while run() traces steps (profile.steps)
         self.compile_seconds = self.train_seconds = 0.0
 
     def run(self) -> EvalResult:
@@ -145,20 +150,20 @@ class Loop:
         self.console.start(self.run_dir, count_parameters(self.state.net), len(self.data.train_y), total_steps, pos)
         self.clock = Clock(pos.elapsed)
         self.last_save = time.monotonic()
-        self.watch.start(pos.step)
+        self.announce_debugging()
         result = saved = None
-        for epoch in range(pos.epoch, cfg.train.epochs):
-            pos.epoch = epoch
-            for x, y in self.batches.epoch(epoch, start=pos.offset):
-                self.step(x, y)
-                self.between_steps()
-            result = self.end_epoch(epoch) or result
-            if self.stop_reason:
-                break
-            if result is not None and result is not saved and (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
-                self.save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
-                saved = result
-        self.watch.finish()
+        with maybe_profile(cfg.profile, dist, self.run_dir.path, after_step=pos.step) as self.profiler:
+            for epoch in range(pos.epoch, cfg.train.epochs):
+                pos.epoch = epoch
+                for x, y in self.batches.epoch(epoch, start=pos.offset):
+                    self.step(x, y)
+                    self.between_steps()
+                result = self.end_epoch(epoch) or result
+                if self.stop_reason:
+                    break
+                if result is not None and result is not saved and (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
+                    self.save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
+                    saved = result
         if result is None:  # resumed from the last step's checkpoint, the final evaluation not yet recorded
             result = self.evaluate()
         self.train_seconds = self.clock.elapsed()
@@ -170,9 +175,19 @@ class Loop:
         loss = self.step_fn(x, y)
         self.pending.append(loss)
         pos.step += 1
-        self.watch.after_step(loss, pos.step)  # a non-finite loss stops the run here, before anything records it
+        if self.anomaly:  # a non-finite loss stops the run here, before anything records it
+            self.anomaly.check(loss, pos.step)
+        if self.profiler:
+            self.profiler.step()
         self.state.lookahead.after(pos.step)
         pos.offset += 1
+
+    def announce_debugging(self) -> None:
+        """Before the first step: the debugging switches that are on (profile.* says so itself)."""
+        if self.cfg.train.overfit_batches:
+            self.dist.print(overfit_notice(self.cfg.train, len(self.data.classes)))
+        if self.anomaly:
+            self.dist.print(ANOMALY_NOTICE)
 
     def between_steps(self) -> None:
         """A training record when due; then, with every rank, a checkpoint when due and a stop when signalled."""
@@ -182,11 +197,11 @@ class Loop:
             self.records.log(record)
             self.console.train(record)
         every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
-        stop, save_due = self.dist.agree((every_steps > 0 and pos.step % every_steps == 0) or
+        decided = self.dist.stop_or_save((every_steps > 0 and pos.step % every_steps == 0) or
                                          (every_minutes > 0 and time.monotonic() - self.last_save >= 60 * every_minutes))
-        if save_due or stop:
+        if decided.save or decided.stop:
             self.save()
-        if stop:
+        if decided.stop:
             self.dist.print(f"stop signal: checkpoint at step {pos.step} written to {self.run_dir.path}; exiting for requeue "
                             "(the same command resumes it)")
             raise Stopped(str(self.run_dir.path))
@@ -207,10 +222,8 @@ class Loop:
         return result
 
     def evaluate(self) -> EvalResult:
-        cfg, data = self.cfg, self.data
-        result = evaluate(self.state.net, data.test_x, data.test_y, len(data.classes), self.dist, cfg.eval.batch_size,
-                          cfg.eval.tta_flip, self.autocast, MEMORY_FORMAT, n_samples=cfg.tracking.log_images,
-                          tta_translate=cfg.eval.tta_translate, stats=data.stats)
+        result = evaluate(self.state.net, self.data, self.dist, self.cfg.eval, autocast=self.autocast,
+                          memory_format=MEMORY_FORMAT, samples=self.cfg.tracking.log_images)
         if not math.isfinite(result.loss):
             raise NonFiniteLoss(f"test loss is {result.loss} at step {self.state.position.step}: the weights are not "
                                 "finite; lower train.lr, or find the first bad layer with train.detect_anomaly=true")
@@ -300,21 +313,23 @@ def resume(run: RunDir, cfg: Config, dist: Distributed, state: TrainState) -> li
 # ---------------------------------------------------------------------------- the end
 
 
-def make_summary(cfg: Config, dist: Distributed, run: RunDir, result: EvalResult, state: TrainState, train_seconds: float,
-                 compile_seconds: float, images: int, classes: list[str]) -> dict[str, Any]:
+def make_summary(loop: Loop, result: EvalResult) -> dict[str, Any]:
+    """summary.json: the final evaluation, timings and where the run ran."""
+    cfg, dist, pos, classes = loop.cfg, loop.dist, loop.state.position, loop.data.classes
+    images = len(loop.data.train_y) * cfg.train.epochs
     return {
-        "run_id": run.run_id,
+        "run_id": loop.run_dir.run_id,
         "model": cfg.model.name,
         "test_accuracy": result.accuracy,
-        "best_test_accuracy": state.position.best_accuracy,
+        "best_test_accuracy": pos.best_accuracy,
         "per_class_accuracy": dict(zip(classes, result.per_class)),
         "confusion_matrix": result.confusion.tolist(),
         "test_loss": result.loss,
         "epochs": cfg.train.epochs,
-        "steps": state.position.step,
-        "train_seconds": round(train_seconds, 3),
-        "compile_seconds": round(compile_seconds, 3),
-        "images_per_second": round(images / max(train_seconds, 1e-9), 1),
+        "steps": pos.step,
+        "train_seconds": round(loop.train_seconds, 3),
+        "compile_seconds": round(loop.compile_seconds, 3),
+        "images_per_second": round(images / max(loop.train_seconds, 1e-9), 1),
         "world_size": dist.world,
         "hosts": dist.gather(socket.gethostname()),  # the node of each rank, in rank order
         "device": dist.device.type,
@@ -322,55 +337,46 @@ def make_summary(cfg: Config, dist: Distributed, run: RunDir, result: EvalResult
     }
 
 
-def finish_run(run: RunDir, cfg: Config, state: TrainState, classes: list[str], stats: Stats, summary: dict[str, Any],
-               records: NullRecords) -> None:
+def finish_run(loop: Loop, summary: dict[str, Any]) -> None:
     """Rank 0: final weights for `predict`, summary.json (last: the run is done), plots, the tracker's summary."""
-    save_model(run / MODEL, cfg.model.name, classes, state.net.state_dict(), stats.mean, stats.std)
+    run, data = loop.run_dir, loop.data
+    save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.state.net.state_dict(), data.stats.mean, data.stats.std)
     write_json(run / SUMMARY, summary)
-    records.finish(summary)
+    loop.records.finish(summary)
     write_plots(run)
 
 
 # ---------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train") -> tuple[argparse.Namespace, Config]:
+def argument_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The training command line: a config, overrides, --print-config (`cifar-dist train` adds --smoke, cli.py)."""
     parser = argparse.ArgumentParser(prog=prog, description="Train a CIFAR-10 classifier (data-parallel under a launcher).")
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every path of this config (data, net, steps, evaluation, checkpoint, resume, final records) "
-                             "on a few batches, in a throwaway run dir unless run.dir is given; one line per path, "
-                             "exit 0 only if all passed")
-    parser.add_argument("--smoke-compile", action="store_true",
-                        help="--smoke, with torch.compile too when the config asks for it (skipped otherwise: "
-                             "about a minute on a CPU)")
-    args = parser.parse_intermixed_args(argv)  # overrides before or after --config
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = PROG,
+               parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, Config]:
+    args = (parser or argument_parser(prog)).parse_intermixed_args(argv)  # overrides before or after --config
     return args, load_config(args.config, args.overrides)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m cifar_dist.train") -> int:
-    args, cfg = parse_args(argv, prog)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    return run_parsed(*parse_args(argv, prog))
+
+
+def run_parsed(args: argparse.Namespace, cfg: Config) -> int:
+    """--print-config, or the run: exit 0 when it finished, 75 (requeue) or 130 (Ctrl-C) when a signal stopped it."""
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    if args.smoke or args.smoke_compile:
-        return smoke(cfg, args.smoke_compile)
     try:
         train(cfg)
     except Stopped:
         return EXIT_INTERRUPTED if distributed.interrupted else EXIT_REQUEUE
     return 0
-
-
-def smoke(cfg: Config, compile_too: bool) -> int:
-    """--smoke through `_train` itself (debug.Smoke): 0 when every path passed, else 1."""
-    install_stop_handlers()  # as train() does: a signal is a stop at a step boundary, not a kill
-    dist = Distributed(cfg.train.device)
-    try:
-        return 0 if Smoke(cfg, dist, compile_too).run(lambda c: _train(c, dist)) else 1
-    finally:
-        dist.close()
 
 
 if __name__ == "__main__":

@@ -261,6 +261,6 @@ def test_shown_samples_are_the_training_images_augmented_and_undone(tmp_path):
     c.flip, c.translate, c.cutout = True, 2, 8
     augmented = shown_samples(ds, c, seed=4, per_class=3, epoch=2)
     idx = torch.cat([(ds.train_y == k).nonzero().flatten()[:3] for k in range(10)])
-    net_sees = TrainBatches(ds.train_x, ds.train_y, c, 1, 0, 1, seed=4, stats=ds.stats).augmented(idx, 2)
+    net_sees = TrainBatches(ds.train_x, ds.train_y, c, global_batch=1, rank=0, world=1, seed=4, stats=ds.stats).augmented(idx, 2)
     assert torch.equal(augmented.flatten(0, 1), denormalize(net_sees, ds.stats))
     assert not torch.equal(augmented, plain)

@@ -1,22 +1,27 @@
 """Single-GPU local debugging: `--smoke` on every shipped config and under torchrun, a smoke that
-names the path that fails, overfitting a batch, the first non-finite layer named by
-`train.detect_anomaly` with nothing invalid written, and a profile of a few steps."""
+names the phase that fails (by the code it failed in), overfitting a batch, the first non-finite
+layer named by `train.detect_anomaly` with nothing invalid written, and a profile of a few steps
+whose trace numbers the steps as the console does."""
 
 from __future__ import annotations
 
 import json
 import math
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, assert_same_run, read_jsonl, run, torchrun, train_cmd
+from conftest import PY, ROOT, TINY, assert_same_run, read_jsonl, run, torchrun, train_cmd
 from torch import nn
 
-from cifar_dist import checkpoint, models
+from cifar_dist import checkpoint, models, runs, train
+from cifar_dist.cli import main as cli_main
 from cifar_dist.config import ConfigError, config_hash, load_config, shipped_configs
-from cifar_dist.debug import PATHS, loss_floor, overfit
+from cifar_dist.data import Batches, TrainBatches
+from cifar_dist.debug.overfit import RepeatedBatches, loss_floor, overfit_batches
+from cifar_dist.debug.smoke import Phase, phase_of
 from cifar_dist.errors import run_command
 from cifar_dist.rundir import METRICS, MODEL, OPS, PROFILE_DIR, SUMMARY, TRACE, RunDir, load_weights
 from cifar_dist.sources import SOURCES, SYNTHETIC_CLASSES
@@ -53,8 +58,16 @@ def smoke_env(env):
     return dict(env, PYTHONPATH=str(ROOT))
 
 
+PATHS = [phase.value for phase in Phase]
+
+
+def smoke_cmd(*args: str, config: str | None = None) -> list[str]:
+    """`cifar-dist train --smoke ARGS` (as `python -m cifar_dist.cli`: the checkout's, from any folder)."""
+    return [PY, "-m", "cifar_dist.cli", "train", "--smoke"] + (["--config", config] if config else []) + list(args)
+
+
 def smoke_table(stdout: str) -> dict[str, tuple[str, str]]:
-    """The smoke's closing lines: path -> (status, detail)."""
+    """The smoke's closing lines: phase -> (status, detail)."""
     table = {}
     for line in stdout.splitlines():
         for path in PATHS:
@@ -78,7 +91,7 @@ def test_smoke_passes_on_every_shipped_config(name, small_cifar10, smoke_env, tm
         data = [f"data.path={small_cifar10}", "data.download=false"]
     elif SOURCES[cfg.data.source].needs_path:
         data = ["data.source=synthetic", "data.synthetic_train=640", "data.synthetic_test=100"]
-    proc = run(train_cmd(*data, "--smoke", config=name), smoke_env, cwd=tmp_path, timeout=300)
+    proc = run(smoke_cmd(*data, config=name), smoke_env, cwd=tmp_path, timeout=300)
     table = smoke_table(proc.stdout)
     assert list(table) == list(PATHS), proc.stdout[-3000:]
     expected = {path: "ok" for path in PATHS} | {"compile": "skipped"}  # a compile is asked for with --smoke-compile
@@ -89,8 +102,8 @@ def test_smoke_passes_on_every_shipped_config(name, small_cifar10, smoke_env, tm
 
 
 def test_smoke_under_torchrun_prints_one_table(smoke_env, tmp_path):
-    proc = run(torchrun(2, "-m", "cifar_dist.train", "--config", "debug", "--smoke", "run.progress=none"), smoke_env,
-               cwd=tmp_path, timeout=300)
+    proc = run(torchrun(2, "-m", "cifar_dist.cli", "train", "--config", "debug", "--smoke", "run.progress=none"),
+               smoke_env, cwd=tmp_path, timeout=300)
     table = smoke_table(proc.stdout)
     assert [status for status, _ in table.values()] == ["ok"] * 3 + ["skipped"] + ["ok"] * 6
     assert proc.stdout.count("smoke passed") == 1 and "on 2 x cpu" in proc.stdout
@@ -102,7 +115,7 @@ def test_a_smoke_names_the_path_that_fails_and_keeps_its_run_dir(monkeypatch, ca
     blocker.write_text("")
     # The checkpoint folder cannot be made: it would be inside a file.
     monkeypatch.setattr(checkpoint, "checkpoint_dir", lambda run_dir: blocker / "checkpoints")
-    code = run_command(train_main, [*TINY, "--smoke", f"run.dir={tmp_path / 'run'}"])
+    code = cli_main(["train", *TINY, "--smoke", f"run.dir={tmp_path / 'run'}"])
     out = capsys.readouterr().out
     table = smoke_table(out)
     assert code == 1
@@ -114,8 +127,8 @@ def test_a_smoke_names_the_path_that_fails_and_keeps_its_run_dir(monkeypatch, ca
 
 def test_a_smoke_whose_data_is_missing_says_so(cache_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
-    code = run_command(train_main, ["--config", "medium", "--smoke", f"data.path={tmp_path}", "data.download=false",
-                                    f"run.dir={tmp_path / 'run'}"])
+    code = cli_main(["train", "--config", "medium", "--smoke", f"data.path={tmp_path}", "data.download=false",
+                     f"run.dir={tmp_path / 'run'}"])
     table = smoke_table(capsys.readouterr().out)
     assert code == 1 and table["data"][0] == "failed" and "cifar-10-batches-py: missing data_batch_1" in table["data"][1]
     assert all(status == "not reached" for path, (status, _) in table.items() if path not in ("data", "compile"))
@@ -124,9 +137,35 @@ def test_a_smoke_whose_data_is_missing_says_so(cache_dir, tmp_path, capsys, monk
 def test_a_smoke_needs_a_new_run_dir(cache_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
     (tmp_path / "notes.txt").write_text("keep me")
-    assert run_command(train_main, [*TINY, "--smoke", f"run.dir={tmp_path}"]) == 2
+    assert cli_main(["train", *TINY, "--smoke", f"run.dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.startswith("error: run.dir: --smoke needs a new or empty run dir")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def failure_of(call) -> Exception:
+    try:
+        call()
+    except Exception as e:
+        return e
+    raise AssertionError("no failure")
+
+
+class Nothing(SimpleNamespace):
+    """A stand-in whose every attribute is missing: the real function given it fails at its first line, in its own frame."""
+
+
+@pytest.mark.parametrize(("call", "phase"), [
+    (lambda: train.Loop.save(Nothing()), Phase.CHECKPOINT),
+    (lambda: train.Loop.step(Nothing(), None, None), Phase.STEPS),
+    (lambda: train.Loop.warm_up(Nothing()), Phase.COMPILE),
+    (lambda: runs.open_run(Nothing(), Nothing()), Phase.RUN_DIR),  # any function of runs.py
+    # Deepest in checkpoint.py's reading code, which is no phase's own: the resume that called it is the phase.
+    (lambda: train.resume(SimpleNamespace(path=42), Nothing(), Nothing(), Nothing()), Phase.RESUME),
+    (lambda: json.loads("{"), None),  # in no phase's code: "other"
+])
+def test_a_failure_is_filed_under_the_phase_whose_code_raised_it(call, phase):
+    error = failure_of(call)
+    assert phase_of(error) is phase, f"{type(error).__name__}: {error}"
 
 
 # ---------------------------------------------------------------------------- train.overfit_batches
@@ -143,12 +182,16 @@ class Numbered:
 
 
 def test_overfit_batches_repeat_the_first_batches_of_epoch_0():
-    repeated = overfit(Numbered(), 3)
+    repeated = overfit_batches(Numbered(), 3)
     assert repeated.steps_per_epoch == 10  # an epoch keeps its length
     assert list(repeated.epoch(4, start=1)) == [(0, 1), (0, 2), (0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 2), (0, 0)]
-    assert overfit(Numbered(), 10).batch(7, 9) == (0, 9)
+    assert overfit_batches(Numbered(), 10).batch(7, 9) == (0, 9)
+    numbered = Numbered()
+    assert overfit_batches(numbered, 0) is numbered  # off
     with pytest.raises(ConfigError, match=r"^train.overfit_batches: 11 is more than the 10 batches of an epoch"):
-        overfit(Numbered(), 11)
+        overfit_batches(Numbered(), 11)
+    # One way through an epoch for every kind of batches: the protocol's.
+    assert RepeatedBatches.epoch is TrainBatches.epoch is Batches.epoch
 
 
 def test_overfit_on_blitz_takes_the_loss_to_its_floor(env, tmp_path):
@@ -253,11 +296,24 @@ def test_profile_writes_a_trace_and_an_operator_table_and_training_goes_on(env, 
     assert f"profile: steps 3-5 traced: {folder / TRACE}" in proc.stdout
     trace = json.loads((folder / TRACE).read_text())
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
-    assert len(steps) == 3
+    assert steps == {"ProfilerStep#3", "ProfilerStep#4", "ProfilerStep#5"}  # the steps the console names
     ops = (folder / OPS).read_text()
     assert ops.startswith("steps 3-5, rank 0: top operators by self_cpu_time_total") and "convolution" in ops
     assert RunDir(run_dir).summary()["steps"] == 40
     assert load_weights(run_dir / MODEL)["model"] == "blitz"
+
+
+def test_a_resumed_profile_numbers_its_steps_as_the_run_does(cache_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CIFAR_DIST_CACHE", str(cache_dir))
+    run_dir = tmp_path / "run"
+    assert run_command(train_main, [*TINY, "train.epochs=1", f"run.dir={run_dir}"]) == 0  # 20 steps
+    capsys.readouterr()
+    assert run_command(train_main, [*TINY, "profile.steps=2", "profile.wait=1", f"run.dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "profile: tracing steps 22-23 on rank 0" in out and "profile: steps 22-23 traced" in out
+    trace = json.loads((run_dir / PROFILE_DIR / TRACE).read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#22", "ProfilerStep#23"}
 
 
 @pytest.mark.parametrize(("override", "key", "problem"), [

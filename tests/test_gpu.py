@@ -23,8 +23,8 @@ def test_a_training_step_never_waits_for_the_gpu():
     device = torch.device("cuda")
     images = torch.randint(0, 256, (5000, 32, 32, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (5000,), device=device)
-    batches = TrainBatches(images, labels, cfg.data, cfg.train.batch_size, 0, 1, 0, torch.channels_last,
-                           stats=CIFAR10_STATS)
+    batches = TrainBatches(images, labels, cfg.data, global_batch=cfg.train.batch_size, rank=0, world=1, seed=0,
+                           memory_format=torch.channels_last, stats=CIFAR10_STATS)
     net = make_net(cfg, images, 10, torch.channels_last, stats=CIFAR10_STATS)
     optimizer, scheduler = make_optimizer(cfg, net, batches.steps_per_epoch, 10 * batches.steps_per_epoch)
     lookahead = Lookahead(net, cfg.train.lookahead_every, 10 * batches.steps_per_epoch)

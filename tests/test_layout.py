@@ -1,5 +1,6 @@
 """The package's shape, checked from its source: no import circles (function-level imports
-included), the sweep machinery above the training code, models and data sources at the bottom."""
+included), the sweep machinery above the training code, the loop below the smoke run and every
+command line, models and data sources at the bottom."""
 
 from __future__ import annotations
 
@@ -58,5 +59,27 @@ def test_floors():
     # Plain PyTorch at the bottom: a net or a data source knows nothing of config, ranks or runs.
     for ground in ("cifar_dist.models", "cifar_dist.sources", "cifar_dist.metrics", "cifar_dist.rundir"):
         assert graph[ground] <= {"cifar_dist.errors"}, f"{ground} imports {graph[ground]}"
-    # The evaluation algorithm depends only on data and distributed code (and its result type).
-    assert graph["cifar_dist.evaluation"] <= {"cifar_dist.data", "cifar_dist.distributed", "cifar_dist.metrics"}
+    # The evaluation algorithm depends only on data and distributed code (and its result and settings types).
+    assert graph["cifar_dist.evaluation"] <= {"cifar_dist.data", "cifar_dist.distributed", "cifar_dist.metrics",
+                                              "cifar_dist.config"}
+
+
+def below(graph: dict[str, set[str]], module: str) -> set[str]:
+    """Every module `module` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_loop_never_imports_the_smoke_run():
+    """The smoke run drives the loop from above; the loop, and what it imports, know no command line."""
+    graph = imports()
+    loop = below(graph, "cifar_dist.train")
+    assert "cifar_dist.debug.smoke" not in loop
+    commands = {"cifar_dist.cli", "cifar_dist.evaluate", "cifar_dist.predict"} | {m for m in graph if ".sweep" in m}
+    assert not loop & commands, f"the loop imports {loop & commands}"
+    assert "cifar_dist.train" in below(graph, "cifar_dist.debug.smoke")  # the smoke goes through the loop itself

@@ -14,8 +14,8 @@ from conftest import TINY, run, train_cmd
 from torch import nn
 
 from cifar_dist import checkpoint
-from cifar_dist.config import DataConfig, load_config
-from cifar_dist.data import TrainBatches, normalize
+from cifar_dist.config import DataConfig, EvalConfig, load_config
+from cifar_dist.data import Dataset, TrainBatches, normalize
 from cifar_dist.distributed import Distributed
 from cifar_dist.evaluation import evaluate
 from cifar_dist.models import build_model
@@ -147,8 +147,8 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch():
     assert torch.equal(flips[1], ~flips[0]) and torch.equal(flips[2], flips[0]) and torch.equal(flips[3], ~flips[0])
     assert 60 < int(flips[0].sum()) < 140  # epoch 0's coins are still random
     assert not torch.equal(batches.plan(0)["order"], batches.plan(1)["order"])  # the order still reshuffles
-    random = TrainBatches(images, torch.arange(200), DataConfig(flip=True, translate=0), 40, 0, 1, seed=5,
-                          stats=CIFAR10_STATS)
+    random = TrainBatches(images, torch.arange(200), DataConfig(flip=True, translate=0), global_batch=40, rank=0, world=1,
+                          seed=5, stats=CIFAR10_STATS)
     assert torch.equal(random.plan(0)["flip"], flips[0])  # epoch 0 is the plain random flip
     assert not torch.equal(random.plan(1)["flip"], flips[1])
 
@@ -166,8 +166,8 @@ def test_multi_crop_tta_averages_the_mirrored_and_shifted_views_with_their_weigh
     labels = torch.randint(0, 10, (6,))
     dist = Distributed("cpu")  # world size 1: the collectives are the identity
     try:
-        got = evaluate(Corner(), images, labels, 10, dist, batch_size=4, tta_flip=True, tta_translate=1,
-                       stats=CIFAR10_STATS)
+        data = Dataset(images[:0], labels[:0], images, labels, classes=[str(c) for c in range(10)], stats=CIFAR10_STATS)
+        got = evaluate(Corner(), data, dist, EvalConfig(batch_size=4, tta_flip=True, tta_translate=1))
     finally:
         dist.close()
     x = normalize(images, CIFAR10_STATS)

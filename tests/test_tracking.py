@@ -25,7 +25,7 @@ from cifar_dist.config import load_config
 from cifar_dist.distributed import EXIT_REQUEUE
 from cifar_dist.metrics import EvalResult
 from cifar_dist.rundir import CONFIG, METRICS, RunDir
-from cifar_dist.trackers import WANDB_CHECK_S, Records, RunInfo, _wandb_unreachable
+from cifar_dist.trackers import WANDB_CHECK_S, MetricsAndTracker, RunInfo, _wandb_unreachable
 
 # 10 steps per epoch of 64 images, 2 epochs; a training record every 3 steps and at each epoch's end.
 ARGS = [*TINY, "data.synthetic_train=640", "train.log_every=3", "tracking.backend=wandb", "tracking.log_images=4"]
@@ -254,7 +254,7 @@ def test_a_resumed_sink_sends_wandb_exactly_the_steps_it_lacks(written, keep, re
     (tmp_path / METRICS).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in written))
     cfg = load_config(None, ["tracking.backend=wandb", "train.batch_size=64"])
     info = RunInfo(RunDir(tmp_path, "unit"), "unit", cfg.to_dict(), CLASSES, torch.zeros(300, 32, 32, 3, dtype=torch.uint8), 64)
-    records = Records(info, cfg.tracking, "wandb", keep)
+    records = MetricsAndTracker(info, cfg.tracking, keep)
     for step in (9, 10):
         records.log(train_line(step))
     result = EvalResult(torch.eye(10, dtype=torch.int64) * 30, 0.5, [(0, 0, 0)])
