@@ -46,7 +46,7 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accura
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    if (final / MARKER).exists() and _check(final, verify=True) is None:
+    if (final / MARKER).exists() and _problem(final, verify=True) is None:
         return final  # already written and whole (a resume that saves the step it resumed from)
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +86,7 @@ def list_checkpoints(run_dir: Path, warn: Callable[[str], None] | None = None, v
         m = _STEP_DIR.match(d.name)
         if not m:
             continue
-        problem = _check(d, verify)
+        problem = _problem(d, verify)
         if problem:
             if warn:
                 warn(f"checkpoint {d} {problem}; skipped")
@@ -95,7 +95,8 @@ def list_checkpoints(run_dir: Path, warn: Callable[[str], None] | None = None, v
     return sorted(found, key=lambda c: c.step)
 
 
-def _check(d: Path, verify: bool) -> str | None:
+def _problem(d: Path, verify: bool) -> str | None:
+    """What makes checkpoint folder `d` invalid, or None when it is valid."""
     if not (d / MARKER).is_file():
         return "has no completion marker (its write was interrupted)"
     try:

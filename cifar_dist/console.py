@@ -14,7 +14,7 @@ from cifar_dist.distributed import Distributed
 from cifar_dist.metrics import EvalResult
 from cifar_dist.report import MANY_CLASSES
 
-SHOWN = 5  # best and worst classes printed when there are too many to list
+BEST_AND_WORST = 5  # classes printed at each end of the ranking when there are too many to list
 
 
 class Console:
@@ -76,17 +76,18 @@ class Console:
 
 def format_eval(record: dict[str, Any], result: EvalResult, classes: list[str]) -> str:
     """The seeds' per-class accuracy printout, as a table with the class counts; past MANY_CLASSES
-    classes, a summary of the per-class accuracies and the SHOWN best and worst classes instead."""
+    classes, a summary of the per-class accuracies and the BEST_AND_WORST best and worst classes instead."""
     totals, per_class = result.confusion.sum(1).tolist(), result.per_class
     head = (f"epoch {record['epoch']}  step {record['step']}  test accuracy {result.accuracy:.2%}  "
             f"loss {result.loss:.4f}  ({int(result.confusion.sum())} images)")
     if len(classes) <= MANY_CLASSES:
         return "\n".join([head, *_class_lines(range(len(classes)), classes, per_class, totals)])
     ranked = sorted(range(len(classes)), key=lambda i: (-per_class[i], i))  # best first; ties in class order
-    lines = _class_lines(ranked[:SHOWN] + ranked[-SHOWN:], classes, per_class, totals)
+    n = BEST_AND_WORST
+    lines = _class_lines(ranked[:n] + ranked[-n:], classes, per_class, totals)
     summary = (f"  {len(classes)} classes: per-class accuracy mean {statistics.fmean(per_class):.2%}, median "
-               f"{statistics.median(per_class):.2%}, {per_class.count(0.0)} at 0%; the {SHOWN} best and the {SHOWN} worst:")
-    return "\n".join([head, summary, *lines[:SHOWN], "  ...", *lines[SHOWN:]])
+               f"{statistics.median(per_class):.2%}, {per_class.count(0.0)} at 0%; the {n} best and the {n} worst:")
+    return "\n".join([head, summary, *lines[:n], "  ...", *lines[n:]])
 
 
 def _class_lines(rows: Iterable[int], classes: list[str], per_class: list[float], totals: list[int]) -> list[str]:

@@ -50,7 +50,7 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.lookahead.load_state_dict(state.get("lookahead") or {})  # none when Lookahead was off
-        if state.get("scaler"):  # none for fp32/bf16 runs (and checkpoints from before fp16)
+        if state.get("scaler"):  # empty for fp32/bf16 runs: no loss scaling
             self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])
 

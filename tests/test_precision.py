@@ -27,7 +27,7 @@ FAULTS = [PY, "tests/run_with_faults.py"]
     ("fp16", "fp16", "fp16", "fp16"),
 ])
 def test_the_rule_on_each_device(monkeypatch, asked, cpu, gpu_with_bf16, older_gpu):
-    """The GPU branches run here with the GPU's answer replaced (no GPU on this machine)."""
+    """The GPU branches run on any machine: torch.cuda's answer is replaced by an A100's, then a V100's."""
     assert resolve(asked, torch.device("cpu")) == cpu
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
     assert resolve(asked, torch.device("cuda")) == gpu_with_bf16
