@@ -1,6 +1,9 @@
 """The recipe: what is trained and how. The net (with its data-dependent initialisation), the
 optimiser's parameter groups, the learning-rate schedule, Lookahead, and one optimiser step.
-Everything here is plain PyTorch on whatever device the net is on; nothing knows of ranks."""
+Everything here is plain PyTorch on whatever device the net is on; nothing knows of ranks.
+The schedule is torch's LambdaLR over a closed-form factor, not its LinearLR/CosineAnnealingLR/SequentialLR:
+those apply one factor to every group and restore their length from a checkpoint, so they give the
+whitening bias no cut-off of its own and cannot stretch the schedule when a resume changes train.epochs."""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@
 Every whole-file write is atomic and durable (`write_atomic`: temporary file, fsync, rename,
 fsync of the folder), so a kill or a power cut leaves the old file or the new one. metrics.jsonl
 is appended a line at a time; `read_jsonl` is its one reader, tolerant of a last line torn by a kill.
+`.lock` is an fcntl.flock of our own, not filelock's: a refused start reads the holder's name back from
+the file, which filelock (up to 3.29.7) truncates on every attempt that fails to take the lock.
 """
 
 from __future__ import annotations
