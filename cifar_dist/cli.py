@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_main(argv: list[str]) -> int:
-    """`cifar-dist train`: the training command line (train.py), and --smoke, which runs above it (debug/smoke.py)."""
-    from cifar_dist import train
-    from cifar_dist.debug import smoke
+    """`cifar-dist train`: the training command line (train.py), and --smoke, which runs above it (smoke.py)."""
+    from cifar_dist import smoke, train
 
     parser = train.argument_parser("cifar-dist train")
     smoke.add_arguments(parser)

@@ -21,9 +21,9 @@ from cifar_dist.cli import main as cli_main
 from cifar_dist.config import ConfigError, config_hash, load_config, shipped_configs
 from cifar_dist.data import Batches, TrainBatches
 from cifar_dist.debug.overfit import RepeatedBatches, loss_floor, overfit_batches
-from cifar_dist.debug.smoke import Phase, phase_of
 from cifar_dist.errors import run_command
 from cifar_dist.rundir import METRICS, MODEL, OPS, PROFILE_DIR, SUMMARY, TRACE, RunDir, load_weights
+from cifar_dist.smoke import Phase, phase_of
 from cifar_dist.sources import SOURCES, SYNTHETIC_CLASSES
 from cifar_dist.train import main as train_main
 

@@ -79,7 +79,7 @@ def test_the_loop_never_imports_the_smoke_run():
     """The smoke run drives the loop from above; the loop, and what it imports, know no command line."""
     graph = imports()
     loop = below(graph, "cifar_dist.train")
-    assert "cifar_dist.debug.smoke" not in loop
+    assert "cifar_dist.smoke" not in loop
     commands = {"cifar_dist.cli", "cifar_dist.evaluate", "cifar_dist.predict"} | {m for m in graph if ".sweep" in m}
     assert not loop & commands, f"the loop imports {loop & commands}"
-    assert "cifar_dist.train" in below(graph, "cifar_dist.debug.smoke")  # the smoke goes through the loop itself
+    assert "cifar_dist.train" in below(graph, "cifar_dist.smoke")  # the smoke goes through the loop itself

@@ -1,9 +1,8 @@
-"""Debugging a run on one machine, in components the loop uses and a command above it:
+"""Debugging a run on one machine: components the loop (train.py) uses at its step boundaries.
 
     overfit.py   train.overfit_batches=N: the first N batches again and again (a `Batches`)
     anomaly.py   train.detect_anomaly: stop at the first non-finite loss or gradient, naming the module
     profiler.py  profile.*: torch.profiler over a few training steps (a context manager with `.step()`)
-    smoke.py     `cifar-dist train --smoke`: every phase of a run on a few batches, through `train` itself
 
-The loop (train.py) imports the first three; the smoke imports the loop, never the reverse.
+`cifar-dist train --smoke` (smoke.py) is the fourth debugging tool; it drives the loop from above.
 """
