@@ -18,9 +18,10 @@ from torch import nn
 
 from cifar_dist import checkpoint, models, runs, train
 from cifar_dist.cli import main as cli_main
-from cifar_dist.config import ConfigError, config_hash, load_config, shipped_configs
+from cifar_dist.config import ConfigError, ProfileConfig, config_hash, load_config, shipped_configs
 from cifar_dist.data import Batches, TrainBatches
 from cifar_dist.debug.overfit import RepeatedBatches, loss_floor, overfit_batches
+from cifar_dist.debug.profiler import StepProfiler
 from cifar_dist.errors import run_command
 from cifar_dist.rundir import METRICS, MODEL, OPS, PROFILE_DIR, SUMMARY, TRACE, RunDir, load_weights
 from cifar_dist.smoke import Phase, phase_of
@@ -314,6 +315,30 @@ def test_a_resumed_profile_numbers_its_steps_as_the_run_does(cache_dir, tmp_path
     trace = json.loads((run_dir / PROFILE_DIR / TRACE).read_text())
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#22", "ProfilerStep#23"}
+
+
+def test_a_profile_left_on_an_error_writes_nothing_and_the_next_one_works(tmp_path):
+    """A run stopped inside its window (a signal, an error) leaves no partial files and no profiler
+    running: the next run in the process (a search worker's next trial) profiles as usual."""
+    said: list[str] = []
+    cfg = ProfileConfig(steps=2, wait=1)
+
+    def steps(profiler: StepProfiler, n: int) -> None:
+        for _ in range(n):
+            torch.ones(64, 64).matmul(torch.ones(64, 64))
+            profiler.step()
+
+    with pytest.raises(KeyboardInterrupt), StepProfiler(cfg, device=torch.device("cpu"), folder=tmp_path / "a",
+                                                        say=said.append, after_step=0) as profiler:
+        steps(profiler, 2)  # the warm-up step and the first traced one
+        raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists() and not any("traced:" in line for line in said)
+    with StepProfiler(cfg, device=torch.device("cpu"), folder=tmp_path / "b", say=said.append, after_step=10) as profiler:
+        steps(profiler, 5)
+    assert said[-1].startswith(f"profile: steps 12-13 traced: {tmp_path / 'b' / TRACE}")
+    trace = json.loads((tmp_path / "b" / TRACE).read_text())
+    assert {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")} == \
+        {"ProfilerStep#12", "ProfilerStep#13"}
 
 
 @pytest.mark.parametrize(("override", "key", "problem"), [
