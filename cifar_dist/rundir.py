@@ -12,7 +12,7 @@
     <run dir>/loss.png, per_class_accuracy.png
     <run dir>/checkpoints/     step_<global step>/ (checkpoint.py)
     <run dir>/.lock            held (flock) by the process training in it; names its holder
-    <run dir>/profile/         trace.json and ops.txt of `profile.steps` (debug.py)
+    <run dir>/profile/         trace.json and ops.txt of `profile.steps` (debug/profiler.py)
 
 Every whole-file write is atomic and durable (`write_atomic`: temporary file, fsync, rename,
 fsync of the folder), so a kill or a power cut leaves the old file or the new one. metrics.jsonl
