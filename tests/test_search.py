@@ -89,7 +89,8 @@ def test_search_block_reads_with_defaults(tmp_path):
     s = spec.search
     assert (s.trials, s.workers, s.metric, s.direction, s.sampler, s.pruner) == (4, 2, "test_accuracy", "maximize",
                                                                                  "random", "asha")
-    assert (s.params["train.lr"].kind, s.params["train.lr"].args) == ("loguniform", [1e-4, 0.5]), "1e-4 as written"
+    assert s.params == {"train.lr": {"loguniform": [1e-4, 0.5]}}, "1e-4 as written, a number"
+    assert (s.distributions["train.lr"].kind, s.distributions["train.lr"].args) == ("loguniform", [1e-4, 0.5])
     assert spec.grid == {} and spec.random is None
 
 

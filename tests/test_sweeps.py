@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_do
 from cifar_dist.errors import ConfigError
 from cifar_dist.rundir import ENV, SUMMARY, RunDir
 from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
+from cifar_dist.sweep.record import PointEntry, WorkerEntry, load_record, save_record
 from cifar_dist.sweep.spec import expand, load_spec, make_points
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
@@ -70,6 +72,49 @@ def test_points_get_fixed_run_ids_dirs_and_group(tmp_path):
         assert p.config["train"]["lr"] == lr and p.config["train"]["epochs"] == 1
         assert p.config["tracking"]["group"] == "grp" and p.config["run"]["id"] == p.run_id
         assert p.config["data"]["path"] == str(Path("rel/data").absolute()), "jobs may start elsewhere"
+
+
+@pytest.mark.parametrize("kind", ["grid", "study"])
+def test_sweep_records_saved_before_entries_had_a_kind_still_load(tmp_path, kind):
+    """Golden sweep.json files as submit wrote them before entries carried a kind (a study's
+    workers were points with empty values, run id and config): read into the typed record, and
+    saved again with the same keys, each entry with its kind and a worker with its own fields only."""
+    saved = json.loads((ROOT / "tests" / "golden" / f"sweep_record_{kind}.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps(saved))
+    record = load_record(tmp_path)
+    assert (record.name, record.uid, record.executor, record.resources.time_min) == (saved["name"], "abc123", "slurm", 10)
+    assert [p.job_ids for p in record.points] == [p["job_ids"] for p in saved["points"]]
+    assert [s.job_ids for s in record.submissions] == [s["job_ids"] for s in saved["submissions"]]
+    if kind == "study":
+        assert all(isinstance(p, WorkerEntry) for p in record.points) and record.is_study
+        assert (record.search.trials, record.search.workers, record.base_config.train.epochs) == (4, 2, 2)
+        assert record.search.distributions["train.lr"].args == [1e-4, 0.5]
+    else:
+        assert all(isinstance(p, PointEntry) for p in record.points) and not record.is_study
+        assert [(p.values, p.run_dir, p.config) for p in record.points] == [
+            (p["values"], p["run_dir"], p["config"]) for p in saved["points"]]
+    save_record(tmp_path, record)
+    again = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(again) == set(saved) - {"world_size"}, "world_size: the resources' own, no longer kept twice"
+    for old, new in zip(saved["points"], again["points"]):
+        kept = {k: v for k, v in old.items() if kind == "grid" or k in ("name", "job_id", "job_ids")}
+        assert new == {**kept, "kind": "worker" if kind == "study" else "point"}
+    assert load_record(tmp_path) == record
+
+
+def test_status_wait_and_cancel_start_without_torch(tmp_path):
+    """The commands that only read a sweep dir (a study's, with its journal) never import torch:
+    they start in a fraction of the time a training process needs."""
+    saved = json.loads((ROOT / "tests" / "golden" / "sweep_record_study.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps({**saved, "executor": "local", "profile_path": ""}))
+    from cifar_dist.sweep import search
+
+    search.create_study(tmp_path, load_record(tmp_path))
+    script = ("import sys\nfrom cifar_dist.sweep.commands import main\n"
+              f"codes = [main([c, {str(tmp_path)!r}]) for c in ('status', 'wait', 'cancel')]\n"
+              "print(codes, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "[0, 1, 0] []", proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(("fields", "message"), [

@@ -28,7 +28,6 @@ ran out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -36,7 +35,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cifar_dist.errors import UserError
 from cifar_dist.sweep import search
@@ -46,7 +44,12 @@ from cifar_dist.sweep.record import (
     ACTIVE,
     MISMATCH,
     RESUBMITTABLE,
+    Entry,
+    PointEntry,
     PointState,
+    Submission,
+    SweepRecord,
+    WorkerEntry,
     changing,
     check_free,
     discard,
@@ -58,7 +61,7 @@ from cifar_dist.sweep.record import (
     save_record,
     status_table,
 )
-from cifar_dist.sweep.spec import MAX_POINTS, Point, Resources, Spec, check_fits, load_spec, make_points
+from cifar_dist.sweep.spec import MAX_POINTS, Point, Spec, check_fits, load_spec, make_points
 from cifar_dist.sweep.task import SearchTask, TrainTask
 from cifar_dist.tables import format_table
 
@@ -84,86 +87,82 @@ def cmd_submit(args: argparse.Namespace) -> int:
     executor.check(spec.resources)
     check_free(sweep_dir)  # early, for the dry run too; `changing` claims it atomically
     uid = uuid.uuid4().hex[:6]  # run ids stay unique (wandb) when a sweep name is reused
-    study: dict[str, Any] = {}  # a search's part of the record
+    record = new_record(spec, profile, executor, uid)
     if spec.search:
-        points, study = search.make_workers(sweep_dir, 0, spec.search.workers), search.search_record(spec)
+        record.points, record.base_config = search.make_workers(0, spec.search.workers), search.study_base_config(spec)
     else:
-        points = make_points(spec, sweep_dir, uid, args.max_points)
+        record.points = [point_entry(p) for p in make_points(spec, sweep_dir, uid, args.max_points)]
     if args.dry_run:
-        return dry_run(spec, executor, points, study)
+        return dry_run(spec, executor, record)
     if note:
         print(note)
     executor.connect()
-    record = {**new_record(spec, profile, executor, uid, points), **study}
     with changing(sweep_dir, "submit", new=True) as created:
         try:
             shutil.copyfile(spec.path, sweep_dir / "spec.yaml")
             save_record(sweep_dir, record)
-            if study:
+            if record.is_study:
                 search.create_study(sweep_dir, record)
-            jobs = submit_points(executor, record, record["points"])
+            jobs = submit_points(executor, record, record.points)
         except BaseException:
-            if not any(p["job_id"] for p in record["points"]):
+            if not any(p.job_id for p in record.points):
                 discard(sweep_dir, created)  # nothing half-written: no job exists for it
             raise
-    print_submitted(executor, record, record["points"])
+    print_submitted(executor, record, record.points)
     executor.finish(jobs)
     return 0
 
 
-def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str, points: list[Point]) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "uid": uid,
-        "profile": profile.name,
-        "profile_path": profile.path,
-        "executor": executor.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resources": dataclasses.asdict(spec.resources),
-        "points": [point_entry(p) for p in points],
-        "submissions": [],
-    }
+def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> SweepRecord:
+    """The record of a new sweep, without its points."""
+    return SweepRecord(name=spec.name, uid=uid, profile=profile.name, profile_path=profile.path, executor=executor.name,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), resources=spec.resources, search=spec.search)
 
 
-def point_entry(p: Point) -> dict[str, Any]:
-    return {"name": p.name, "values": p.values, "describe": p.describe(), "run_id": p.run_id, "run_dir": p.run_dir,
-            "config": p.config, "job_id": None, "job_ids": []}
+def point_entry(p: Point) -> PointEntry:
+    return PointEntry(name=p.name, values=p.values, describe=p.describe(), run_id=p.run_id, run_dir=p.run_dir,
+                      config=p.config)
 
 
-def submit_points(executor: Executor, record: dict[str, Any], points: list[dict[str, Any]]) -> list:
+def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) -> list:
     """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
-    r = Resources(**record["resources"])
+    r = record.resources
     env, slots = dict(executor.profile.env), executor.run_slots(r)
     where = str(executor.sweep_dir)
-    tasks = [SearchTask(p["name"], env, r.cpus_per_task, where, slots, r.signal_delay_s) if "search" in record else
-             TrainTask(p["config"], env, r.cpus_per_task, where, slots, r.signal_delay_s) for p in points]
-    jobs = executor.submit(record["name"], r, tasks)
+    tasks = [SearchTask(p.name, env, r.cpus_per_task, where, slots, r.signal_delay_s) if isinstance(p, WorkerEntry) else
+             TrainTask(p.config, env, r.cpus_per_task, where, slots, r.signal_delay_s) for p in points]
+    jobs = executor.submit(record.name, r, tasks)
     for point, job in zip(points, jobs):
-        point["job_id"] = str(job.job_id)
-        point["job_ids"].append(str(job.job_id))
-    record["submissions"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "points": [p["name"] for p in points],
-                                  "job_ids": [str(j.job_id) for j in jobs]})
+        point.job_id = str(job.job_id)
+        point.job_ids.append(str(job.job_id))
+    record.submissions.append(Submission(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), points=[p.name for p in points],
+                                         job_ids=[str(j.job_id) for j in jobs]))
     save_record(executor.sweep_dir, record)
     return jobs
 
 
-def print_submitted(executor: Executor, record: dict[str, Any], points: list[dict[str, Any]]) -> None:
-    what = "worker(s)" if "search" in record else "point(s)"
-    print(f"{record['name']}: {len(points)} {what} submitted as {executor.where(len(points))}")
-    if "search" in record:
-        print(search.describe_search(record["search"]))
-    print(format_table([[p["name"], p["job_id"], p["run_id"], p["describe"]] for p in points],
-                       ["point", "job", "run id", "values"]))
+def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry]) -> None:
+    what = "worker(s)" if record.is_study else "point(s)"
+    print(f"{record.name}: {len(points)} {what} submitted as {executor.where(len(points))}")
+    if record.search:
+        print(search.describe_search(record.search))
+    print(format_table([[p.name, p.job_id, *_run(p)] for p in points], ["point", "job", "run id", "values"]))
     print(f"sweep dir: {executor.sweep_dir}\nstatus:    python jobs/submit.py status {executor.sweep_dir}")
 
 
-def dry_run(spec: Spec, executor: Executor, points: list[Point], study: dict[str, Any]) -> int:
+def _run(entry: Entry) -> tuple[str, str]:
+    """(run id, values) of a point; a worker has neither."""
+    return (entry.run_id, entry.describe) if isinstance(entry, PointEntry) else ("", "")
+
+
+def dry_run(spec: Spec, executor: Executor, record: SweepRecord) -> int:
     sweep_dir = executor.sweep_dir
-    print(f"{spec.name}: {len(points)} {'worker(s)' if study else 'point(s)'}, cluster profile {executor.profile.name}, "
-          f"executor {executor.name}; dry run, nothing submitted")
-    if study:
-        print(search.describe_search(study["search"]))
-    print(format_table([[p.name, p.run_id, p.describe()] for p in points], ["point", "run id", "values"]))
+    points = record.points
+    print(f"{spec.name}: {len(points)} {'worker(s)' if record.is_study else 'point(s)'}, cluster profile "
+          f"{executor.profile.name}, executor {executor.name}; dry run, nothing submitted")
+    if record.search:
+        print(search.describe_search(record.search))
+    print(format_table([[p.name, *_run(p)] for p in points], ["point", "run id", "values"]))
     print(f"sweep dir: {sweep_dir} (run dirs {sweep_dir / 'runs'}/<point>)")
     print(executor.preview(spec.name, spec.resources, len(points)), end="")
     return 0
@@ -177,15 +176,15 @@ class Sweep:
     """An existing sweep dir: its record and the executor its jobs went to (connected to its scheduler)."""
 
     dir: Path
-    record: dict[str, Any]
+    record: SweepRecord
     executor: Executor
 
 
 def open_sweep(path: str) -> Sweep:
     sweep_dir = Path(path).absolute()
     record = load_record(sweep_dir)
-    profile = load_profile(record["profile"], record.get("profile_path"))
-    executor = EXECUTORS[record["executor"]](sweep_dir, profile)
+    profile = load_profile(record.profile, record.profile_path)
+    executor = EXECUTORS[record.executor](sweep_dir, profile)
     executor.connect()
     return Sweep(sweep_dir, record, executor)
 
@@ -220,14 +219,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     sweep = open_sweep(args.sweep_dir)
     states = sweep_states(sweep, args.retry_for)
     record = sweep.record
-    trials = search.trial_table(sweep.dir, record, states) if "search" in record else None
+    trials = search.trial_table(sweep.dir, record, states) if record.search else None
     if args.json:
         workers = [s.to_dict() for s in states]
         print(json.dumps({**trials, "workers": workers} if trials else workers, indent=1))
     else:
-        print(f"{record['name']} ({record['executor']} executor, profile {record['profile']}): {sweep.dir}")
-        if trials:
-            print(search.status_text(trials, record["search"]["metric"]) + "\nworkers:")
+        print(f"{record.name} ({record.executor} executor, profile {record.profile}): {sweep.dir}")
+        if trials and record.search:
+            print(search.status_text(trials, record.search.metric) + "\nworkers:")
         print(status_table(states))
     return 0
 
@@ -280,19 +279,19 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
                         "study's workers) or --workers N (N more workers for a study)")
     with changing(Path(args.sweep_dir).absolute(), "resubmit"):
         sweep = open_sweep(args.sweep_dir)
-        if args.workers and "search" not in sweep.record:
+        if args.workers and not sweep.record.is_study:
             raise UserError("--workers: this sweep dir holds a grid/random sweep, not a study")
         points = []
         states = sweep_states(sweep, args.retry_for) if args.failed else []
-        for state, point in zip(states, sweep.record["points"]):
-            why = foreign(point, Path(point["run_dir"])) if state.state == MISMATCH else ""
+        for state, point in zip(states, sweep.record.points):
+            why = foreign(point, Path(point.run_dir)) if isinstance(point, PointEntry) and state.state == MISMATCH else ""
             if why:  # its job would only fail on the run dir: say so here instead
                 print(f"resubmit: point {state.name} left alone: {why}; move its run dir away to train it")
             elif state.state in RESUBMITTABLE:
                 points.append(point)
         if args.workers:  # recorded with their job ids once submitted (submit_points saves the record)
-            added = [point_entry(w) for w in search.make_workers(sweep.dir, len(sweep.record["points"]), args.workers)]
-            sweep.record["points"] += added
+            added = search.make_workers(len(sweep.record.points), args.workers)
+            sweep.record.points += added
             points += added
         if not points:
             print("resubmit: no failed, stopped, cancelled or mismatched points")

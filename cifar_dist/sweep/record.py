@@ -24,6 +24,7 @@ worker has no run dir, and is done when its recorded job returned the worker's D
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -31,15 +32,16 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cifar_dist import schema
 from cifar_dist.config import Config, config_hash
 from cifar_dist.errors import ConfigError, UserError
-from cifar_dist.rundir import CONFIG, SUMMARY, RunDir, RunDirError, write_atomic
+from cifar_dist.rundir import CONFIG, SUMMARY, TRIAL, RunDir, RunDirError, read_json, write_atomic, write_json
 from cifar_dist.sweep import submitit_compat
+from cifar_dist.sweep.spec import Resources, Search
 from cifar_dist.tables import format_table
 
 RECORD = "sweep.json"
@@ -52,25 +54,136 @@ DONE = "done"  # the "status" of what a search worker returns when its study nee
 CANCELLED = "cancelled"  # <sweep dir>/cancelled: job ids `cancel` stopped (one a line)
 
 
-# ---------------------------------------------------------------------------- the record
+# ---------------------------------------------------------------------------- the records
 
 
-def load_record(sweep_dir: Path) -> dict[str, Any]:
+@dataclass
+class PointEntry:
+    """A point of a grid/random sweep: its values, run and resolved config, and the jobs it ran as."""
+
+    kind: str = "point"
+    name: str = ""  # "000", "001", ...: its run dir's name
+    values: dict[str, Any] = field(default_factory=dict)  # the swept keys' values
+    describe: str = ""  # the values as text, for display
+    run_id: str = ""
+    run_dir: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved, validated config (Config.to_dict)
+    job_id: str | None = None  # the newest job's id; None before it is submitted
+    job_ids: list[str] = field(default_factory=list)  # every job it was submitted as, oldest first
+
+
+@dataclass
+class WorkerEntry:
+    """A worker of a study (search.py): an array task that trains the study's trials, no run dir of its own."""
+
+    kind: str = "worker"
+    name: str = ""  # "w0", "w1", ...
+    job_id: str | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+
+Entry = PointEntry | WorkerEntry
+ENTRIES: dict[str, type[Entry]] = {"point": PointEntry, "worker": WorkerEntry}
+
+
+@dataclass
+class Submission:
+    time: str = ""
+    points: list[str] = field(default_factory=list)  # the entries' names
+    job_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepRecord:
+    """sweep.json: what was submitted, and where its jobs went. A study's record also holds its
+    settings and the config every trial starts from; its entries are workers."""
+
+    name: str = ""
+    uid: str = ""  # in every run id: ids stay unique (wandb) when a sweep's name is reused
+    profile: str = ""  # the cluster profile's name ...
+    profile_path: str = ""  # ... and the file it was read from
+    executor: str = ""  # a key of executors.EXECUTORS
+    created: str = ""
+    resources: Resources = field(default_factory=Resources)
+    points: list[Entry] = field(default_factory=list)
+    submissions: list[Submission] = field(default_factory=list)
+    search: Search | None = None  # a study's settings; None for a grid/random sweep
+    base_config: Config | None = None  # a study's: every trial's config before its values
+
+    @property
+    def is_study(self) -> bool:
+        return self.search is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return data if self.is_study else {k: v for k, v in data.items() if k not in ("search", "base_config")}
+
+
+@dataclass
+class TrialRecord:
+    """trial.json in a trial's run dir: how the trial ended (its worker writes it; status and compare read it)."""
+
+    number: int = 0
+    state: str = ""  # complete | pruned | fail
+    value: float | None = None  # the metric's final value (Optuna's)
+    metric: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # the trial's values
+    note: str = ""  # why it was pruned or failed
+    label: str = ""  # the values as text
+
+
+def load_record(sweep_dir: Path) -> SweepRecord:
     path = sweep_dir / RECORD
     if not path.is_file():
         raise UserError(f"{sweep_dir}: not a sweep dir (no {RECORD})")
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: damaged, not a sweep record ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("points"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
         raise UserError(f"{path}: damaged, not a sweep record (no points)")
+    try:
+        study = "search" in data
+        entries = [_entry(e, study, f"points[{i}].") for i, e in enumerate(data.pop("points"))]
+        data.pop("world_size", None)  # a study's ranks per trial, as its resources say; written by earlier versions
+        record = schema.build(SweepRecord, data)
+    except ConfigError as e:
+        raise UserError(f"{path}: damaged, not a sweep record ({e})") from None
+    record.points = entries
     return record
 
 
-def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
+def _entry(data: Any, study: bool, where: str) -> Entry:
+    if isinstance(data, dict) and "kind" not in data:
+        # Saved before entries had a kind: a study's are its workers, saved as points with empty
+        # values, run id and config, which a worker does not have.
+        kind = "worker" if study else "point"
+        data = {k: v for k, v in data.items() if kind == "point" or k in dataclasses.asdict(WorkerEntry())}
+        data["kind"] = kind
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in ENTRIES:
+        raise ConfigError(f"{where}kind: expected one of {', '.join(ENTRIES)}, got {kind!r}")
+    return schema.build(ENTRIES[kind], data, where)
+
+
+def save_record(sweep_dir: Path, record: SweepRecord) -> None:
     """Atomically and durably: a reader (status in another shell) never sees half a record."""
-    write_atomic(sweep_dir / RECORD, json.dumps(record, indent=1))
+    write_atomic(sweep_dir / RECORD, json.dumps(record.to_dict(), indent=1))
+
+
+def load_trial(run_dir: Path) -> TrialRecord | None:
+    """A trial's trial.json, None before the trial ended."""
+    data = read_json(run_dir / TRIAL)
+    if data is None:
+        return None
+    try:
+        return schema.build(TrialRecord, data)
+    except ConfigError as e:
+        raise RunDirError(f"{run_dir / TRIAL}: damaged ({e})") from None
+
+
+def save_trial(run_dir: Path, trial: TrialRecord) -> None:
+    write_json(run_dir / TRIAL, dataclasses.asdict(trial))
 
 
 @contextlib.contextmanager
@@ -178,32 +291,43 @@ class PointState:
         return dict(self.__dict__)
 
 
-def job_ids(record: dict[str, Any]) -> list[str]:
+def job_ids(record: SweepRecord) -> list[str]:
     """The newest job id of every point that has one."""
-    return [p["job_id"] for p in record["points"] if p.get("job_id")]
+    return [p.job_id for p in record.points if p.job_id]
 
 
-def point_states(sweep_dir: Path, record: dict[str, Any], queue: dict[str, str]) -> list[PointState]:
+def point_states(sweep_dir: Path, record: SweepRecord, queue: dict[str, str]) -> list[PointState]:
     """Every point's state; `queue` is the executor's {job id: state} for the jobs still queued."""
     cancelled = cancelled_ids(sweep_dir)
-    return [_point_state(sweep_dir, p, queue, cancelled) for p in record["points"]]
+    return [_worker_state(sweep_dir, p, queue, cancelled) if isinstance(p, WorkerEntry) else
+            _point_state(sweep_dir, p, queue, cancelled) for p in record.points]
 
 
-def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], cancelled: set[str]) -> PointState:
-    job_id = point.get("job_id") or ""
-    run_dir = Path(point["run_dir"])
+def _worker_state(sweep_dir: Path, worker: WorkerEntry, queue: dict[str, str], cancelled: set[str]) -> PointState:
+    """A search worker has no run dir of its own: its job's word alone."""
+    job_id = worker.job_id or ""
+    outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id) if job_id else None
+    if _worker_done(worker, outcome):
+        return PointState(worker.name, job_id, "done", None, None, "", "")
+    if job_id in queue:
+        return PointState(worker.name, job_id, queue[job_id], None, None, "", "")
+    state, note = _ended(sweep_dir, job_id, outcome, was_cancelled(job_id, cancelled))
+    return PointState(worker.name, job_id, state, None, None, note, "")
+
+
+def _point_state(sweep_dir: Path, point: PointEntry, queue: dict[str, str], cancelled: set[str]) -> PointState:
+    job_id = point.job_id or ""
+    run_dir = Path(point.run_dir)
     step, accuracy = progress(run_dir)
     outcome = submitit_compat.task_result(submitit_folder(sweep_dir), job_id) if job_id else None
-    if _worker_done(point, outcome):  # a search worker (search.py): no run dir of its own, its job's word alone
-        return PointState(point["name"], job_id, "done", None, None, "", point["describe"])
     finished = (run_dir / SUMMARY).is_file()
     if finished:
         foreign_run = foreign(point, run_dir)
         if foreign_run:  # another run's progress and result: none of it is shown as this point's
-            return PointState(point["name"], job_id, MISMATCH, None, None, foreign_run, point["describe"])
+            return PointState(point.name, job_id, MISMATCH, None, None, foreign_run, point.describe)
         if _returned_by_job(point, outcome):  # done, also while Slurm still shows its job COMPLETING
-            return PointState(point["name"], job_id, "done", step, RunDir(run_dir).summary()["test_accuracy"], "",
-                              point["describe"])
+            return PointState(point.name, job_id, "done", step, RunDir(run_dir).summary()["test_accuracy"], "",
+                              point.describe)
     is_cancelled = was_cancelled(job_id, cancelled)
     if job_id in queue:
         state, note = queue[job_id], ""
@@ -215,38 +339,37 @@ def _point_state(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str], 
         state, note = MISMATCH, f"{SUMMARY} not returned by job {job_id or '(none)'} ({why})"
     else:
         state, note = _ended(sweep_dir, job_id, outcome, is_cancelled)
-    return PointState(point["name"], job_id, state, step, accuracy, note, point["describe"])
+    return PointState(point.name, job_id, state, step, accuracy, note, point.describe)
 
 
-def foreign(point: dict[str, Any], run_dir: Path) -> str:
+def foreign(point: PointEntry, run_dir: Path) -> str:
     """Why the finished run in `run_dir` is not this point's (another run id or config), or ""."""
     try:
         summary = RunDir(run_dir).summary() or {}
         saved = _hash(schema.read_yaml_mapping(run_dir / CONFIG, "run config"))
     except (RunDirError, ConfigError) as e:
         return f"run dir unreadable: {e}"
-    if summary.get("run_id") != point["run_id"]:
-        return f"run dir holds run {summary.get('run_id')}, not {point['run_id']}"
-    if saved != _hash(point["config"]):
-        return f"run dir holds another config (hash {saved}, recorded {_hash(point['config'])})"
+    if summary.get("run_id") != point.run_id:
+        return f"run dir holds run {summary.get('run_id')}, not {point.run_id}"
+    if saved != _hash(point.config):
+        return f"run dir holds another config (hash {saved}, recorded {_hash(point.config)})"
     return ""
 
 
-def _returned_by_job(point: dict[str, Any], outcome: tuple[str, Any] | None) -> bool:
+def _returned_by_job(point: PointEntry, outcome: tuple[str, Any] | None) -> bool:
     """Whether the point's recorded job returned this point's summary (rank 0's result pickle)."""
     if outcome is None:
         return False
     kind, value = outcome
-    return kind == "success" and isinstance(value, dict) and value.get("run_id") == point["run_id"]
+    return kind == "success" and isinstance(value, dict) and value.get("run_id") == point.run_id
 
 
-def _worker_done(point: dict[str, Any], outcome: tuple[str, Any] | None) -> bool:
-    """Whether the point is a search worker whose recorded job returned that it is done."""
+def _worker_done(worker: WorkerEntry, outcome: tuple[str, Any] | None) -> bool:
+    """Whether the worker's recorded job returned that it is done."""
     if outcome is None:
         return False
     kind, value = outcome
-    return (kind == "success" and isinstance(value, dict) and value.get("status") == DONE
-            and value.get("worker") == point["name"])
+    return kind == "success" and isinstance(value, dict) and value.get("status") == DONE and value.get("worker") == worker.name
 
 
 def _hash(config: dict[str, Any]) -> str:

@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,12 @@ from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from cifar_dist import schema
-from cifar_dist.config import config_from_dict, validate
+from cifar_dist.config import Config, config_from_dict, validate
 from cifar_dist.errors import ConfigError
-from cifar_dist.metrics import direction
-from cifar_dist.rundir import PRUNED, TRIAL, RunDir, read_json, write_atomic, write_json
+from cifar_dist.rundir import PRUNED, RunDir, read_json, write_atomic
 from cifar_dist.sweep.optuna_compat import SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, retried_from
-from cifar_dist.sweep.record import DONE, PointState, load_record
-from cifar_dist.sweep.spec import Distribution, Point, Spec, base_config, describe
+from cifar_dist.sweep.record import DONE, PointState, SweepRecord, TrialRecord, WorkerEntry, load_record, load_trial, save_trial
+from cifar_dist.sweep.spec import Search, Spec, base_config, describe
 from cifar_dist.tables import format_table
 
 JOURNAL = "study.journal"
@@ -62,9 +60,9 @@ optuna.logging.set_verbosity(logging.WARNING)  # not a line per trial: the worke
 # ---------------------------------------------------------------------------- submit time
 
 
-def make_workers(sweep_dir: Path, first: int, n: int) -> list[Point]:
-    """Workers w<first>..: the sweep record's entries (like points: a name, a folder, job ids)."""
-    return [Point(i, f"w{i}", {}, "", str(worker_dir(sweep_dir, f"w{i}")), {}) for i in range(first, first + n)]
+def make_workers(first: int, n: int) -> list[WorkerEntry]:
+    """Workers w<first>..: the sweep record's entries."""
+    return [WorkerEntry(name=f"w{i}") for i in range(first, first + n)]
 
 
 def worker_dir(sweep_dir: Path, name: str) -> Path:
@@ -76,55 +74,51 @@ def trial_dir(sweep_dir: Path, number: int) -> Path:
     return sweep_dir / RUNS / trial_name(number)
 
 
-def search_record(spec: Spec) -> dict[str, Any]:
-    """What the sweep record keeps of a study: its settings and the config every trial starts from.
-    Each parameter's extremes (and every choice) are applied to that config and validated first,
-    so a range that makes an invalid config is refused before anything is submitted."""
+def study_base_config(spec: Spec) -> Config:
+    """The config every trial of the study starts from, kept in the sweep record. Each parameter's
+    extremes (and every choice) are applied to it and validated first, so a range that makes an
+    invalid config is refused before anything is submitted."""
     assert spec.search is not None
-    base = base_config(spec).to_dict()
-    for key, d in spec.search.params.items():
+    base = base_config(spec)
+    for key, d in spec.search.distributions.items():
         for value in d.args:
-            _apply(spec.name, "", base, spec.resources.world_size, {key: value}, "000", f"search.params: {key}={value}")
-    search = asdict(spec.search)
-    search["params"] = {k: {d.kind: d.args} for k, d in spec.search.params.items()}
-    return {"search": search, "base_config": base, "world_size": spec.resources.world_size}
+            _apply(spec.name, "", base.to_dict(), spec.resources.world_size, {key: value}, "000",
+                   f"search.params: {key}={value}")
+    return base
 
 
-def create_study(sweep_dir: Path, record: dict[str, Any]) -> None:
-    optuna.create_study(study_name=record["name"], storage=_storage(sweep_dir, record["search"]),
-                        direction=_direction(record["search"]))
+def create_study(sweep_dir: Path, record: SweepRecord) -> None:
+    assert record.search is not None
+    optuna.create_study(study_name=record.name, storage=_storage(sweep_dir, record.search),
+                        direction=record.search.direction)
 
 
-def describe_search(s: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}: {json.dumps(v)}" for k, v in s["params"].items())
-    return (f"study: {s['trials']} trials, {s['metric']} ({_direction(s)}d), sampler {s['sampler']}, pruner {s['pruner']} "
-            f"(after {s['min_epochs']} epoch(s)); params {params}")
+def describe_search(s: Search) -> str:
+    params = ", ".join(f"{k}: {json.dumps(v)}" for k, v in s.params.items())
+    return (f"study: {s.trials} trials, {s.metric} ({s.direction}d), sampler {s.sampler}, pruner {s.pruner} "
+            f"(after {s.min_epochs} epoch(s)); params {params}")
 
 
 # ---------------------------------------------------------------------------- the study
 
 
-def _direction(search: dict[str, Any]) -> str:
-    return direction(search["metric"])
+def _storage(sweep_dir: Path, search: Search) -> HeartbeatJournalStorage:
+    return HeartbeatJournalStorage(str(sweep_dir / JOURNAL), search.heartbeat_s, search.grace_s, search.max_retries)
 
 
-def _storage(sweep_dir: Path, search: dict[str, Any]) -> HeartbeatJournalStorage:
-    return HeartbeatJournalStorage(str(sweep_dir / JOURNAL), search["heartbeat_s"], search["grace_s"], search["max_retries"])
-
-
-def _sampler(search: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
-    if search["sampler"] == "grid":
-        return optuna.samplers.GridSampler({k: v["choice"] for k, v in search["params"].items()}, seed=seed)
-    if search["sampler"] == "random":
+def _sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
+    if search.sampler == "grid":
+        return optuna.samplers.GridSampler({k: d.args for k, d in search.distributions.items()}, seed=seed)
+    if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # Optuna's default of 10 random start-up trials, fewer in a small study; constant_liar: trials
     # running on other workers count as pending, so concurrent workers do not ask the same values.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, search["trials"] // 3)),
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, search.trials // 3)),
                                       constant_liar=True)
 
 
-def _pruner(search: dict[str, Any], max_epochs: int) -> optuna.pruners.BasePruner:
-    p, low, rf = search["pruner"], search["min_epochs"], search["reduction_factor"]
+def _pruner(search: Search, max_epochs: int) -> optuna.pruners.BasePruner:
+    p, low, rf = search.pruner, search.min_epochs, search.reduction_factor
     if p == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=rf)
     if p == "hyperband":
@@ -134,11 +128,12 @@ def _pruner(search: dict[str, Any], max_epochs: int) -> optuna.pruners.BasePrune
     return optuna.pruners.NopPruner()
 
 
-def load_study(sweep_dir: Path, record: dict[str, Any], storage: HeartbeatJournalStorage | None = None,
+def load_study(sweep_dir: Path, record: SweepRecord, storage: HeartbeatJournalStorage | None = None,
                seed: int = 0) -> optuna.Study:
-    search = record["search"]
-    return optuna.load_study(study_name=record["name"], storage=storage or _storage(sweep_dir, search),
-                             sampler=_sampler(search, seed), pruner=_pruner(search, record["base_config"]["train"]["epochs"]))
+    search, base = record.search, record.base_config
+    assert search is not None and base is not None, "not a study's record"
+    return optuna.load_study(study_name=record.name, storage=storage or _storage(sweep_dir, search),
+                             sampler=_sampler(search, seed), pruner=_pruner(search, base.train.epochs))
 
 
 def _apply(name: str, uid: str, base: dict[str, Any], world: int, params: dict[str, Any], trial: str, where: str,
@@ -161,10 +156,9 @@ def trial_name(number: int) -> str:
     return f"{number:03d}"
 
 
-def suggest(trial: optuna.Trial, params: dict[str, dict[str, Any]]) -> None:
+def suggest(trial: optuna.Trial, search: Search) -> None:
     """Give the trial its values: drawn by the sampler, or fixed (a retry keeps its failed trial's)."""
-    for key, spec in params.items():
-        d = Distribution(*next(iter(spec.items())))
+    for key, d in search.distributions.items():
         if d.kind == "choice":
             trial.suggest_categorical(key, d.args)
         elif d.kind == "int":
@@ -182,7 +176,8 @@ class Worker:
     def __init__(self, sweep_dir: Path, name: str):
         self.sweep_dir, self.name = sweep_dir, name
         self.record = load_record(sweep_dir)
-        self.search = self.record["search"]
+        assert self.record.search is not None, "not a study's record"
+        self.search = self.record.search
         self.storage = _storage(sweep_dir, self.search)
         self.folder = worker_dir(sweep_dir, name)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -204,10 +199,10 @@ class Worker:
             fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             taken = sum(t.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING") for t in trials)
-            if taken < self.search["trials"] or any(t.state.name == "WAITING" for t in trials):
+            if taken < self.search.trials or any(t.state.name == "WAITING" for t in trials):
                 # A fresh sampler seed per ask: every worker's sampler would otherwise draw the same values.
                 return self._take(load_study(self.sweep_dir, self.record, self.storage,
-                                             self.search["seed"] * 100_003 + len(trials)))
+                                             self.search.seed * 100_003 + len(trials)))
         finally:
             lock.release()
         alive = [t for t in trials if t.state.name == "RUNNING" and not t.system_attrs.get(SUSPENDED)]
@@ -220,7 +215,7 @@ class Worker:
         self.storage.record_heartbeat(trial._trial_id)
         self.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.name)
         try:
-            suggest(trial, self.search["params"])
+            suggest(trial, self.search)
         except Exception:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -252,9 +247,10 @@ class Worker:
         self.trial = trial
         self._beat(trial._trial_id)
         name = trial_name(trial.number)
-        config = _apply(self.record["name"], self.record["uid"], self.record["base_config"], self.record["world_size"],
-                        dict(trial.params), name, f"trial {name} ({describe(trial.params)})",
-                        str(trial_dir(self.sweep_dir, trial.number)))
+        assert self.record.base_config is not None
+        config = _apply(self.record.name, self.record.uid, self.record.base_config.to_dict(),
+                        self.record.resources.world_size, dict(trial.params), name,
+                        f"trial {name} ({describe(trial.params)})", str(trial_dir(self.sweep_dir, trial.number)))
         print(f"{self.name}: trial {name} ({describe(trial.params)})", flush=True)
         return {"number": trial.number, "config": config}
 
@@ -262,7 +258,7 @@ class Worker:
 
     def report(self, record: dict[str, Any]) -> str | None:
         """train's EvalHook: report the evaluation; the reason to stop when the pruner says so."""
-        value, epoch = record[self.search["metric"]], int(round(record["epoch"]))
+        value, epoch = record[self.search.metric], int(round(record["epoch"]))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is already reported")  # a resumed trial redoes an evaluation
@@ -270,14 +266,14 @@ class Worker:
         except UpdateFinishedTrialError:
             return STALE
         if self.trial.should_prune():
-            return f"pruned by {self.search['pruner']} after epoch {epoch}: {self.search['metric']} {value:.4f}"
+            return f"pruned by {self.search.pruner} after epoch {epoch}: {self.search.metric} {value:.4f}"
         return None
 
     def told(self, result: dict[str, Any]) -> None:
         """Tell the study how the trial ended (train's summary, with "pruned" if it was), and record it in its run dir."""
         pruned = "pruned" in result
         self._tell(TrialState.PRUNED if pruned else TrialState.COMPLETE, result["pruned"]["reason"] if pruned else "",
-                   None if pruned else result[self.search["metric"]])
+                   None if pruned else result[self.search.metric])
 
     def failed(self, why: str, state: TrialState = TrialState.FAIL) -> None:
         """The trial ended without a result: diverged (told as pruned: a hopeless value, a signal to the
@@ -296,9 +292,8 @@ class Worker:
         frozen = self.storage.get_trial(self.trial._trial_id)
         run_dir = trial_dir(self.sweep_dir, self.trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / TRIAL, {"number": frozen.number, "state": state, "value": frozen.value,
-                                     "metric": self.search["metric"], "params": frozen.params, "note": note,
-                                     "label": describe(frozen.params)})
+        save_trial(run_dir, TrialRecord(number=frozen.number, state=state, value=frozen.value, metric=self.search.metric,
+                                        params=frozen.params, note=note, label=describe(frozen.params)))
         self._set_current(None)
         self.trial = None
 
@@ -322,7 +317,7 @@ class Worker:
         stop = self.heartbeat = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(self.search["heartbeat_s"]):
+            while not stop.wait(self.search.heartbeat_s):
                 try:
                     self.storage.record_heartbeat(trial_id)
                 except Exception:  # the trial was failed as stale meanwhile (a long stall): nothing left to keep alive
@@ -346,7 +341,8 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
 
     install_stop_handlers()
     record = load_record(sweep_dir)
-    dist = Distributed(record["base_config"]["train"]["device"])
+    assert record.search is not None and record.base_config is not None, "not a study's record"
+    dist = Distributed(record.base_config.train.device)
     worker = Worker(sweep_dir, name) if dist.is_main else None
     trained: list[int] = []
     try:
@@ -355,7 +351,7 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
                 raise Stopped(f"worker {name}, between trials")
             order = dist.broadcast(dist.main_only(lambda: worker.next()))
             if order == WAIT:
-                time.sleep(min(10, record["search"]["heartbeat_s"]))
+                time.sleep(min(10, record.search.heartbeat_s))
                 continue
             if order is None:
                 return {"status": DONE, "worker": name, "trials": trained}
@@ -384,16 +380,17 @@ def _ignore(record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- status
 
 
-def trial_table(sweep_dir: Path, record: dict[str, Any], workers: list[PointState]) -> dict[str, Any]:
+def trial_table(sweep_dir: Path, record: SweepRecord, workers: list[PointState]) -> dict[str, Any]:
     """Every trial's state, epochs and result; epochs trained in all; the best trial."""
+    assert record.search is not None, "not a study's record"
     study = load_study(sweep_dir, record)
-    metric = record["search"]["metric"]
+    metric = record.search.metric
     ended = {w.name: w.state for w in workers if w.state not in ("pending", "running", "requeued")}
     rows = []
     for t in study.get_trials(deepcopy=False):
         state = t.state.name.lower()
         worker = t.system_attrs.get(WORKER_ATTR, "")
-        note = (read_json(trial_dir(sweep_dir, t.number) / TRIAL) or {}).get("note", "")
+        note = ended_trial.note if (ended_trial := load_trial(trial_dir(sweep_dir, t.number))) else ""
         if state == "running" and t.system_attrs.get(SUSPENDED):
             state = "suspended"
             note = f"checkpointed; worker {worker} {ended.get(worker, 'requeued')}" + (
@@ -406,10 +403,10 @@ def trial_table(sweep_dir: Path, record: dict[str, Any], workers: list[PointStat
                      metric: t.value if t.state.name == "COMPLETE" else _last(t), "worker": worker,
                      "values": describe(t.params), "note": note})
     done = [r for r in rows if r["state"] == "complete"]
-    sign = 1 if _direction(record["search"]) == "maximize" else -1
+    sign = 1 if record.search.direction == "maximize" else -1
     best = max(done, key=lambda r: sign * r[metric]) if done else None
     return {"trials": rows, "epochs": round(sum(r["epochs"] for r in rows), 2), "best": best,
-            "wanted": record["search"]["trials"]}
+            "wanted": record.search.trials}
 
 
 def _last(trial: Any) -> float | None:

@@ -131,11 +131,16 @@ class Search:
     heartbeat_s: int = 60  # a running trial's worker says it is alive this often
     grace_s: int = 600  # a trial not heard of for this long (its worker killed) is failed and retried
     max_retries: int = 3  # retries of one trial after such failures
-    params: dict[str, Distribution] = field(default_factory=dict)
+    # dotted key -> {choice|uniform|loguniform|int: args}, as written (numbers converted); `distributions` reads them
+    params: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     @property
     def direction(self) -> str:
         return direction(self.metric)
+
+    @property
+    def distributions(self) -> dict[str, Distribution]:
+        return {key: Distribution(*next(iter(d.items()))) for key, d in self.params.items()}
 
 
 @dataclass
@@ -262,7 +267,7 @@ def _search(data: dict[str, Any] | None) -> Search | None:
         return None
     params = _given(data, "params", dict, "search.", required=True)
     search = schema.build(Search, {k: v for k, v in data.items() if k != "params"}, "search.")
-    search.params = _params(params, "search.params")
+    search.params = {key: {d.kind: d.args} for key, d in _params(params, "search.params").items()}
     if "trials" not in data:
         raise ConfigError("search.trials: missing")
     for key in ("trials", "workers", "min_epochs", "heartbeat_s", "grace_s"):
@@ -279,10 +284,10 @@ def _search(data: dict[str, Any] | None) -> Search | None:
         raise ConfigError(f"search.grace_s: {search.grace_s} s must exceed two heartbeats "
                           f"(heartbeat_s {search.heartbeat_s}), or live trials would be failed")
     if search.sampler == "grid":
-        for key, d in search.params.items():
+        for key, d in search.distributions.items():
             if d.kind != "choice":
                 raise ConfigError(f"search.params.{key}: the grid sampler takes {{choice: [...]}} only, got {d.kind}")
-        size = math.prod(len(d.args) for d in search.params.values())
+        size = math.prod(len(d.args) for d in search.distributions.values())
         if search.trials > size:
             raise ConfigError(f"search.trials: {search.trials}, but the grid has {size} points")
     return search
