@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import PY, TINY
+from conftest import PY, TINY, write_image_tree
 from PIL import Image
 from slurm_fixtures import TINY_OVERRIDES, slurm_env, submitted
 
@@ -101,6 +101,8 @@ def test_search_block_reads_with_defaults(tmp_path):
     ({"pruner": "asha2"}, {}, "search.pruner: must be one of asha, hyperband, median, none"),
     ({"metric": "train_loss"}, {}, "search.metric: must be one of test_accuracy, test_loss"),
     ({"workers": 0}, {}, "search.workers: must be >= 1, got 0"),
+    ({"workers": 100000, "trials": 2}, {}, "search.workers: 100000 workers for 2 trials; a worker trains one trial at a "
+                                           "time, so give at most as many workers as trials"),
     ({"params": {}}, {}, "search.params: empty"),
     ({"params": {"train.lr": {"normal": [0, 1]}}}, {}, "search.params.train.lr: unknown distribution 'normal'"),
     ({"sampler": "grid"}, {}, "search.params.train.lr: the grid sampler takes {choice: [...]} only"),
@@ -285,6 +287,32 @@ def test_a_worker_of_two_ranks_trains_and_stops_its_trials_as_one(tmp_path, cach
     for t in table["trials"]:
         run = RunDir(sweep_dir / "runs" / t["trial"])
         assert (run.summary() or read_json(run / PRUNED))["world_size"] == 2
+
+
+def test_trials_resubmitted_from_another_directory_find_the_relative_data_path(tmp_path, cache_dir, monkeypatch):
+    """A relative data.path is relative to the directory the study was submitted from, wherever its
+    workers start: the worker is cancelled and resubmitted from a directory without that folder (its
+    job starts there), and every trial still trains on the submitted directory's images."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    write_image_tree(project / "images", ["cat", "dog"], {"train": 64, "test": 16})
+    elsewhere.mkdir()
+    (tmp_path / "specs").mkdir()
+    env = slurm_env(cache_dir, tmp_path)
+    spec = search_spec(tmp_path / "specs" / "rel.yaml", "rel", {"trials": 2, "sampler": "random", "pruner": "none",
+                                                                 "heartbeat_s": 1, "grace_s": 20},
+                       overrides={"data.source": "imagefolder", "data.path": "images", "train.epochs": 1})
+    sweep_dir = tmp_path / "sweep"
+    submitted([str(spec), "--executor", "local", "--sweep-dir", str(sweep_dir)], env, project)
+    sweep_command(["cancel", str(sweep_dir)], env)
+    sweep_command(["wait", str(sweep_dir), "--poll", "0.5", "--timeout", "120"], env)
+    assert [w["state"] for w in status(sweep_dir, env)["workers"]] == ["cancelled"]
+    monkeypatch.chdir(elsewhere)
+    succeeded(["resubmit", str(sweep_dir), "--failed"], env)
+    succeeded(["wait", str(sweep_dir), "--poll", "0.5", "--timeout", "300"], env)
+    table = status(sweep_dir, env)
+    assert [t["state"] for t in table["trials"]].count("complete") == 2, table["trials"]
+    trained = [yaml.safe_load((d / CONFIG).read_text()) for d in (sweep_dir / "runs").iterdir() if (d / CONFIG).is_file()]
+    assert trained and all(c["data"]["path"] == str(project / "images") for c in trained), trained
 
 
 def test_bench_search_compares_the_methods_in_one_table(tmp_path, env):

@@ -95,7 +95,8 @@ def test_sweep_records_saved_before_entries_had_a_kind_still_load(tmp_path, kind
             (p["values"], p["run_dir"], p["config"]) for p in saved["points"]]
     save_record(tmp_path, record)
     again = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(again) == set(saved) - {"world_size"}, "world_size: the resources' own, no longer kept twice"
+    assert set(again) == set(saved) - {"world_size"} | {"submitted_from"}, "world_size: the resources' own, kept once"
+    assert again["submitted_from"] == "", "unknown: relative data paths resolve where the job starts, as they did"
     for old, new in zip(saved["points"], again["points"]):
         kept = {k: v for k, v in old.items() if kind == "grid" or k in ("name", "job_id", "job_ids")}
         assert new == {**kept, "kind": "worker" if kind == "study" else "point"}

@@ -89,7 +89,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     uid = uuid.uuid4().hex[:6]  # run ids stay unique (wandb) when a sweep name is reused
     record = new_record(spec, profile, executor, uid)
     if spec.search:
-        record.points, record.base_config = search.make_workers(0, spec.search.workers), search.study_base_config(spec)
+        record.base_config = search.study_base_config(spec, sweep_dir, uid)
+        record.points = search.make_workers(0, spec.search.workers)
     else:
         record.points = [point_entry(p) for p in make_points(spec, sweep_dir, uid, args.max_points)]
     if args.dry_run:
@@ -116,7 +117,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> SweepRecord:
     """The record of a new sweep, without its points."""
     return SweepRecord(name=spec.name, uid=uid, profile=profile.name, profile_path=profile.path, executor=executor.name,
-                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), resources=spec.resources, search=spec.search)
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), submitted_from=str(Path.cwd()),
+                       resources=spec.resources, search=spec.search)
 
 
 def point_entry(p: Point) -> PointEntry:

@@ -104,6 +104,8 @@ class SweepRecord:
     profile_path: str = ""  # ... and the file it was read from
     executor: str = ""  # a key of executors.EXECUTORS
     created: str = ""
+    # Where the submit command ran: relative data paths in the spec are relative to it (spec.PATH_KEYS).
+    submitted_from: str = ""
     resources: Resources = field(default_factory=Resources)
     points: list[Entry] = field(default_factory=list)
     submissions: list[Submission] = field(default_factory=list)

@@ -23,7 +23,6 @@ and requeues the worker; `cancel` leaves trials suspended, `resubmit --failed` r
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -37,13 +36,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
-from cifar_dist import schema
-from cifar_dist.config import Config, config_from_dict, validate
-from cifar_dist.errors import ConfigError
+from cifar_dist.config import Config, config_from_dict
 from cifar_dist.rundir import PRUNED, RunDir, read_json, write_atomic
 from cifar_dist.sweep.optuna_compat import SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, retried_from
 from cifar_dist.sweep.record import DONE, PointState, SweepRecord, TrialRecord, WorkerEntry, load_record, load_trial, save_trial
-from cifar_dist.sweep.spec import Search, Spec, base_config, describe
+from cifar_dist.sweep.spec import Search, Spec, base_config, describe, point_config
 from cifar_dist.tables import format_table
 
 JOURNAL = "study.journal"
@@ -74,16 +71,16 @@ def trial_dir(sweep_dir: Path, number: int) -> Path:
     return sweep_dir / RUNS / trial_name(number)
 
 
-def study_base_config(spec: Spec) -> Config:
+def study_base_config(spec: Spec, sweep_dir: Path, uid: str) -> Config:
     """The config every trial of the study starts from, kept in the sweep record. Each parameter's
-    extremes (and every choice) are applied to it and validated first, so a range that makes an
-    invalid config is refused before anything is submitted."""
+    extremes (and every choice) are applied to it as the first trial's and validated first, so a
+    range that makes an invalid config is refused before anything is submitted."""
     assert spec.search is not None
     base = base_config(spec)
     for key, d in spec.search.distributions.items():
         for value in d.args:
-            _apply(spec.name, "", base.to_dict(), spec.resources.world_size, {key: value}, "000",
-                   f"search.params: {key}={value}")
+            point_config(base, {key: value}, sweep=spec.name, uid=uid, name=trial_name(0), run_dir=trial_dir(sweep_dir, 0),
+                         resources=spec.resources, submitted_from=Path.cwd(), where=f"search.params: {key}={value}")
     return base
 
 
@@ -134,22 +131,6 @@ def load_study(sweep_dir: Path, record: SweepRecord, storage: HeartbeatJournalSt
     assert search is not None and base is not None, "not a study's record"
     return optuna.load_study(study_name=record.name, storage=storage or _storage(sweep_dir, search),
                              sampler=_sampler(search, seed), pruner=_pruner(search, base.train.epochs))
-
-
-def _apply(name: str, uid: str, base: dict[str, Any], world: int, params: dict[str, Any], trial: str, where: str,
-           run_dir: str = "") -> dict[str, Any]:
-    """A trial's validated config: the base with its params, its run dir, id, name and group."""
-    cfg = config_from_dict(copy.deepcopy(base))
-    try:
-        schema.update(cfg, params)
-        cfg.run.dir, cfg.run.id, cfg.tracking.group = run_dir, f"{name}-{uid}-{trial}" if uid else "", name
-        cfg.run.name = f"{name}/{trial} {describe(params)}"
-        validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"{where}: train.batch_size: {cfg.train.batch_size} does not split evenly over {world} ranks")
-    return cfg.to_dict()
 
 
 def trial_name(number: int) -> str:
@@ -248,11 +229,11 @@ class Worker:
         self._beat(trial._trial_id)
         name = trial_name(trial.number)
         assert self.record.base_config is not None
-        config = _apply(self.record.name, self.record.uid, self.record.base_config.to_dict(),
-                        self.record.resources.world_size, dict(trial.params), name,
-                        f"trial {name} ({describe(trial.params)})", str(trial_dir(self.sweep_dir, trial.number)))
+        config = point_config(self.record.base_config, dict(trial.params), sweep=self.record.name, uid=self.record.uid,
+                              name=name, run_dir=trial_dir(self.sweep_dir, trial.number), resources=self.record.resources,
+                              submitted_from=Path(self.record.submitted_from), where=f"trial {name} ({describe(trial.params)})")
         print(f"{self.name}: trial {name} ({describe(trial.params)})", flush=True)
-        return {"number": trial.number, "config": config}
+        return {"number": trial.number, "config": config.to_dict()}
 
     # ---- during and after training
 

@@ -65,6 +65,9 @@ STARTUP_S = 60
 # Keys the sweep fixes for every point (the run dir and id are fixed at submit time, so a
 # requeued or resubmitted point resumes from its own checkpoints).
 RESERVED = ("run.dir", "run.id", "run.name", "tracking.group")
+# Config keys that hold paths. A relative one is relative to the directory the sweep was submitted
+# from, and made absolute against it: jobs may start elsewhere (a resubmission, a node's scratch).
+PATH_KEYS = ("data.path", "data.cache_dir")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 MAX_POINTS = 1000  # a typo such as a 100-value grid crossed with 100 seeds should not reach the queue
 SAMPLERS = ("tpe", "random", "grid")
@@ -278,6 +281,9 @@ def _search(data: dict[str, Any] | None) -> Search | None:
             raise ConfigError(f"search.{key}: must be one of {', '.join(allowed)}, got {getattr(search, key)!r}")
     if search.reduction_factor < 2:
         raise ConfigError(f"search.reduction_factor: must be >= 2, got {search.reduction_factor}")
+    if search.workers > search.trials:
+        raise ConfigError(f"search.workers: {search.workers} workers for {search.trials} trials; a worker trains one "
+                          "trial at a time, so give at most as many workers as trials")
     if search.max_retries < 0:
         raise ConfigError(f"search.max_retries: must be >= 0, got {search.max_retries}")
     if search.grace_s <= 2 * search.heartbeat_s:
@@ -449,13 +455,14 @@ def make_points(spec: Spec, sweep_dir: Path, uid: str, max_points: int = MAX_POI
     points = []
     for i, values in enumerate(expand(spec)):
         name = f"{i:0{width}d}"
-        run_dir, run_id = sweep_dir / "runs" / name, f"{spec.name}-{uid}-{name}"
-        cfg = _point_config(spec, base, values, name, run_dir, run_id)
-        points.append(Point(i, name, values, run_id, str(run_dir), cfg.to_dict()))
+        cfg = point_config(base, values, sweep=spec.name, uid=uid, name=name, run_dir=sweep_dir / "runs" / name,
+                           resources=spec.resources, submitted_from=Path.cwd(), where=f"point {name} ({describe(values)})")
+        points.append(Point(i, name, values, cfg.run.id, cfg.run.dir, cfg.to_dict()))
     return points
 
 
 def base_config(spec: Spec) -> Config:
+    """The spec's base config with its overrides, validated: what every point and trial starts from."""
     try:
         cfg = load_config(_resolve_base(spec))
     except ConfigError as e:
@@ -478,25 +485,26 @@ def _resolve_base(spec: Spec) -> str:
     return spec.base
 
 
-def _point_config(spec: Spec, base: Config, values: dict[str, Any], name: str, run_dir: Path, run_id: str) -> Config:
+def point_config(base: Config, values: dict[str, Any], *, sweep: str, uid: str, name: str, run_dir: Path,
+                 resources: Resources, submitted_from: Path, where: str) -> Config:
+    """The validated config of a grid point or a study's trial: `base` with the swept `values`, its
+    run dir, id, name and group (fixed at submit time, or when the trial is asked), and its
+    PATH_KEYS made absolute against `submitted_from`; a mistake is a ConfigError that starts with `where`."""
     cfg = copy.deepcopy(base)
-    where = f"point {name} ({describe(values)})"
     try:
         schema.update(cfg, values)
-        cfg.run.dir, cfg.run.id, cfg.tracking.group = str(run_dir), run_id, spec.name
-        cfg.run.name = f"{spec.name}/{name} {describe(values)}".strip()
-        # Jobs may start in another directory (a resubmission, a node's scratch): fix paths now.
-        for key in ("path", "cache_dir"):
-            value = getattr(cfg.data, key)
-            if value and not Path(value).is_absolute():
-                setattr(cfg.data, key, str(Path(value).absolute()))
+        cfg.run.dir, cfg.run.id, cfg.tracking.group = str(run_dir), f"{sweep}-{uid}-{name}", sweep
+        cfg.run.name = f"{sweep}/{name} {describe(values)}".strip()
+        for key in PATH_KEYS:
+            section, field_name, value = schema.lookup(cfg, key)
+            if value:
+                setattr(section, field_name, str(submitted_from / value))  # an absolute value stays as it is
         validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    world = spec.resources.world_size
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"{where}: train.batch_size: {cfg.train.batch_size} does not split evenly over {world} ranks "
-                          f"(resources: {spec.resources.nodes} nodes x {spec.resources.tasks_per_node} tasks)")
+    if cfg.train.batch_size % resources.world_size:
+        raise ConfigError(f"{where}: train.batch_size: {cfg.train.batch_size} does not split evenly over "
+                          f"{resources.world_size} ranks (resources: {resources.nodes} nodes x {resources.tasks_per_node} tasks)")
     return cfg
 
 
