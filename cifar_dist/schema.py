@@ -106,6 +106,8 @@ def convert(key: str, hint: Any, value: Any, from_text: bool = False) -> Any:
         if value is None and type(None) in args:
             return None
         for arm in (a for a in args if a is not type(None)):
+            if dataclasses.is_dataclass(arm) and isinstance(value, dict):
+                return build(arm, value, f"{key}.")  # its own message names the key inside it
             try:
                 return convert(key, arm, value, from_text)
             except ConfigError:

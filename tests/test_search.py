@@ -29,14 +29,14 @@ from cifar_dist.config import load_config
 from cifar_dist.report import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, compare_main, load_runs
 from cifar_dist.rundir import CONFIG, PRUNED, SUMMARY, TRIAL, RunDir, read_json
 from cifar_dist.sweep import commands
-from cifar_dist.sweep.optuna_compat import HEARTBEAT, SUSPENDED, HeartbeatJournalStorage, fail_stale_trials
+from cifar_dist.sweep.optuna_compat import HEARTBEAT, SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, trial_id
 from cifar_dist.sweep.spec import load_spec
 from cifar_dist.train import train
 
 # A range with hopeless ends: 1e-4 barely moves in a few epochs; 0.5 is too high for this tiny run.
 HOPELESS_LR = {"train.lr": {"loguniform": ["1e-4", 0.5]}}
 STEPS_PER_EPOCH = 20  # TINY: 1,280 synthetic images in steps of 64
-# The random sampler's draws from HOPELESS_LR for trials 0, 1, 2, 3 (search.py seeds each ask with
+# The random sampler's draws from HOPELESS_LR for trials 0, 1, 2, 3 (worker.py seeds each ask with
 # seed * 100003 + its number). Seed 10: 0.073, 0.089, 0.0035, 0.00011: trials 2 and 3 start only
 # once trial 0 or 1 has ended an epoch, so their first evaluation, far worse, meets a better one at
 # ASHA's rung and is pruned; the first trial evaluated at the rung is never pruned and completes.
@@ -162,11 +162,11 @@ def test_journal_heartbeats_fail_and_retry_only_dead_workers_trials(tmp_path):
     study = optuna.create_study(study_name="hb", storage=storage, direction="maximize")
     alive, dead, away = (study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(3))
     for t in (alive, dead, away):
-        storage.record_heartbeat(t._trial_id)
+        storage.record_heartbeat(trial_id(t))
     long_ago = time.time() - 60
-    storage.set_trial_system_attr(dead._trial_id, HEARTBEAT, long_ago)
-    storage.set_trial_system_attr(away._trial_id, HEARTBEAT, long_ago)
-    storage.set_trial_system_attr(away._trial_id, SUSPENDED, True)  # pre-empted: waits for its worker's requeue
+    storage.set_trial_system_attr(trial_id(dead), HEARTBEAT, long_ago)
+    storage.set_trial_system_attr(trial_id(away), HEARTBEAT, long_ago)
+    storage.set_trial_system_attr(trial_id(away), SUSPENDED, True)  # pre-empted: waits for its worker's requeue
     fail_stale_trials(study)
     states = [t.state.name for t in study.get_trials()]
     assert states == ["RUNNING", "FAIL", "RUNNING", "WAITING"]
@@ -175,7 +175,7 @@ def test_journal_heartbeats_fail_and_retry_only_dead_workers_trials(tmp_path):
     # max_retries=1: the retry, dead in turn, is failed but not retried again.
     popped = study.ask()
     assert popped.number == retry.number
-    storage.set_trial_system_attr(popped._trial_id, HEARTBEAT, long_ago)
+    storage.set_trial_system_attr(trial_id(popped), HEARTBEAT, long_ago)
     fail_stale_trials(study)
     assert [t.state.name for t in study.get_trials()] == ["RUNNING", "FAIL", "RUNNING", "FAIL"]
 

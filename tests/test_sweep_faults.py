@@ -5,6 +5,7 @@ dev cluster: tests/test_slurm.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -21,20 +22,11 @@ from cifar_dist.config import config_from_dict
 from cifar_dist.rundir import CONFIG, SUMMARY, write_json
 from cifar_dist.sweep import commands
 from cifar_dist.sweep.executors import Executor, QueueError
-from cifar_dist.sweep.record import (
-    LOCK,
-    RECORD,
-    PointEntry,
-    PointState,
-    SweepRecord,
-    changing,
-    discard,
-    foreign,
-    mark_cancelled,
-    point_states,
-    save_record,
-)
-from cifar_dist.sweep.spec import load_spec, make_points
+from cifar_dist.sweep.points import make_points
+from cifar_dist.sweep.record import RECORD, PointEntry, SweepRecord, save_record
+from cifar_dist.sweep.spec import load_spec
+from cifar_dist.sweep.states import PointState, foreign, point_states
+from cifar_dist.sweep.sweepdir import LOCK, changing, discard, mark_cancelled
 from cifar_dist.sweep.task import process_age_s, timed_out
 
 
@@ -61,8 +53,7 @@ def finished_point(tmp_path: Path, run_id_in_summary: str | None = None, lr_in_r
     spec = load_spec(spec_file(tmp_path))
     sweep_dir = tmp_path / "sw"
     [p] = make_points(spec, sweep_dir, "abc123")
-    point = PointEntry(name=p.name, values=p.values, describe=p.describe(), run_id=p.run_id, run_dir=p.run_dir,
-                       config=p.config, job_id="77_0", job_ids=["77_0"])
+    point = dataclasses.replace(p, job_id="77_0", job_ids=["77_0"])
     run_dir = Path(p.run_dir)
     run_dir.mkdir(parents=True)
     cfg = config_from_dict(p.config)

@@ -18,9 +18,10 @@ from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_do
 
 from cifar_dist.errors import ConfigError
 from cifar_dist.rundir import ENV, SUMMARY, RunDir
+from cifar_dist.sweep.points import make_points
 from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
 from cifar_dist.sweep.record import PointEntry, WorkerEntry, load_record, save_record
-from cifar_dist.sweep.spec import expand, load_spec, make_points
+from cifar_dist.sweep.spec import expand, load_spec
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
 
@@ -47,10 +48,22 @@ def test_grid_is_crossed_with_seeded_random_draws(tmp_path):
     for d in draws:
         assert 1e-5 <= d["train.weight_decay"] <= 1e-2 and d["train.epochs"] in (1, 2, 3)
         assert d["model.name"] in ("blitz", "medium") and 0.0 <= d["train.label_smoothing"] <= 0.2
-    assert expand(load_spec(spec.path)) == points, "reproducible"
+    assert expand(load_spec(tmp_path / "spec.yaml")) == points, "reproducible"
     other = load_spec(spec_file(tmp_path, sweep={"random": {"n": 3, "seed": 8, "params": {
         "train.weight_decay": {"loguniform": [1e-5, 1e-2]}}}}))
     assert [p["train.weight_decay"] for p in expand(other)] != [d["train.weight_decay"] for d in draws[:3]]
+
+
+def test_nested_sections_read_as_dotted_keys_and_empty_keys_keep_their_defaults(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: n\nbase: debug\ncluster:\nresources:\noverrides: {train: {epochs: 1}}\n"
+                    "sweep:\n  grid: {train: {lr: [0.1, 0.2]}}\n"
+                    "  random: {n: 2, params: {train: {weight_decay: {loguniform: ['1e-5', 1.0e-3]}}}}\n")
+    spec = load_spec(path)
+    assert (spec.cluster, spec.resources.nodes, spec.overrides) == ("local", 1, {"train.epochs": 1})
+    assert spec.grid == {"train.lr": [0.1, 0.2]}
+    assert spec.random.params == {"train.weight_decay": {"loguniform": [1e-5, 1e-3]}}
+    assert [sorted(p) for p in expand(spec)] == [["train.lr", "train.weight_decay"]] * 4
 
 
 def test_int_bounds_are_inclusive_and_loguniform_is_log_spread(tmp_path):
@@ -108,9 +121,9 @@ def test_status_wait_and_cancel_start_without_torch(tmp_path):
     they start in a fraction of the time a training process needs."""
     saved = json.loads((ROOT / "tests" / "golden" / "sweep_record_study.json").read_text())
     (tmp_path / "sweep.json").write_text(json.dumps({**saved, "executor": "local", "profile_path": ""}))
-    from cifar_dist.sweep import search
+    from cifar_dist.sweep import study
 
-    search.create_study(tmp_path, load_record(tmp_path))
+    study.create_study(tmp_path, load_record(tmp_path))
     script = ("import sys\nfrom cifar_dist.sweep.commands import main\n"
               f"codes = [main([c, {str(tmp_path)!r}]) for c in ('status', 'wait', 'cancel')]\n"
               "print(codes, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
@@ -346,7 +359,7 @@ def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, rea
     """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
     seen once on the real Slurm and cannot be produced on demand)."""
     from cifar_dist.sweep import commands
-    from cifar_dist.sweep.record import PointState
+    from cifar_dist.sweep.states import PointState
 
     script = iter(reads)
     seen, slept = [], []

@@ -6,7 +6,7 @@
     python jobs/submit.py cancel SWEEP_DIR [--retry-for S]
     python jobs/submit.py resubmit SWEEP_DIR --failed | --workers N [--retry-for S]
 
-A spec with `search:` instead of `sweep:` runs a study (search.py): its "points" are workers that
+A spec with `search:` instead of `sweep:` runs a study (study.py, worker.py): its "points" are workers that
 take trials from an Optuna study in the sweep dir; `status` shows the trials, `resubmit --workers N`
 adds workers to the same study.
 
@@ -37,31 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_dist.errors import UserError
-from cifar_dist.sweep import search
+from cifar_dist.sweep import study
 from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
+from cifar_dist.sweep.points import MAX_POINTS, make_points
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
-from cifar_dist.sweep.record import (
-    ACTIVE,
-    MISMATCH,
-    RESUBMITTABLE,
-    Entry,
-    PointEntry,
-    PointState,
-    Submission,
-    SweepRecord,
-    WorkerEntry,
-    changing,
-    check_free,
-    discard,
-    foreign,
-    job_ids,
-    load_record,
-    mark_cancelled,
-    point_states,
-    save_record,
-    status_table,
-)
-from cifar_dist.sweep.spec import MAX_POINTS, Point, Spec, check_fits, load_spec, make_points
+from cifar_dist.sweep.record import Entry, PointEntry, Submission, SweepRecord, WorkerEntry, load_record, save_record
+from cifar_dist.sweep.resources import check_fits
+from cifar_dist.sweep.spec import Spec, load_spec
+from cifar_dist.sweep.states import ACTIVE, MISMATCH, RESUBMITTABLE, PointState, foreign, point_states, status_table
+from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled
 from cifar_dist.sweep.task import SearchTask, TrainTask
 from cifar_dist.tables import format_table
 
@@ -89,10 +73,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     uid = uuid.uuid4().hex[:6]  # run ids stay unique (wandb) when a sweep name is reused
     record = new_record(spec, profile, executor, uid)
     if spec.search:
-        record.base_config = search.study_base_config(spec, sweep_dir, uid)
-        record.points = search.make_workers(0, spec.search.workers)
+        record.base_config = study.study_base_config(spec, sweep_dir, uid)
+        record.points = study.make_workers(0, spec.search.workers)
     else:
-        record.points = [point_entry(p) for p in make_points(spec, sweep_dir, uid, args.max_points)]
+        record.points = make_points(spec, sweep_dir, uid, args.max_points)
     if args.dry_run:
         return dry_run(spec, executor, record)
     if note:
@@ -100,10 +84,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     executor.connect()
     with changing(sweep_dir, "submit", new=True) as created:
         try:
-            shutil.copyfile(spec.path, sweep_dir / "spec.yaml")
+            shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
             save_record(sweep_dir, record)
             if record.is_study:
-                search.create_study(sweep_dir, record)
+                study.create_study(sweep_dir, record)
             jobs = submit_points(executor, record, record.points)
         except BaseException:
             if not any(p.job_id for p in record.points):
@@ -119,11 +103,6 @@ def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> Sw
     return SweepRecord(name=spec.name, uid=uid, profile=profile.name, profile_path=profile.path, executor=executor.name,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), submitted_from=str(Path.cwd()),
                        resources=spec.resources, search=spec.search)
-
-
-def point_entry(p: Point) -> PointEntry:
-    return PointEntry(name=p.name, values=p.values, describe=p.describe(), run_id=p.run_id, run_dir=p.run_dir,
-                      config=p.config)
 
 
 def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) -> list:
@@ -147,7 +126,7 @@ def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry]
     what = "worker(s)" if record.is_study else "point(s)"
     print(f"{record.name}: {len(points)} {what} submitted as {executor.where(len(points))}")
     if record.search:
-        print(search.describe_search(record.search))
+        print(study.describe_search(record.search))
     print(format_table([[p.name, p.job_id, *_run(p)] for p in points], ["point", "job", "run id", "values"]))
     print(f"sweep dir: {executor.sweep_dir}\nstatus:    python jobs/submit.py status {executor.sweep_dir}")
 
@@ -163,7 +142,7 @@ def dry_run(spec: Spec, executor: Executor, record: SweepRecord) -> int:
     print(f"{spec.name}: {len(points)} {'worker(s)' if record.is_study else 'point(s)'}, cluster profile "
           f"{executor.profile.name}, executor {executor.name}; dry run, nothing submitted")
     if record.search:
-        print(search.describe_search(record.search))
+        print(study.describe_search(record.search))
     print(format_table([[p.name, *_run(p)] for p in points], ["point", "run id", "values"]))
     print(f"sweep dir: {sweep_dir} (run dirs {sweep_dir / 'runs'}/<point>)")
     print(executor.preview(spec.name, spec.resources, len(points)), end="")
@@ -201,7 +180,7 @@ def ask_queue(sweep: Sweep, retry_for: float) -> dict[str, str]:
     start, pause, said = time.monotonic(), BACKOFF_S[0], False
     while True:
         try:
-            queue = sweep.executor.queue_states(job_ids(sweep.record))
+            queue = sweep.executor.queue_states(sweep.record.job_ids())
         except QueueError as e:
             waited = time.monotonic() - start
             if waited >= retry_for:
@@ -221,14 +200,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     sweep = open_sweep(args.sweep_dir)
     states = sweep_states(sweep, args.retry_for)
     record = sweep.record
-    trials = search.trial_table(sweep.dir, record, states) if record.search else None
+    trials = study.trial_table(sweep.dir, record, states) if record.search else None
     if args.json:
         workers = [s.to_dict() for s in states]
         print(json.dumps({**trials, "workers": workers} if trials else workers, indent=1))
     else:
         print(f"{record.name} ({record.executor} executor, profile {record.profile}): {sweep.dir}")
         if trials and record.search:
-            print(search.status_text(trials, record.search.metric) + "\nworkers:")
+            print(study.status_text(trials, record.search.metric) + "\nworkers:")
         print(status_table(states))
     return 0
 
@@ -292,7 +271,7 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
             elif state.state in RESUBMITTABLE:
                 points.append(point)
         if args.workers:  # recorded with their job ids once submitted (submit_points saves the record)
-            added = search.make_workers(len(sweep.record.points), args.workers)
+            added = study.make_workers(len(sweep.record.points), args.workers)
             sweep.record.points += added
             points += added
         if not points:

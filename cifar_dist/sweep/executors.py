@@ -28,8 +28,9 @@ import submitit
 from cifar_dist.errors import ConfigError
 from cifar_dist.sweep import submitit_compat
 from cifar_dist.sweep.profiles import ClusterError, Profile, apply_submit_environment
-from cifar_dist.sweep.record import last_line, submitit_folder
-from cifar_dist.sweep.spec import Resources
+from cifar_dist.sweep.resources import Resources
+from cifar_dist.sweep.states import last_line
+from cifar_dist.sweep.sweepdir import submitit_folder
 
 SLOTS = "slots"  # <sweep dir>/slots/: the local executor's run slots (locks) and "<job id>.running" markers
 # Variables a job must not inherit from the shell it is submitted from: a sweep submitted from
@@ -59,7 +60,7 @@ class Executor:
 
     def check(self, r: Resources) -> None:
         """Refuse (ConfigError) resources this executor cannot give; the profile's limits are
-        checked by spec.check_fits."""
+        checked by resources.check_fits."""
 
     def connect(self) -> None:
         """Make the scheduler's commands reachable from this process, before submit, queue_states or cancel."""

@@ -23,7 +23,7 @@ cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks sto
 the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
 (resumable with `resubmit --failed`).
 
-A study's worker (`SearchTask`, search.py) is the same task around `search.run_worker`: it trains
+A study's worker (`SearchTask`, worker.py) is the same task around `worker.run_worker`: it trains
 one trial after another in one job, and a requeued worker resumes its own unfinished trial first.
 """
 
@@ -38,9 +38,10 @@ from typing import Any
 import submitit
 
 from cifar_dist.sweep.executors import EXECUTORS, SLOTS, wait_for_slot
-from cifar_dist.sweep.record import STOPPED, cancelled_ids, was_cancelled
-from cifar_dist.sweep.spec import EARLY_SIGNAL_S
+from cifar_dist.sweep.resources import EARLY_SIGNAL_S
+from cifar_dist.sweep.states import STOPPED
 from cifar_dist.sweep.submitit_compat import NotRequeued, checkpoint_and_requeue
+from cifar_dist.sweep.sweepdir import cancelled_ids, was_cancelled
 
 # A job's clock starts a little before its task's process does (slurmstepd, srun, exec).
 LAUNCH_SLACK_S = 10
@@ -128,7 +129,7 @@ def timed_out(age_s: float, limit_min: int, signal_delay_s: int) -> bool:
     """Whether a stop signal that came `age_s` seconds into this life of the job is its time
     limit's (counted against max_timeouts) rather than a pre-emption (free). Slurm sends the time
     limit's signal `signal_delay_s` before the limit, or up to EARLY_SIGNAL_S earlier; a signal
-    before that cannot be it. spec.py refuses limits that leave no room for a pre-emption."""
+    before that cannot be it. resources.py refuses limits that leave no room for a pre-emption."""
     return age_s >= 60 * limit_min - signal_delay_s - EARLY_SIGNAL_S - LAUNCH_SLACK_S
 
 
@@ -140,7 +141,7 @@ def process_age_s() -> float:
 
 
 class SearchTask(TrainTask):
-    """A study's worker (search.py): trials one after another, until the study needs no more.
+    """A study's worker (worker.py): trials one after another, until the study needs no more.
     Requeued, it first resumes its own unfinished trial, from that trial's checkpoints."""
 
     def __init__(self, worker: str, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0,
@@ -151,7 +152,7 @@ class SearchTask(TrainTask):
     def __call__(self) -> dict[str, Any]:
         job = self.start()
 
-        from cifar_dist.sweep.search import run_worker
+        from cifar_dist.sweep.worker import run_worker
         from cifar_dist.train import Stopped
 
         try:
@@ -161,7 +162,7 @@ class SearchTask(TrainTask):
 
     @property
     def run_dir(self) -> str:
-        from cifar_dist.sweep.search import worker_dir
+        from cifar_dist.sweep.study import worker_dir
 
         return str(worker_dir(Path(self.sweep_dir), self.worker))
 
