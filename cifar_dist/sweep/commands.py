@@ -76,7 +76,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         record.base_config = study.study_base_config(spec, sweep_dir, uid)
         record.points = study.make_workers(0, spec.search.workers)
     else:
-        record.points = make_points(spec, sweep_dir, uid, args.max_points)
+        record.points = make_points(spec, sweep_dir, uid, max_points=args.max_points)
     if args.dry_run:
         return dry_run(spec, executor, record)
     if note:
@@ -108,10 +108,9 @@ def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> Sw
 def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) -> list:
     """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
     r = record.resources
-    env, slots = dict(executor.profile.env), executor.run_slots(r)
-    where = str(executor.sweep_dir)
-    tasks = [SearchTask(p.name, env, r.cpus_per_task, where, slots, r.signal_delay_s) if isinstance(p, WorkerEntry) else
-             TrainTask(p.config, env, r.cpus_per_task, where, slots, r.signal_delay_s) for p in points]
+    task = {"env": dict(executor.profile.env), "cpus": r.cpus_per_task, "sweep_dir": str(executor.sweep_dir),
+            "local_slots": executor.run_slots(r), "signal_delay_s": r.signal_delay_s}
+    tasks = [SearchTask(p.name, **task) if isinstance(p, WorkerEntry) else TrainTask(p.config, **task) for p in points]
     jobs = executor.submit(record.name, r, tasks)
     for point, job in zip(points, jobs):
         point.job_id = str(job.job_id)

@@ -48,7 +48,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """A journal file storage whose running trials are failed (and retried, up to `max_retries`
     times) once no heartbeat has come for `grace_s` seconds."""
 
-    def __init__(self, path: str, heartbeat_s: int, grace_s: int, max_retries: int) -> None:
+    def __init__(self, path: str, *, heartbeat_s: int, grace_s: int, max_retries: int) -> None:
         super().__init__(JournalFileBackend(path))
         self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
         with warnings.catch_warnings():

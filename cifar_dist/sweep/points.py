@@ -26,7 +26,7 @@ MAX_POINTS = 1000  # a typo such as a 100-value grid crossed with 100 seeds shou
 PATH_KEYS = ("data.path", "data.cache_dir")
 
 
-def make_points(spec: Spec, sweep_dir: Path, uid: str, max_points: int = MAX_POINTS) -> list[PointEntry]:
+def make_points(spec: Spec, sweep_dir: Path, uid: str, *, max_points: int = MAX_POINTS) -> list[PointEntry]:
     """Every point with its run id, run dir and validated config; the first mistake raises."""
     n = count_points(spec)
     if n > max_points:

@@ -87,7 +87,8 @@ def describe_search(s: Search) -> str:
 
 
 def open_storage(sweep_dir: Path, search: Search) -> HeartbeatJournalStorage:
-    return HeartbeatJournalStorage(str(sweep_dir / JOURNAL), search.heartbeat_s, search.grace_s, search.max_retries)
+    return HeartbeatJournalStorage(str(sweep_dir / JOURNAL), heartbeat_s=search.heartbeat_s, grace_s=search.grace_s,
+                                   max_retries=search.max_retries)
 
 
 def _sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:

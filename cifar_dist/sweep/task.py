@@ -47,16 +47,16 @@ from cifar_dist.sweep.sweepdir import cancelled_ids, was_cancelled
 LAUNCH_SLACK_S = 10
 
 
-class TrainTask(submitit.helpers.Checkpointable):
-    """Train one point: `config` is a resolved `Config.to_dict()`; `env` is the cluster
-    profile's environment for tasks; `cpus` the CPUs each rank may use (compute threads);
-    `sweep_dir` holds the cancel list; `local_slots` caps the points that run at once where the
-    executor starts them all together (the local one: `Executor.run_slots`; 0 = no cap);
-    `signal_delay_s` is how long before the time limit the stop signal was asked for."""
+class SweepTask(submitit.helpers.Checkpointable):
+    """What every rank of a sweep's job runs: `run` once the job's environment is set, and on a stop
+    signal the requeue (or the stopped marker). `env` is the cluster profile's environment for
+    tasks; `cpus` the CPUs each rank may use (compute threads); `sweep_dir` holds the cancel list;
+    `local_slots` caps the jobs that run at once where the executor starts them all together (the
+    local one: `Executor.run_slots`; 0 = no cap); `signal_delay_s` is how long before the time
+    limit the stop signal was asked for."""
 
-    def __init__(self, config: dict[str, Any], env: dict[str, str], cpus: int = 1, sweep_dir: str = "",
-                 local_slots: int = 0, signal_delay_s: int = 90):
-        self.config = config
+    def __init__(self, *, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0,
+                 signal_delay_s: int = 90):
         self.env = env
         self.cpus = cpus
         self.sweep_dir = sweep_dir
@@ -66,14 +66,21 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         job = self.start()
 
-        from cifar_dist.config import config_from_dict
-        from cifar_dist.train import Stopped, train
+        from cifar_dist.train import Stopped
 
-        cfg = config_from_dict(self.config)
         try:
-            return train(cfg)
+            return self.run()
         except Stopped:
             return self.requeue_or_stop(job)
+
+    def run(self) -> dict[str, Any]:
+        """The job's work, on every rank; raises train's `Stopped` when a signal stopped it."""
+        raise NotImplementedError
+
+    @property
+    def run_dir(self) -> str:
+        """Where the work's files are (the stopped marker names it)."""
+        raise NotImplementedError
 
     def start(self) -> submitit.JobEnvironment:
         """This rank's job, once it may run (a local run slot), with its environment set."""
@@ -85,12 +92,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         limit_threads(self.cpus)
         return job
 
-    @property
-    def run_dir(self) -> str:
-        return self.config["run"]["dir"]
-
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """The same point again: training resumes by itself from the run dir's checkpoints."""
+        """The same task again: the work resumes by itself from the run dir's checkpoints."""
         return submitit.helpers.DelayedSubmission(copy.copy(self))
 
     def requeue_or_stop(self, job: submitit.JobEnvironment) -> dict[str, Any]:
@@ -140,25 +143,38 @@ def process_age_s() -> float:
     return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-class SearchTask(TrainTask):
+class TrainTask(SweepTask):
+    """Train one point: `config` is its resolved `Config.to_dict()`."""
+
+    def __init__(self, config: dict[str, Any], **task: Any):
+        super().__init__(**task)
+        self.config = config
+
+    def run(self) -> dict[str, Any]:
+        from cifar_dist.config import config_from_dict
+        from cifar_dist.train import train
+
+        return train(config_from_dict(self.config))
+
+    @property
+    def run_dir(self) -> str:
+        return self.config["run"]["dir"]
+
+
+class SearchTask(SweepTask):
     """A study's worker (worker.py): trials one after another, until the study needs no more.
     Requeued, it first resumes its own unfinished trial, from that trial's checkpoints."""
 
-    def __init__(self, worker: str, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0,
-                 signal_delay_s: int = 90):
-        super().__init__({}, env, cpus, sweep_dir, local_slots, signal_delay_s)
+    def __init__(self, worker: str, **task: Any):
+        super().__init__(**task)
         self.worker = worker
 
-    def __call__(self) -> dict[str, Any]:
-        job = self.start()
-
+    # The study's modules (and Optuna) are imported where a worker runs: launch.py's ranks import
+    # this module's environment helpers alone.
+    def run(self) -> dict[str, Any]:
         from cifar_dist.sweep.worker import run_worker
-        from cifar_dist.train import Stopped
 
-        try:
-            return run_worker(Path(self.sweep_dir), self.worker)
-        except Stopped:
-            return self.requeue_or_stop(job)
+        return run_worker(Path(self.sweep_dir), self.worker)
 
     @property
     def run_dir(self) -> str:
