@@ -23,6 +23,9 @@ scancel failed); 2 a mistake in the spec or the command line, or the sweep dir i
 or written; 3 the scheduler could not be reached (squeue kept failing for --retry-for seconds,
 default 600, while status, wait, cancel and resubmit asked again with backoff); 124 `wait --timeout`
 ran out.
+
+Not tenacity for riding out an outage: `ask_queue`'s last pause ends exactly at --retry-for and it says one line
+as the outage starts and one as it ends, which tenacity needs a custom wait and two callbacks for (longer than the loop).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
     <sweep dir>/runs/<point>/     each point's or trial's run dir (config.yaml, metrics.jsonl, checkpoints/, ...)
     <sweep dir>/submitit/         submitit's sbatch script, pickles and logs (<job id>_<task>_log.out)
     <sweep dir>/cancelled         job ids stopped by `cancel` (tasks read it to not requeue)
-    <sweep dir>/sweep.lock        flocked by the command changing the record (submit, resubmit,
-                                  cancel); names its holder
+    <sweep dir>/sweep.lock        flocked (filelock) by the command changing the record (submit,
+                                  resubmit, cancel); names its holder
     <sweep dir>/slots/            the local executor's run slots (it starts every point at once)
     <sweep dir>/study.journal, workers/, budget.lock   a study's (study.py)
 """
@@ -16,13 +16,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from cifar_dist.errors import UserError
 from cifar_dist.sweep.record import RECORD, load_record
@@ -50,24 +51,25 @@ def changing(sweep_dir: Path, command: str, new: bool = False) -> Iterator[bool]
         created = False
         if not (sweep_dir / RECORD).is_file():
             load_record(sweep_dir)  # the one-line "not a sweep dir" error, before any file is made here
-    f = open(sweep_dir / LOCK, "a+")  # noqa: SIM115 - held until the block ends
+    holder = f"{command} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})\n"
+    # A new dir's claimant waits: anyone holding it now is a command about to find no record.
+    lock = FileLock(sweep_dir / LOCK, timeout=-1 if new else 0, on_acquired=lambda fd: _name_holder(fd, holder))
     try:
-        # A new dir's claimant blocks: anyone holding it now is a command about to find no record.
-        fcntl.flock(f, fcntl.LOCK_EX if new else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another command"
-        f.close()
-        raise UserError(f"{sweep_dir}: busy, {holder} is changing this sweep; nothing done, "
+        lock.acquire()
+    except Timeout:
+        other = (sweep_dir / LOCK).read_text().strip() or "another command"
+        raise UserError(f"{sweep_dir}: busy, {other} is changing this sweep; nothing done, "
                         "run it again when that has finished") from None
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{command} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})\n")
-        f.flush()
         yield created
     finally:
-        f.close()
+        lock.release()
+
+
+def _name_holder(fd: int, holder: str) -> None:
+    """Say in the lock file who holds it (a refused command reads it back)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
 
 
 def check_free(sweep_dir: Path) -> None:

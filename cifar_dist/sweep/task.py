@@ -23,6 +23,10 @@ cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks sto
 the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
 (resumable with `resubmit --failed`).
 
+The torch.distributed variables come from submitit's `TorchDistributedEnvironment` (Slurm's or the
+local executor's); only the GPU split is ours: its CUDA_VISIBLE_DEVICES=local_rank is wrong where
+Slurm lists GPU ids such as 4,5 (`one_gpu_per_task`).
+
 A study's worker (`SearchTask`, worker.py) is the same task around `worker.run_worker`: it trains
 one trial after another in one job, and a requeued worker resumes its own unfinished trial first.
 """
