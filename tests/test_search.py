@@ -56,8 +56,8 @@ def search_spec(path: Path, name: str, search: dict, overrides: dict | None = No
 
 def sweep_command(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """`python jobs/submit.py ARGS` in this process, with `env` as its environment (restored after):
-    the same code as the command, without an interpreter and torch start-up each time (seconds on
-    a loaded 2-core machine). The first submit of each study runs the real command instead."""
+    the same code as the command, without an interpreter and torch start-up each time (seconds
+    each). The first submit of each study runs the real command instead."""
     saved = dict(os.environ)
     out, err = io.StringIO(), io.StringIO()
     os.environ.clear()

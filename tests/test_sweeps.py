@@ -356,8 +356,8 @@ def test_max_points_lifts_the_cap(tmp_path):
     (["done"], 0, 1),
 ])
 def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, reads, code, looks):
-    """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
-    seen once on the real Slurm and cannot be produced on demand)."""
+    """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against, a
+    requeued job between its two lives, cannot be produced on demand on the real Slurm)."""
     from cifar_dist.sweep import commands
     from cifar_dist.sweep.states import PointState
 

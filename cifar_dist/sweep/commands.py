@@ -13,9 +13,9 @@ adds workers to the same study.
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
 loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
 (sbatch), `local` (processes on this machine, no Slurm), `debug` (in this process, one point
-after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local. (The
-flag was once `--cluster`; that spelling is now an error naming `--executor`, so "cluster"
-means one thing: the profile, the cluster's facts.)
+after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local.
+"cluster" means one thing, the profile (the cluster's facts): `--cluster` is an error that names
+`--executor`.
 
 Exit codes: 0 done; 1 some point did not finish (`wait`), or the scheduler refused (sbatch,
 scancel failed); 2 a mistake in the spec or the command line, or the sweep dir is taken or busy
@@ -215,8 +215,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # A point read as ended without a result is looked at again this much later before `wait` believes
-# it: a requeued Slurm job was once read so for a moment, between its old and its new life (seen
-# once in three CI runs; the state it showed was not caught).
+# it: between a requeued Slurm job's old and new life, squeue and the result pickle may for a moment
+# show neither, which reads as "ended without a result".
 SETTLE_SECONDS = 10.0
 
 
@@ -314,7 +314,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the points and the sbatch script; submit nothing")
     parser.add_argument("--executor", choices=["auto", *EXECUTORS], default="auto",
                         help="slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
-    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # the old spelling of --executor: an error naming it
+    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # an error naming --executor (the spec's cluster: is the profile)
     parser.add_argument("--sweep-dir", help="default: sweeps/<name>")
     parser.add_argument("--max-points", type=int, default=MAX_POINTS, help=f"refuse larger sweeps (default {MAX_POINTS})")
     args = parser.parse_args(argv)

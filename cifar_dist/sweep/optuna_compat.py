@@ -11,7 +11,8 @@ called stale, so a pre-empted trial is resumed by its own worker instead of bein
 The rest of cifar_dist/sweep/ passes Trial objects to the functions and methods below and
 reads the system attributes it keeps (the worker, suspended) through them.
 
-Tested with Optuna 5.0; pyproject.toml pins `>=4.9,<6` (4.9 renamed the callback and its getter).
+Tested with Optuna 5.1 (constraints.txt); pyproject.toml pins `>=4.9,<6` (the callback and its getter
+have these names from 4.9 on).
 tests/test_search.py runs a stale trial through Optuna's own `fail_stale_trials` and the retry
 callback against the installed Optuna, so a release that changes `BaseHeartbeat` fails there.
 """

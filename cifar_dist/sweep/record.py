@@ -115,7 +115,7 @@ def load_record(sweep_dir: Path) -> SweepRecord:
     try:
         study = "search" in data
         entries = [_entry(e, study, f"points[{i}].") for i, e in enumerate(data.pop("points"))]
-        data.pop("world_size", None)  # a study's ranks per trial, as its resources say; written by earlier versions
+        data.pop("world_size", None)  # a study's ranks per trial, kept once: in resources (a record with it loads)
         record = schema.build(SweepRecord, data)
     except ConfigError as e:
         raise UserError(f"{path}: damaged, not a sweep record ({e})") from None

@@ -208,7 +208,8 @@ def one_gpu_per_task(local_rank: int, local_world_size: int) -> None:
 def limit_threads(cpus: int) -> None:
     """One compute thread per CPU the task was given. Jobs inherit the submitting shell's
     environment, whose OMP_NUM_THREADS (or none: every core) oversubscribes a node shared by
-    several points or ranks; on this 2-core machine that made training 20x slower."""
+    several points or ranks: OpenMP threads that outnumber the cores spin-wait for each other,
+    and training runs many times slower."""
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus)
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     import torch
