@@ -38,7 +38,7 @@ class PointEntry:
 
 @dataclass
 class WorkerEntry:
-    """A worker of a study (search.py): an array task that trains the study's trials, no run dir of its own."""
+    """A worker of a study (worker.py): an array task that trains the study's trials, no run dir of its own."""
 
     kind: str = "worker"
     name: str = ""  # "w0", "w1", ...
