@@ -3,8 +3,8 @@ number of trials and epochs per trial, several sampler seeds each, side by side 
 
     python benchmarks/bench_search.py --data /work/shared/data/cifar10-jpeg.tar.gz [--seeds 3] [--trials 12] [--epochs 9]
 
-Each study is `python jobs/submit.py SPEC --executor debug` (one worker, one compute thread: on a
-shared 2-core machine one thread trained `blitz` 4x faster than two), read back with `status
+Each study is `python jobs/submit.py SPEC --executor debug` (one worker, one compute thread: threads
+that outnumber a shared machine's free cores slow `blitz` down several times), read back with `status
 --json`; both commands run in this process (the debug executor trains in it), so a study's seconds
 hold no interpreter start-up. Per study: the best trial's final test accuracy and the epochs
 trained by all its trials (pruned ones stop early). Goal (issue #18): TPE + ASHA within 0.5 points of

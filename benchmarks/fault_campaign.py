@@ -199,7 +199,7 @@ def run_slurm_trial(index: int, fault: Fault, work: Path, reference: Path, env: 
     if (proc := execute([*SWEEP, str(spec), "--sweep-dir", str(sweep_dir)], env)).returncode != 0:
         trial.problems.append(f"submit exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
         return trial
-    job = load_record(sweep_dir)["points"][0]["job_id"]
+    job = load_record(sweep_dir).points[0].job_id
     if not poll(lambda: newest_step(run_dir) >= fault.reached or RunDir(run_dir).summary(), 300):
         trial.problems.append(f"never reached step {fault.reached}")
     if fault.kind == "slurm_preempt":

@@ -6,7 +6,7 @@
     <run dir>/summary.json     the final evaluation and timings (written last: the run is done)
     <run dir>/pruned.json      instead of summary.json, for a run its caller stopped early (train's
                                on_eval hook: a pruned search trial): the summary, and when and why
-    <run dir>/trial.json       a search trial's end (sweep/search.py): number, state (complete |
+    <run dir>/trial.json       a search trial's end (sweep/record.py TrialRecord): number, state (complete |
                                pruned | fail), value, metric, params, note
     <run dir>/model.pt         the final weights and input statistics, with their sha256, for predict and evaluate
     <run dir>/loss.png, per_class_accuracy.png

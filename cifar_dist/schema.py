@@ -97,12 +97,17 @@ def lookup(obj: Any, key: str, where: str = "") -> tuple[Any, str, Any]:
 
 
 def convert(key: str, hint: Any, value: Any, from_text: bool = False) -> Any:
-    """`value` as the type `hint` (str, bool, int, float, X | None, list[X], dict[str, X]), or a ConfigError."""
+    """`value` as the type `hint` (str, bool, int, float, X | None, list[X], dict[str, X], a dataclass
+    built from a mapping, or Any: plain data kept as given), or a ConfigError."""
+    if hint is Any:
+        return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for arm in (a for a in args if a is not type(None)):
+            if dataclasses.is_dataclass(arm) and isinstance(value, dict):
+                return build(arm, value, f"{key}.")  # its own message names the key inside it
             try:
                 return convert(key, arm, value, from_text)
             except ConfigError:
@@ -135,6 +140,9 @@ def convert(key: str, hint: Any, value: Any, from_text: bool = False) -> Any:
             value = [v for v in value.split(",") if v]
         if isinstance(value, list):
             return [convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return build(hint, value, f"{key}.")
     elif origin is dict and isinstance(value, dict):
         out = {}
         for k, v in value.items():
@@ -151,7 +159,7 @@ def _name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is list:
         return "a list"
-    if origin is dict:
+    if origin is dict or dataclasses.is_dataclass(hint):
         return "a mapping"
     return getattr(hint, "__name__", str(hint))
 

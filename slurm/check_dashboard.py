@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from cifar_dist.errors import UserError, run_command
-from cifar_dist.sweep.search import JOURNAL
+from cifar_dist.sweep.study import JOURNAL
 
 WINDOW = (1400, 1000)
 START_S = 60  # the dashboard's start (it reads the whole journal first)

@@ -223,11 +223,11 @@ def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout:
 def start_requeued(job_id: str, env: dict[str, str], until: Callable[[], Any], timeout: float, what: str,
                    sweep_dir: Path | None = None) -> None:
     """Keep starting a requeued job now, rather than after Slurm's two-minute hold, until `until()`.
-    One `scontrol update StartTime=now` is not enough: on a loaded 2-core VM the dev cluster set
-    the hold just after the job showed PENDING (while its last life was still completing), undoing
-    an early release, so release while it is pending (idempotent); and it put a requeued job back to
-    FAILED 0.2 s after showing it PENDING, where it stayed, so requeue it again. A requeue that never
-    runs fails here, at the time-out."""
+    One `scontrol update StartTime=now` may not be enough: on a loaded machine the dev cluster can
+    set the hold just after the job shows PENDING (while its last life is still completing), undoing
+    an early release, so release while it is pending (idempotent); and it can put a requeued job
+    back to FAILED just after showing it PENDING, where it stays, so requeue it again. A requeue that
+    never runs fails here, at the time-out."""
 
     def ready() -> Any:
         if value := until():

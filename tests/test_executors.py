@@ -12,7 +12,7 @@ import pytest
 from cifar_dist.errors import ConfigError
 from cifar_dist.sweep.executors import EXECUTORS, Executor
 from cifar_dist.sweep.profiles import load_profile
-from cifar_dist.sweep.spec import Resources
+from cifar_dist.sweep.resources import Resources
 
 
 def public(cls: type) -> set[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import PY, TINY
+from conftest import PY, TINY, write_image_tree
 from PIL import Image
 from slurm_fixtures import TINY_OVERRIDES, slurm_env, submitted
 
@@ -29,14 +29,14 @@ from cifar_dist.config import load_config
 from cifar_dist.report import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, compare_main, load_runs
 from cifar_dist.rundir import CONFIG, PRUNED, SUMMARY, TRIAL, RunDir, read_json
 from cifar_dist.sweep import commands
-from cifar_dist.sweep.optuna_compat import HEARTBEAT, SUSPENDED, HeartbeatJournalStorage, fail_stale_trials
+from cifar_dist.sweep.optuna_compat import HEARTBEAT, SUSPENDED, HeartbeatJournalStorage, fail_stale_trials, trial_id
 from cifar_dist.sweep.spec import load_spec
 from cifar_dist.train import train
 
 # A range with hopeless ends: 1e-4 barely moves in a few epochs; 0.5 is too high for this tiny run.
 HOPELESS_LR = {"train.lr": {"loguniform": ["1e-4", 0.5]}}
 STEPS_PER_EPOCH = 20  # TINY: 1,280 synthetic images in steps of 64
-# The random sampler's draws from HOPELESS_LR for trials 0, 1, 2, 3 (search.py seeds each ask with
+# The random sampler's draws from HOPELESS_LR for trials 0, 1, 2, 3 (worker.py seeds each ask with
 # seed * 100003 + its number). Seed 10: 0.073, 0.089, 0.0035, 0.00011: trials 2 and 3 start only
 # once trial 0 or 1 has ended an epoch, so their first evaluation, far worse, meets a better one at
 # ASHA's rung and is pruned; the first trial evaluated at the rung is never pruned and completes.
@@ -56,8 +56,8 @@ def search_spec(path: Path, name: str, search: dict, overrides: dict | None = No
 
 def sweep_command(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """`python jobs/submit.py ARGS` in this process, with `env` as its environment (restored after):
-    the same code as the command, without an interpreter and torch start-up each time (seconds on
-    a loaded 2-core machine). The first submit of each study runs the real command instead."""
+    the same code as the command, without an interpreter and torch start-up each time (seconds
+    each). The first submit of each study runs the real command instead."""
     saved = dict(os.environ)
     out, err = io.StringIO(), io.StringIO()
     os.environ.clear()
@@ -89,7 +89,8 @@ def test_search_block_reads_with_defaults(tmp_path):
     s = spec.search
     assert (s.trials, s.workers, s.metric, s.direction, s.sampler, s.pruner) == (4, 2, "test_accuracy", "maximize",
                                                                                  "random", "asha")
-    assert (s.params["train.lr"].kind, s.params["train.lr"].args) == ("loguniform", [1e-4, 0.5]), "1e-4 as written"
+    assert s.params == {"train.lr": {"loguniform": [1e-4, 0.5]}}, "1e-4 as written, a number"
+    assert (s.distributions["train.lr"].kind, s.distributions["train.lr"].args) == ("loguniform", [1e-4, 0.5])
     assert spec.grid == {} and spec.random is None
 
 
@@ -100,6 +101,8 @@ def test_search_block_reads_with_defaults(tmp_path):
     ({"pruner": "asha2"}, {}, "search.pruner: must be one of asha, hyperband, median, none"),
     ({"metric": "train_loss"}, {}, "search.metric: must be one of test_accuracy, test_loss"),
     ({"workers": 0}, {}, "search.workers: must be >= 1, got 0"),
+    ({"workers": 100000, "trials": 2}, {}, "search.workers: 100000 workers for 2 trials; a worker trains one trial at a "
+                                           "time, so give at most as many workers as trials"),
     ({"params": {}}, {}, "search.params: empty"),
     ({"params": {"train.lr": {"normal": [0, 1]}}}, {}, "search.params.train.lr: unknown distribution 'normal'"),
     ({"sampler": "grid"}, {}, "search.params.train.lr: the grid sampler takes {choice: [...]} only"),
@@ -159,11 +162,11 @@ def test_journal_heartbeats_fail_and_retry_only_dead_workers_trials(tmp_path):
     study = optuna.create_study(study_name="hb", storage=storage, direction="maximize")
     alive, dead, away = (study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(3))
     for t in (alive, dead, away):
-        storage.record_heartbeat(t._trial_id)
+        storage.record_heartbeat(trial_id(t))
     long_ago = time.time() - 60
-    storage.set_trial_system_attr(dead._trial_id, HEARTBEAT, long_ago)
-    storage.set_trial_system_attr(away._trial_id, HEARTBEAT, long_ago)
-    storage.set_trial_system_attr(away._trial_id, SUSPENDED, True)  # pre-empted: waits for its worker's requeue
+    storage.set_trial_system_attr(trial_id(dead), HEARTBEAT, long_ago)
+    storage.set_trial_system_attr(trial_id(away), HEARTBEAT, long_ago)
+    storage.set_trial_system_attr(trial_id(away), SUSPENDED, True)  # pre-empted: waits for its worker's requeue
     fail_stale_trials(study)
     states = [t.state.name for t in study.get_trials()]
     assert states == ["RUNNING", "FAIL", "RUNNING", "WAITING"]
@@ -172,7 +175,7 @@ def test_journal_heartbeats_fail_and_retry_only_dead_workers_trials(tmp_path):
     # max_retries=1: the retry, dead in turn, is failed but not retried again.
     popped = study.ask()
     assert popped.number == retry.number
-    storage.set_trial_system_attr(popped._trial_id, HEARTBEAT, long_ago)
+    storage.set_trial_system_attr(trial_id(popped), HEARTBEAT, long_ago)
     fail_stale_trials(study)
     assert [t.state.name for t in study.get_trials()] == ["RUNNING", "FAIL", "RUNNING", "FAIL"]
 
@@ -284,6 +287,32 @@ def test_a_worker_of_two_ranks_trains_and_stops_its_trials_as_one(tmp_path, cach
     for t in table["trials"]:
         run = RunDir(sweep_dir / "runs" / t["trial"])
         assert (run.summary() or read_json(run / PRUNED))["world_size"] == 2
+
+
+def test_trials_resubmitted_from_another_directory_find_the_relative_data_path(tmp_path, cache_dir, monkeypatch):
+    """A relative data.path is relative to the directory the study was submitted from, wherever its
+    workers start: the worker is cancelled and resubmitted from a directory without that folder (its
+    job starts there), and every trial still trains on the submitted directory's images."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    write_image_tree(project / "images", ["cat", "dog"], {"train": 64, "test": 16})
+    elsewhere.mkdir()
+    (tmp_path / "specs").mkdir()
+    env = slurm_env(cache_dir, tmp_path)
+    spec = search_spec(tmp_path / "specs" / "rel.yaml", "rel", {"trials": 2, "sampler": "random", "pruner": "none",
+                                                                 "heartbeat_s": 1, "grace_s": 20},
+                       overrides={"data.source": "imagefolder", "data.path": "images", "train.epochs": 1})
+    sweep_dir = tmp_path / "sweep"
+    submitted([str(spec), "--executor", "local", "--sweep-dir", str(sweep_dir)], env, project)
+    sweep_command(["cancel", str(sweep_dir)], env)
+    sweep_command(["wait", str(sweep_dir), "--poll", "0.5", "--timeout", "120"], env)
+    assert [w["state"] for w in status(sweep_dir, env)["workers"]] == ["cancelled"]
+    monkeypatch.chdir(elsewhere)
+    succeeded(["resubmit", str(sweep_dir), "--failed"], env)
+    succeeded(["wait", str(sweep_dir), "--poll", "0.5", "--timeout", "300"], env)
+    table = status(sweep_dir, env)
+    assert [t["state"] for t in table["trials"]].count("complete") == 2, table["trials"]
+    trained = [yaml.safe_load((d / CONFIG).read_text()) for d in (sweep_dir / "runs").iterdir() if (d / CONFIG).is_file()]
+    assert trained and all(c["data"]["path"] == str(project / "images") for c in trained), trained
 
 
 def test_bench_search_compares_the_methods_in_one_table(tmp_path, env):

@@ -116,9 +116,9 @@ def test_one_point_as_two_slurm_tasks_is_two_gloo_ranks(tmp_path, senv):
     assert len(list((run_dir / CHECKPOINTS).glob("step_*"))) == 1, "rank 0 alone writes"
 
 
-# Failed once in three full runs on a loaded 2-core VM: point 000 read as "ended without a result"
-# after the early release. Probably the dev cluster's lost requeue that restart_requeued now
-# handles (seen in the multi-node test), but not seen here; one rerun stays as a guard for CI.
+# One rerun: on a loaded machine the dev cluster's requeue can misbehave in ways restart_requeued
+# may not cover (point 000 read as "ended without a result" after its early release); the
+# subject here is the task's requeue and exact resume, not the dev cluster's timing.
 @pytest.mark.flaky(reruns=1)
 def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
     # Two points that train identically (checkpoint.keep does not change training): 000 is
@@ -216,7 +216,7 @@ def test_short_time_limit_survives_several_preemptions(tmp_path, senv):
 
 
 def test_concurrent_submits_and_resubmits_into_one_sweep_dir_one_wins(tmp_path, senv):
-    # 1,200 steps: the cancel must land while the points still train (80, and once 400, ended first in CI)
+    # 1,200 steps: the cancel must land while the points still train (shorter runs may end before it)
     specs = [write_spec(tmp_path / f"{name}.yaml", name, {"grid": {"seed": [0, 1]}}, overrides={"train.epochs": 60})
              for name in ("alpha", "beta")]
     sweep_dir = tmp_path / "sweep"

@@ -5,6 +5,7 @@ dev cluster: tests/test_slurm.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -21,18 +22,11 @@ from cifar_dist.config import config_from_dict
 from cifar_dist.rundir import CONFIG, SUMMARY, write_json
 from cifar_dist.sweep import commands
 from cifar_dist.sweep.executors import Executor, QueueError
-from cifar_dist.sweep.record import (
-    LOCK,
-    RECORD,
-    PointState,
-    changing,
-    discard,
-    foreign,
-    mark_cancelled,
-    point_states,
-    save_record,
-)
-from cifar_dist.sweep.spec import load_spec, make_points
+from cifar_dist.sweep.points import make_points
+from cifar_dist.sweep.record import RECORD, PointEntry, SweepRecord, save_record
+from cifar_dist.sweep.spec import load_spec
+from cifar_dist.sweep.states import PointState, foreign, point_states
+from cifar_dist.sweep.sweepdir import LOCK, changing, discard, mark_cancelled
 from cifar_dist.sweep.task import process_age_s, timed_out
 
 
@@ -53,14 +47,13 @@ def test_process_age_is_the_time_since_this_process_started():
 
 
 def finished_point(tmp_path: Path, run_id_in_summary: str | None = None, lr_in_run: float | None = None,
-                   result: tuple[str, Any] | None = ("success", None)) -> tuple[Path, dict[str, Any]]:
+                   result: tuple[str, Any] | None = ("success", None)) -> tuple[Path, PointEntry]:
     """A sweep dir with one point whose run dir holds a finished run (summary.json, config.yaml)
     and whose job left `result` (None: no result pickle; a None value: the summary it returned)."""
     spec = load_spec(spec_file(tmp_path))
     sweep_dir = tmp_path / "sw"
     [p] = make_points(spec, sweep_dir, "abc123")
-    point = {"name": p.name, "values": p.values, "describe": p.describe(), "run_id": p.run_id, "run_dir": p.run_dir,
-             "config": p.config, "job_id": "77_0", "job_ids": ["77_0"]}
+    point = dataclasses.replace(p, job_id="77_0", job_ids=["77_0"])
     run_dir = Path(p.run_dir)
     run_dir.mkdir(parents=True)
     cfg = config_from_dict(p.config)
@@ -77,8 +70,8 @@ def finished_point(tmp_path: Path, run_id_in_summary: str | None = None, lr_in_r
     return sweep_dir, point
 
 
-def state_of(sweep_dir: Path, point: dict[str, Any], queue: dict[str, str] | None = None) -> PointState:
-    [state] = point_states(sweep_dir, {"points": [point]}, queue or {})
+def state_of(sweep_dir: Path, point: PointEntry, queue: dict[str, str] | None = None) -> PointState:
+    [state] = point_states(sweep_dir, SweepRecord(points=[point]), queue or {})
     return state
 
 
@@ -105,7 +98,7 @@ def test_another_runs_result_is_a_mismatch_never_done(tmp_path, fault, note):
         state = state_of(sweep_dir, point, queue)
         assert state.state == "mismatch" and note in state.note, state
         assert state.accuracy is None and state.step is None, "nothing of the other run is shown as this point's"
-    assert foreign(point, Path(point["run_dir"]))
+    assert foreign(point, Path(point.run_dir))
 
 
 @pytest.mark.parametrize(("result", "note"), [
@@ -119,7 +112,7 @@ def test_a_summary_the_recorded_job_did_not_return_is_a_mismatch(tmp_path, resul
     sweep_dir, point = finished_point(tmp_path, result=result)
     state = state_of(sweep_dir, point)
     assert state.state == "mismatch" and state.note.startswith(note), state
-    assert not foreign(point, Path(point["run_dir"])), "its own run: resubmit --failed may confirm it"
+    assert not foreign(point, Path(point.run_dir)), "its own run: resubmit --failed may confirm it"
     assert state_of(sweep_dir, point, {"77_0": "requeued"}).state == "requeued", "its job is still at it"
 
 
@@ -150,8 +143,7 @@ def test_a_sweep_dir_being_changed_refuses_a_second_command_in_one_line(tmp_path
     assert [p.name for p in fresh.iterdir()] == [LOCK], "the loser wrote nothing"
 
     sweep_dir, point = finished_point(tmp_path, result=("error", "killed"))
-    save_record(sweep_dir, {"name": "s", "uid": "abc123", "profile": "local", "executor": "local", "points": [point],
-                            "resources": {}, "submissions": []})
+    save_record(sweep_dir, SweepRecord(name="s", uid="abc123", profile="local", executor="local", points=[point]))
     before = (sweep_dir / RECORD).read_text()
     for command in (["resubmit", str(sweep_dir), "--failed"], ["cancel", str(sweep_dir)]):
         with changing(sweep_dir, "resubmit"):
@@ -211,7 +203,7 @@ def clock(monkeypatch):
 @pytest.mark.parametrize("command", ["status", "wait"])
 def test_status_and_wait_ride_out_a_scheduler_outage(monkeypatch, capsys, clock, tmp_path, command):
     sweep_dir, point = finished_point(tmp_path)
-    sweep = commands.Sweep(sweep_dir, {"points": [point], "name": "s", "executor": "silent", "profile": "local"}, Silent(5))
+    sweep = commands.Sweep(sweep_dir, SweepRecord(points=[point], name="s", executor="silent", profile="local"), Silent(5))
     monkeypatch.setattr(commands, "open_sweep", lambda d: sweep)
     assert commands.main([command, str(sweep_dir)]) == 0
     assert clock == [2, 4, 8, 16, 32], "backoff, doubling"
@@ -223,8 +215,8 @@ def test_status_and_wait_ride_out_a_scheduler_outage(monkeypatch, capsys, clock,
 @pytest.mark.parametrize("command", ["status", "wait", "cancel"])
 def test_a_scheduler_silent_for_too_long_is_exit_3_not_a_failed_point(monkeypatch, capsys, clock, tmp_path, command):
     sweep_dir, point = finished_point(tmp_path)
-    save_record(sweep_dir, {"points": [point]})
-    sweep = commands.Sweep(sweep_dir, {"points": [point]}, Silent(10**6))
+    save_record(sweep_dir, SweepRecord(points=[point]))
+    sweep = commands.Sweep(sweep_dir, SweepRecord(points=[point]), Silent(10**6))
     monkeypatch.setattr(commands, "open_sweep", lambda d: sweep)
     assert commands.main([command, str(sweep_dir), "--retry-for", "300"]) == 3
     assert sum(clock) == 300 and max(clock) == 60

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_do
 
 from cifar_dist.errors import ConfigError
 from cifar_dist.rundir import ENV, SUMMARY, RunDir
+from cifar_dist.sweep.points import make_points
 from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
-from cifar_dist.sweep.spec import expand, load_spec, make_points
+from cifar_dist.sweep.record import PointEntry, WorkerEntry, load_record, save_record
+from cifar_dist.sweep.spec import expand, load_spec
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
 
@@ -45,10 +48,22 @@ def test_grid_is_crossed_with_seeded_random_draws(tmp_path):
     for d in draws:
         assert 1e-5 <= d["train.weight_decay"] <= 1e-2 and d["train.epochs"] in (1, 2, 3)
         assert d["model.name"] in ("blitz", "medium") and 0.0 <= d["train.label_smoothing"] <= 0.2
-    assert expand(load_spec(spec.path)) == points, "reproducible"
+    assert expand(load_spec(tmp_path / "spec.yaml")) == points, "reproducible"
     other = load_spec(spec_file(tmp_path, sweep={"random": {"n": 3, "seed": 8, "params": {
         "train.weight_decay": {"loguniform": [1e-5, 1e-2]}}}}))
     assert [p["train.weight_decay"] for p in expand(other)] != [d["train.weight_decay"] for d in draws[:3]]
+
+
+def test_nested_sections_read_as_dotted_keys_and_empty_keys_keep_their_defaults(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: n\nbase: debug\ncluster:\nresources:\noverrides: {train: {epochs: 1}}\n"
+                    "sweep:\n  grid: {train: {lr: [0.1, 0.2]}}\n"
+                    "  random: {n: 2, params: {train: {weight_decay: {loguniform: ['1e-5', 1.0e-3]}}}}\n")
+    spec = load_spec(path)
+    assert (spec.cluster, spec.resources.nodes, spec.overrides) == ("local", 1, {"train.epochs": 1})
+    assert spec.grid == {"train.lr": [0.1, 0.2]}
+    assert spec.random.params == {"train.weight_decay": {"loguniform": [1e-5, 1e-3]}}
+    assert [sorted(p) for p in expand(spec)] == [["train.lr", "train.weight_decay"]] * 4
 
 
 def test_int_bounds_are_inclusive_and_loguniform_is_log_spread(tmp_path):
@@ -70,6 +85,50 @@ def test_points_get_fixed_run_ids_dirs_and_group(tmp_path):
         assert p.config["train"]["lr"] == lr and p.config["train"]["epochs"] == 1
         assert p.config["tracking"]["group"] == "grp" and p.config["run"]["id"] == p.run_id
         assert p.config["data"]["path"] == str(Path("rel/data").absolute()), "jobs may start elsewhere"
+
+
+@pytest.mark.parametrize("kind", ["grid", "study"])
+def test_sweep_records_saved_before_entries_had_a_kind_still_load(tmp_path, kind):
+    """Golden sweep.json files as submit wrote them before entries carried a kind (a study's
+    workers were points with empty values, run id and config): read into the typed record, and
+    saved again with the same keys, each entry with its kind and a worker with its own fields only."""
+    saved = json.loads((ROOT / "tests" / "golden" / f"sweep_record_{kind}.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps(saved))
+    record = load_record(tmp_path)
+    assert (record.name, record.uid, record.executor, record.resources.time_min) == (saved["name"], "abc123", "slurm", 10)
+    assert [p.job_ids for p in record.points] == [p["job_ids"] for p in saved["points"]]
+    assert [s.job_ids for s in record.submissions] == [s["job_ids"] for s in saved["submissions"]]
+    if kind == "study":
+        assert all(isinstance(p, WorkerEntry) for p in record.points) and record.is_study
+        assert (record.search.trials, record.search.workers, record.base_config.train.epochs) == (4, 2, 2)
+        assert record.search.distributions["train.lr"].args == [1e-4, 0.5]
+    else:
+        assert all(isinstance(p, PointEntry) for p in record.points) and not record.is_study
+        assert [(p.values, p.run_dir, p.config) for p in record.points] == [
+            (p["values"], p["run_dir"], p["config"]) for p in saved["points"]]
+    save_record(tmp_path, record)
+    again = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(again) == set(saved) - {"world_size"} | {"submitted_from"}, "world_size: the resources' own, kept once"
+    assert again["submitted_from"] == "", "unknown: relative data paths resolve where the job starts, as they did"
+    for old, new in zip(saved["points"], again["points"]):
+        kept = {k: v for k, v in old.items() if kind == "grid" or k in ("name", "job_id", "job_ids")}
+        assert new == {**kept, "kind": "worker" if kind == "study" else "point"}
+    assert load_record(tmp_path) == record
+
+
+def test_status_wait_and_cancel_start_without_torch(tmp_path):
+    """The commands that only read a sweep dir (a study's, with its journal) never import torch:
+    they start in a fraction of the time a training process needs."""
+    saved = json.loads((ROOT / "tests" / "golden" / "sweep_record_study.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps({**saved, "executor": "local", "profile_path": ""}))
+    from cifar_dist.sweep import study
+
+    study.create_study(tmp_path, load_record(tmp_path))
+    script = ("import sys\nfrom cifar_dist.sweep.commands import main\n"
+              f"codes = [main([c, {str(tmp_path)!r}]) for c in ('status', 'wait', 'cancel')]\n"
+              "print(codes, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "[0, 1, 0] []", proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -297,10 +356,10 @@ def test_max_points_lifts_the_cap(tmp_path):
     (["done"], 0, 1),
 ])
 def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, reads, code, looks):
-    """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against was
-    seen once on the real Slurm and cannot be produced on demand)."""
+    """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against, a
+    requeued job between its two lives, cannot be produced on demand on the real Slurm)."""
     from cifar_dist.sweep import commands
-    from cifar_dist.sweep.record import PointState
+    from cifar_dist.sweep.states import PointState
 
     script = iter(reads)
     seen, slept = [], []

@@ -6,16 +6,16 @@
     python jobs/submit.py cancel SWEEP_DIR [--retry-for S]
     python jobs/submit.py resubmit SWEEP_DIR --failed | --workers N [--retry-for S]
 
-A spec with `search:` instead of `sweep:` runs a study (search.py): its "points" are workers that
+A spec with `search:` instead of `sweep:` runs a study (study.py, worker.py): its "points" are workers that
 take trials from an Optuna study in the sweep dir; `status` shows the trials, `resubmit --workers N`
 adds workers to the same study.
 
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
 loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
 (sbatch), `local` (processes on this machine, no Slurm), `debug` (in this process, one point
-after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local. (The
-flag was once `--cluster`; that spelling is now an error naming `--executor`, so "cluster"
-means one thing: the profile, the cluster's facts.)
+after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local.
+"cluster" means one thing, the profile (the cluster's facts): `--cluster` is an error that names
+`--executor`.
 
 Exit codes: 0 done; 1 some point did not finish (`wait`), or the scheduler refused (sbatch,
 scancel failed); 2 a mistake in the spec or the command line, or the sweep dir is taken or busy
@@ -23,12 +23,14 @@ scancel failed); 2 a mistake in the spec or the command line, or the sweep dir i
 or written; 3 the scheduler could not be reached (squeue kept failing for --retry-for seconds,
 default 600, while status, wait, cancel and resubmit asked again with backoff); 124 `wait --timeout`
 ran out.
+
+Not tenacity for riding out an outage: `ask_queue`'s last pause ends exactly at --retry-for and it says one line
+as the outage starts and one as it ends, which tenacity needs a custom wait and two callbacks for (longer than the loop).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -36,29 +38,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cifar_dist.errors import UserError
-from cifar_dist.sweep import search
+from cifar_dist.sweep import study
 from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
+from cifar_dist.sweep.points import MAX_POINTS, make_points
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
-from cifar_dist.sweep.record import (
-    ACTIVE,
-    MISMATCH,
-    RESUBMITTABLE,
-    PointState,
-    changing,
-    check_free,
-    discard,
-    foreign,
-    job_ids,
-    load_record,
-    mark_cancelled,
-    point_states,
-    save_record,
-    status_table,
-)
-from cifar_dist.sweep.spec import MAX_POINTS, Point, Resources, Spec, check_fits, load_spec, make_points
+from cifar_dist.sweep.record import Entry, PointEntry, Submission, SweepRecord, WorkerEntry, load_record, save_record
+from cifar_dist.sweep.resources import check_fits
+from cifar_dist.sweep.spec import Spec, load_spec
+from cifar_dist.sweep.states import ACTIVE, MISMATCH, RESUBMITTABLE, PointState, foreign, point_states, status_table
+from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled
 from cifar_dist.sweep.task import SearchTask, TrainTask
 from cifar_dist.tables import format_table
 
@@ -84,86 +74,78 @@ def cmd_submit(args: argparse.Namespace) -> int:
     executor.check(spec.resources)
     check_free(sweep_dir)  # early, for the dry run too; `changing` claims it atomically
     uid = uuid.uuid4().hex[:6]  # run ids stay unique (wandb) when a sweep name is reused
-    study: dict[str, Any] = {}  # a search's part of the record
+    record = new_record(spec, profile, executor, uid)
     if spec.search:
-        points, study = search.make_workers(sweep_dir, 0, spec.search.workers), search.search_record(spec)
+        record.base_config = study.study_base_config(spec, sweep_dir, uid)
+        record.points = study.make_workers(0, spec.search.workers)
     else:
-        points = make_points(spec, sweep_dir, uid, args.max_points)
+        record.points = make_points(spec, sweep_dir, uid, max_points=args.max_points)
     if args.dry_run:
-        return dry_run(spec, executor, points, study)
+        return dry_run(spec, executor, record)
     if note:
         print(note)
     executor.connect()
-    record = {**new_record(spec, profile, executor, uid, points), **study}
     with changing(sweep_dir, "submit", new=True) as created:
         try:
-            shutil.copyfile(spec.path, sweep_dir / "spec.yaml")
+            shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
             save_record(sweep_dir, record)
-            if study:
-                search.create_study(sweep_dir, record)
-            jobs = submit_points(executor, record, record["points"])
+            if record.is_study:
+                study.create_study(sweep_dir, record)
+            jobs = submit_points(executor, record, record.points)
         except BaseException:
-            if not any(p["job_id"] for p in record["points"]):
+            if not any(p.job_id for p in record.points):
                 discard(sweep_dir, created)  # nothing half-written: no job exists for it
             raise
-    print_submitted(executor, record, record["points"])
+    print_submitted(executor, record, record.points)
     executor.finish(jobs)
     return 0
 
 
-def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str, points: list[Point]) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "uid": uid,
-        "profile": profile.name,
-        "profile_path": profile.path,
-        "executor": executor.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resources": dataclasses.asdict(spec.resources),
-        "points": [point_entry(p) for p in points],
-        "submissions": [],
-    }
+def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> SweepRecord:
+    """The record of a new sweep, without its points."""
+    return SweepRecord(name=spec.name, uid=uid, profile=profile.name, profile_path=profile.path, executor=executor.name,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), submitted_from=str(Path.cwd()),
+                       resources=spec.resources, search=spec.search)
 
 
-def point_entry(p: Point) -> dict[str, Any]:
-    return {"name": p.name, "values": p.values, "describe": p.describe(), "run_id": p.run_id, "run_dir": p.run_dir,
-            "config": p.config, "job_id": None, "job_ids": []}
-
-
-def submit_points(executor: Executor, record: dict[str, Any], points: list[dict[str, Any]]) -> list:
+def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) -> list:
     """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
-    r = Resources(**record["resources"])
-    env, slots = dict(executor.profile.env), executor.run_slots(r)
-    where = str(executor.sweep_dir)
-    tasks = [SearchTask(p["name"], env, r.cpus_per_task, where, slots, r.signal_delay_s) if "search" in record else
-             TrainTask(p["config"], env, r.cpus_per_task, where, slots, r.signal_delay_s) for p in points]
-    jobs = executor.submit(record["name"], r, tasks)
+    r = record.resources
+    task = {"env": dict(executor.profile.env), "cpus": r.cpus_per_task, "sweep_dir": str(executor.sweep_dir),
+            "local_slots": executor.run_slots(r), "signal_delay_s": r.signal_delay_s}
+    tasks = [SearchTask(p.name, **task) if isinstance(p, WorkerEntry) else TrainTask(p.config, **task) for p in points]
+    jobs = executor.submit(record.name, r, tasks)
     for point, job in zip(points, jobs):
-        point["job_id"] = str(job.job_id)
-        point["job_ids"].append(str(job.job_id))
-    record["submissions"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "points": [p["name"] for p in points],
-                                  "job_ids": [str(j.job_id) for j in jobs]})
+        point.job_id = str(job.job_id)
+        point.job_ids.append(str(job.job_id))
+    record.submissions.append(Submission(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), points=[p.name for p in points],
+                                         job_ids=[str(j.job_id) for j in jobs]))
     save_record(executor.sweep_dir, record)
     return jobs
 
 
-def print_submitted(executor: Executor, record: dict[str, Any], points: list[dict[str, Any]]) -> None:
-    what = "worker(s)" if "search" in record else "point(s)"
-    print(f"{record['name']}: {len(points)} {what} submitted as {executor.where(len(points))}")
-    if "search" in record:
-        print(search.describe_search(record["search"]))
-    print(format_table([[p["name"], p["job_id"], p["run_id"], p["describe"]] for p in points],
-                       ["point", "job", "run id", "values"]))
+def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry]) -> None:
+    what = "worker(s)" if record.is_study else "point(s)"
+    print(f"{record.name}: {len(points)} {what} submitted as {executor.where(len(points))}")
+    if record.search:
+        print(study.describe_search(record.search))
+    print(format_table([[p.name, p.job_id, *_run(p)] for p in points], ["point", "job", "run id", "values"]))
     print(f"sweep dir: {executor.sweep_dir}\nstatus:    python jobs/submit.py status {executor.sweep_dir}")
 
 
-def dry_run(spec: Spec, executor: Executor, points: list[Point], study: dict[str, Any]) -> int:
+def _run(entry: Entry) -> tuple[str, str]:
+    """(run id, values) of a point; a worker has neither."""
+    return (entry.run_id, entry.describe) if isinstance(entry, PointEntry) else ("", "")
+
+
+def dry_run(spec: Spec, executor: Executor, record: SweepRecord) -> int:
     sweep_dir = executor.sweep_dir
-    print(f"{spec.name}: {len(points)} {'worker(s)' if study else 'point(s)'}, cluster profile {executor.profile.name}, "
-          f"executor {executor.name}; dry run, nothing submitted")
-    if study:
-        print(search.describe_search(study["search"]))
-    print(format_table([[p.name, p.run_id, p.describe()] for p in points], ["point", "run id", "values"]))
+    points = record.points
+    print(f"{spec.name}: {len(points)} {'worker(s)' if record.is_study else 'point(s)'}, cluster profile "
+          f"{executor.profile.name}, executor {executor.name}; dry run, nothing submitted")
+    if record.search:
+        print(study.describe_search(record.search))
+    print(format_table([[p.name, *_run(p)] for p in points], ["point", "run id", "values"]))
     print(f"sweep dir: {sweep_dir} (run dirs {sweep_dir / 'runs'}/<point>)")
     print(executor.preview(spec.name, spec.resources, len(points)), end="")
     return 0
@@ -177,15 +159,15 @@ class Sweep:
     """An existing sweep dir: its record and the executor its jobs went to (connected to its scheduler)."""
 
     dir: Path
-    record: dict[str, Any]
+    record: SweepRecord
     executor: Executor
 
 
 def open_sweep(path: str) -> Sweep:
     sweep_dir = Path(path).absolute()
     record = load_record(sweep_dir)
-    profile = load_profile(record["profile"], record.get("profile_path"))
-    executor = EXECUTORS[record["executor"]](sweep_dir, profile)
+    profile = load_profile(record.profile, record.profile_path)
+    executor = EXECUTORS[record.executor](sweep_dir, profile)
     executor.connect()
     return Sweep(sweep_dir, record, executor)
 
@@ -200,7 +182,7 @@ def ask_queue(sweep: Sweep, retry_for: float) -> dict[str, str]:
     start, pause, said = time.monotonic(), BACKOFF_S[0], False
     while True:
         try:
-            queue = sweep.executor.queue_states(job_ids(sweep.record))
+            queue = sweep.executor.queue_states(sweep.record.job_ids())
         except QueueError as e:
             waited = time.monotonic() - start
             if waited >= retry_for:
@@ -220,21 +202,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     sweep = open_sweep(args.sweep_dir)
     states = sweep_states(sweep, args.retry_for)
     record = sweep.record
-    trials = search.trial_table(sweep.dir, record, states) if "search" in record else None
+    trials = study.trial_table(sweep.dir, record, states) if record.search else None
     if args.json:
         workers = [s.to_dict() for s in states]
         print(json.dumps({**trials, "workers": workers} if trials else workers, indent=1))
     else:
-        print(f"{record['name']} ({record['executor']} executor, profile {record['profile']}): {sweep.dir}")
-        if trials:
-            print(search.status_text(trials, record["search"]["metric"]) + "\nworkers:")
+        print(f"{record.name} ({record.executor} executor, profile {record.profile}): {sweep.dir}")
+        if trials and record.search:
+            print(study.status_text(trials, record.search.metric) + "\nworkers:")
         print(status_table(states))
     return 0
 
 
 # A point read as ended without a result is looked at again this much later before `wait` believes
-# it: a requeued Slurm job was once read so for a moment, between its old and its new life (seen
-# once in three CI runs; the state it showed was not caught).
+# it: between a requeued Slurm job's old and new life, squeue and the result pickle may for a moment
+# show neither, which reads as "ended without a result".
 SETTLE_SECONDS = 10.0
 
 
@@ -280,19 +262,19 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
                         "study's workers) or --workers N (N more workers for a study)")
     with changing(Path(args.sweep_dir).absolute(), "resubmit"):
         sweep = open_sweep(args.sweep_dir)
-        if args.workers and "search" not in sweep.record:
+        if args.workers and not sweep.record.is_study:
             raise UserError("--workers: this sweep dir holds a grid/random sweep, not a study")
         points = []
         states = sweep_states(sweep, args.retry_for) if args.failed else []
-        for state, point in zip(states, sweep.record["points"]):
-            why = foreign(point, Path(point["run_dir"])) if state.state == MISMATCH else ""
+        for state, point in zip(states, sweep.record.points):
+            why = foreign(point, Path(point.run_dir)) if isinstance(point, PointEntry) and state.state == MISMATCH else ""
             if why:  # its job would only fail on the run dir: say so here instead
                 print(f"resubmit: point {state.name} left alone: {why}; move its run dir away to train it")
             elif state.state in RESUBMITTABLE:
                 points.append(point)
         if args.workers:  # recorded with their job ids once submitted (submit_points saves the record)
-            added = [point_entry(w) for w in search.make_workers(sweep.dir, len(sweep.record["points"]), args.workers)]
-            sweep.record["points"] += added
+            added = study.make_workers(len(sweep.record.points), args.workers)
+            sweep.record.points += added
             points += added
         if not points:
             print("resubmit: no failed, stopped, cancelled or mismatched points")
@@ -332,7 +314,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the points and the sbatch script; submit nothing")
     parser.add_argument("--executor", choices=["auto", *EXECUTORS], default="auto",
                         help="slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
-    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # the old spelling of --executor: an error naming it
+    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # an error naming --executor (the spec's cluster: is the profile)
     parser.add_argument("--sweep-dir", help="default: sweeps/<name>")
     parser.add_argument("--max-points", type=int, default=MAX_POINTS, help=f"refuse larger sweeps (default {MAX_POINTS})")
     args = parser.parse_args(argv)

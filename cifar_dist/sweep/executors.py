@@ -12,7 +12,6 @@ nothing else branches on the name. submitit's private members stay in submitit_c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import os
 import shutil
@@ -24,12 +23,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import submitit
+from filelock import FileLock, Timeout
 
 from cifar_dist.errors import ConfigError
 from cifar_dist.sweep import submitit_compat
 from cifar_dist.sweep.profiles import ClusterError, Profile, apply_submit_environment
-from cifar_dist.sweep.record import last_line, submitit_folder
-from cifar_dist.sweep.spec import Resources
+from cifar_dist.sweep.resources import Resources
+from cifar_dist.sweep.states import last_line
+from cifar_dist.sweep.sweepdir import submitit_folder
 
 SLOTS = "slots"  # <sweep dir>/slots/: the local executor's run slots (locks) and "<job id>.running" markers
 # Variables a job must not inherit from the shell it is submitted from: a sweep submitted from
@@ -59,7 +60,7 @@ class Executor:
 
     def check(self, r: Resources) -> None:
         """Refuse (ConfigError) resources this executor cannot give; the profile's limits are
-        checked by spec.check_fits."""
+        checked by resources.check_fits."""
 
     def connect(self) -> None:
         """Make the scheduler's commands reachable from this process, before submit, queue_states or cancel."""
@@ -253,12 +254,12 @@ class LocalExecutor(Executor):
         return "local processes (submitit local executor)"
 
 
-_held_slot: list[Any] = []  # the open, locked slot file: the lock lasts as long as this process
+_held_slot: list[FileLock] = []  # the slot's lock, held as long as this process lives
 
 
 def wait_for_slot(slots_dir: Path, slots: int, job_id: str, rank: int) -> None:
     """In a local job's task: block until this job may run. Rank 0 takes one of `slots` file locks
-    (released by the kernel when the process ends, however it ends) and says so in
+    (a flock: released by the kernel when the process ends, however it ends) and says so in
     `<job id>.running`; the job's other ranks wait for that marker."""
     marker = slots_dir / f"{job_id}.running"
     while rank != 0 and not marker.exists():
@@ -266,13 +267,12 @@ def wait_for_slot(slots_dir: Path, slots: int, job_id: str, rank: int) -> None:
     while rank == 0 and not _held_slot:
         slots_dir.mkdir(parents=True, exist_ok=True)
         for k in range(slots):
-            f = open(slots_dir / f"slot-{k}", "a")  # noqa: SIM115 - held open for the process's life
+            lock = FileLock(slots_dir / f"slot-{k}", timeout=0)
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
+                lock.acquire()
+            except Timeout:
                 continue
-            _held_slot.append(f)
+            _held_slot.append(lock)
             marker.touch()
             return
         time.sleep(0.5)

@@ -59,7 +59,7 @@ class _SignalHandler(SignalHandler):
     """submitit's handler for the pre-emption signal, with the time-out decided by the caller.
     submitit's own rule calls a signal a time-out once min(0.8 x limit, limit - 10 min) has passed
     since the handler was made: with a limit of 10 minutes or less, every signal, pre-emptions
-    included, used up one of max_num_timeout."""
+    included, would use up one of max_num_timeout."""
 
     def __init__(self, job: submitit.JobEnvironment, delayed: DelayedSubmission, timed_out: bool) -> None:
         super().__init__(job, job.paths, delayed)

@@ -23,7 +23,11 @@ cancelled (plain `scancel`: Slurm no longer shows it RUNNING while its tasks sto
 the marker `{"status": "stopped", "reason": ...}`, which `status` shows as cancelled or stopped
 (resumable with `resubmit --failed`).
 
-A study's worker (`SearchTask`, search.py) is the same task around `search.run_worker`: it trains
+The torch.distributed variables come from submitit's `TorchDistributedEnvironment` (Slurm's or the
+local executor's); only the GPU split is ours: its CUDA_VISIBLE_DEVICES=local_rank is wrong where
+Slurm lists GPU ids such as 4,5 (`one_gpu_per_task`).
+
+A study's worker (`SearchTask`, worker.py) is the same task around `worker.run_worker`: it trains
 one trial after another in one job, and a requeued worker resumes its own unfinished trial first.
 """
 
@@ -38,24 +42,25 @@ from typing import Any
 import submitit
 
 from cifar_dist.sweep.executors import EXECUTORS, SLOTS, wait_for_slot
-from cifar_dist.sweep.record import STOPPED, cancelled_ids, was_cancelled
-from cifar_dist.sweep.spec import EARLY_SIGNAL_S
+from cifar_dist.sweep.resources import EARLY_SIGNAL_S
+from cifar_dist.sweep.states import STOPPED
 from cifar_dist.sweep.submitit_compat import NotRequeued, checkpoint_and_requeue
+from cifar_dist.sweep.sweepdir import cancelled_ids, was_cancelled
 
 # A job's clock starts a little before its task's process does (slurmstepd, srun, exec).
 LAUNCH_SLACK_S = 10
 
 
-class TrainTask(submitit.helpers.Checkpointable):
-    """Train one point: `config` is a resolved `Config.to_dict()`; `env` is the cluster
-    profile's environment for tasks; `cpus` the CPUs each rank may use (compute threads);
-    `sweep_dir` holds the cancel list; `local_slots` caps the points that run at once where the
-    executor starts them all together (the local one: `Executor.run_slots`; 0 = no cap);
-    `signal_delay_s` is how long before the time limit the stop signal was asked for."""
+class SweepTask(submitit.helpers.Checkpointable):
+    """What every rank of a sweep's job runs: `run` once the job's environment is set, and on a stop
+    signal the requeue (or the stopped marker). `env` is the cluster profile's environment for
+    tasks; `cpus` the CPUs each rank may use (compute threads); `sweep_dir` holds the cancel list;
+    `local_slots` caps the jobs that run at once where the executor starts them all together (the
+    local one: `Executor.run_slots`; 0 = no cap); `signal_delay_s` is how long before the time
+    limit the stop signal was asked for."""
 
-    def __init__(self, config: dict[str, Any], env: dict[str, str], cpus: int = 1, sweep_dir: str = "",
-                 local_slots: int = 0, signal_delay_s: int = 90):
-        self.config = config
+    def __init__(self, *, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0,
+                 signal_delay_s: int = 90):
         self.env = env
         self.cpus = cpus
         self.sweep_dir = sweep_dir
@@ -65,14 +70,21 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         job = self.start()
 
-        from cifar_dist.config import config_from_dict
-        from cifar_dist.train import Stopped, train
+        from cifar_dist.train import Stopped
 
-        cfg = config_from_dict(self.config)
         try:
-            return train(cfg)
+            return self.run()
         except Stopped:
             return self.requeue_or_stop(job)
+
+    def run(self) -> dict[str, Any]:
+        """The job's work, on every rank; raises train's `Stopped` when a signal stopped it."""
+        raise NotImplementedError
+
+    @property
+    def run_dir(self) -> str:
+        """Where the work's files are (the stopped marker names it)."""
+        raise NotImplementedError
 
     def start(self) -> submitit.JobEnvironment:
         """This rank's job, once it may run (a local run slot), with its environment set."""
@@ -84,12 +96,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         limit_threads(self.cpus)
         return job
 
-    @property
-    def run_dir(self) -> str:
-        return self.config["run"]["dir"]
-
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """The same point again: training resumes by itself from the run dir's checkpoints."""
+        """The same task again: the work resumes by itself from the run dir's checkpoints."""
         return submitit.helpers.DelayedSubmission(copy.copy(self))
 
     def requeue_or_stop(self, job: submitit.JobEnvironment) -> dict[str, Any]:
@@ -128,7 +136,7 @@ def timed_out(age_s: float, limit_min: int, signal_delay_s: int) -> bool:
     """Whether a stop signal that came `age_s` seconds into this life of the job is its time
     limit's (counted against max_timeouts) rather than a pre-emption (free). Slurm sends the time
     limit's signal `signal_delay_s` before the limit, or up to EARLY_SIGNAL_S earlier; a signal
-    before that cannot be it. spec.py refuses limits that leave no room for a pre-emption."""
+    before that cannot be it. resources.py refuses limits that leave no room for a pre-emption."""
     return age_s >= 60 * limit_min - signal_delay_s - EARLY_SIGNAL_S - LAUNCH_SLACK_S
 
 
@@ -139,29 +147,42 @@ def process_age_s() -> float:
     return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-class SearchTask(TrainTask):
-    """A study's worker (search.py): trials one after another, until the study needs no more.
-    Requeued, it first resumes its own unfinished trial, from that trial's checkpoints."""
+class TrainTask(SweepTask):
+    """Train one point: `config` is its resolved `Config.to_dict()`."""
 
-    def __init__(self, worker: str, env: dict[str, str], cpus: int = 1, sweep_dir: str = "", local_slots: int = 0,
-                 signal_delay_s: int = 90):
-        super().__init__({}, env, cpus, sweep_dir, local_slots, signal_delay_s)
-        self.worker = worker
+    def __init__(self, config: dict[str, Any], **task: Any):
+        super().__init__(**task)
+        self.config = config
 
-    def __call__(self) -> dict[str, Any]:
-        job = self.start()
+    def run(self) -> dict[str, Any]:
+        from cifar_dist.config import config_from_dict
+        from cifar_dist.train import train
 
-        from cifar_dist.sweep.search import run_worker
-        from cifar_dist.train import Stopped
-
-        try:
-            return run_worker(Path(self.sweep_dir), self.worker)
-        except Stopped:
-            return self.requeue_or_stop(job)
+        return train(config_from_dict(self.config))
 
     @property
     def run_dir(self) -> str:
-        from cifar_dist.sweep.search import worker_dir
+        return self.config["run"]["dir"]
+
+
+class SearchTask(SweepTask):
+    """A study's worker (worker.py): trials one after another, until the study needs no more.
+    Requeued, it first resumes its own unfinished trial, from that trial's checkpoints."""
+
+    def __init__(self, worker: str, **task: Any):
+        super().__init__(**task)
+        self.worker = worker
+
+    # The study's modules (and Optuna) are imported where a worker runs: launch.py's ranks import
+    # this module's environment helpers alone.
+    def run(self) -> dict[str, Any]:
+        from cifar_dist.sweep.worker import run_worker
+
+        return run_worker(Path(self.sweep_dir), self.worker)
+
+    @property
+    def run_dir(self) -> str:
+        from cifar_dist.sweep.study import worker_dir
 
         return str(worker_dir(Path(self.sweep_dir), self.worker))
 
@@ -187,7 +208,8 @@ def one_gpu_per_task(local_rank: int, local_world_size: int) -> None:
 def limit_threads(cpus: int) -> None:
     """One compute thread per CPU the task was given. Jobs inherit the submitting shell's
     environment, whose OMP_NUM_THREADS (or none: every core) oversubscribes a node shared by
-    several points or ranks; on this 2-core machine that made training 20x slower."""
+    several points or ranks: OpenMP threads that outnumber the cores spin-wait for each other,
+    and training runs many times slower."""
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus)
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     import torch
