@@ -214,8 +214,6 @@ class Distributed:
         """Whether any rank has received a stop signal (every rank gets the same answer)."""
         return self.stop_or_save(save_due=False).stop
 
-    agree = stop_or_save  # sweep/search.py's name for it (its `agree(False)[0]` is `stop_requested()`)
-
     def close(self) -> None:
         if self.world > 1 and tdist.is_initialized():
             self.wait()

@@ -224,7 +224,7 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
     trained: list[int] = []
     try:
         while True:
-            if dist.agree(False)[0]:  # a stop signal reached a rank: all ranks agree to stop here
+            if dist.stop_requested():  # a stop signal reached a rank: all ranks stop here
                 raise Stopped(f"worker {name}, between trials")
             order = dist.broadcast(dist.main_only(lambda: worker.next()))
             if order == WAIT:
