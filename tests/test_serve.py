@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -25,8 +26,9 @@ import pytest
 from conftest import PY, TINY, run, train_cmd
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server, serve_cmd, start_server
+from serving import Server, start_server
 
+from cifar_dist import cli
 from cifar_dist.config import load_config
 from cifar_dist.data import load_dataset
 from cifar_dist.rundir import MODEL, RunDir, load_weights
@@ -309,22 +311,26 @@ def test_a_full_queue_answers_503_with_retry_after(trained):
 # ---------------------------------------------------------------------------- life cycle
 
 
-def test_a_start_that_cannot_work_is_one_error_line(trained, module_env, tmp_path):
+def test_a_start_that_cannot_work_is_one_error_line(trained, tmp_path, capsys):
+    """In this process (cli.main, as the command runs it): each fails before anything listens."""
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        code = cli.main(["serve", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
     damaged = bytearray((trained / MODEL).read_bytes())
     damaged[len(damaged) // 2] ^= 0x01
     (tmp_path / MODEL).write_bytes(bytes(damaged))
-    one_line_error(run(serve_cmd(tmp_path / MODEL, "--port", "0"), module_env, check=False, timeout=120),
-                   "damaged (its contents do not match the sha256 saved with them)")
+    one_line_error(serve(str(tmp_path / MODEL), "--port", "0"), "damaged (its contents do not match the sha256 saved with them)")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        one_line_error(run(serve_cmd(trained, "--port", str(port)), module_env, check=False, timeout=120),
-                       f"cannot listen on 127.0.0.1:{port}: port {port} is in use")
-    one_line_error(run(serve_cmd(trained, "--backend", "tensorrt"), module_env, check=False, timeout=120),
-                   "--backend: unknown backend 'tensorrt'; choose one of torch, onnx")
-    one_line_error(run(serve_cmd(trained, "--backend", "onnx"), module_env, check=False, timeout=120),
-                   "no model.onnx in this run directory")
+        one_line_error(serve(str(trained), "--port", str(port)), f"cannot listen on 127.0.0.1:{port}: port {port} is in use")
+    one_line_error(serve(str(trained), "--backend", "trt"), "--backend: unknown backend 'trt'; choose one of torch, onnx")
+    one_line_error(serve(str(trained), "--backend", "onnx"), "no model.onnx in this run directory")
+    one_line_error(serve(str(trained), "--max-batch", "0"), "--max-batch: must be >= 1, got 0")
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(trained, module_env, tmp_path, images):
