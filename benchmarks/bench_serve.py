@@ -2,22 +2,28 @@
 LitServe (with its own batching) serving the same net, side by side in one run; one table appended
 to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_serve.py --run runs/medium [--clients 1 8 32 64] [--requests 2000]
+    python benchmarks/bench_serve.py --run runs/medium [--clients 1 8 32 64] [--requests 2000] [--rounds 3]
 
 Each server starts on 127.0.0.1 on a free port, alone, and is stopped before the next starts:
 
-    torch, batched    cifar-dist serve RUN --max-batch 64 --max-delay-ms 5
-    torch, batch 1    cifar-dist serve RUN --max-batch 1
-    onnx, batched     cifar-dist serve MODEL.onnx --backend onnx ...   (exported from RUN first)
-    onnx, batch 1     cifar-dist serve MODEL.onnx --backend onnx --max-batch 1
-    LitServe          benchmarks/litserve_peer.py RUN, max_batch_size 64, batch_timeout 5 ms
+    torch, batched      cifar-dist serve RUN --max-batch 64 --max-delay-ms 5
+    torch, batch 1      cifar-dist serve RUN --max-batch 1
+    onnx, batched       cifar-dist serve MODEL.onnx --backend onnx ...   (exported from RUN first)
+    onnx, batch 1       cifar-dist serve MODEL.onnx --backend onnx --max-batch 1
+    LitServe, batched   benchmarks/litserve_peer.py RUN, max_batch_size 64, batch_timeout 5 ms
 
-Every request is the same kind for every server: one of 64 of the run's test images, a 32x32 PNG,
-as the multipart file `files` (built once by httpx, sent as bytes). For each number of clients,
-that many clients each send a request, wait for its answer, and send the next, until `--requests`
-answers have come back (after a warm-up the table leaves out). A request that is not answered
-200 counts as an error. For cifar-dist's servers the mean batch size comes from their /metrics.
-A first row times GET /healthz at the most clients: what the client itself can send on this CPU.
+Every request is the same for every server: one of 64 of the run's test images, a 32x32 PNG, as
+the multipart file `files` (the bytes built once). For each number of clients, that many clients
+each send a request, wait for its answer and send the next, until `--requests` answers have come
+back (after a warm-up the table leaves out). A request not answered 200 is an error. The servers
+take turns, `--rounds` times (a shared machine's load drifts; turns spread the drift over all):
+a row gives the median throughput of its rounds (and their range) and the p50 and p99 of all its
+latencies. For cifar-dist's servers the mean batch size comes from their /metrics. The first row
+times GET /healthz at the most clients: what the client itself can send beside a server here.
+
+The clients are aiohttp's, in this process: httpx's async client, tried first, fell from 917 to
+286 GET /healthz a second between 8 and 32 clients on this CPU (aiohttp: 5,338 and 4,321), and
+would have measured itself.
 
 Goals (issue 26): with batching at 32 clients, at least 2x the throughput of batch-1 serving and
 at least LitServe's; p99 <= 50 ms at 8 clients; no errors.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import io
 import itertools
 import os
@@ -39,11 +46,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
-from common import PY, ROOT, append_table
+from common import PY, ROOT, append_table, spread
 from PIL import Image
 
 from cifar_dist import schema
@@ -51,37 +59,47 @@ from cifar_dist.config import config_from_dict
 from cifar_dist.data import load_dataset
 from cifar_dist.rundir import CONFIG, RunDir
 
-WARMUP = 200  # requests at 8 clients before a server's measured runs
+WARMUP = 200  # requests at 8 clients after a server starts, before its measured runs
 IMAGES = 64
+CONTENT_TYPE = "multipart/form-data; boundary=cifar-dist-bench"  # one boundary for every body
 PEER = ROOT / "benchmarks" / "litserve_peer.py"
+PEER_NAME = "LitServe, batched"
 
 
 @dataclass
 class Server:
     name: str
-    command: list[str]
-    predict_path: str  # with its query
+    command: list[str]  # "{port}" stands for the port it is given
+    predict_path: str
     ready_path: str
     ours: bool  # cifar-dist serve: its /metrics tell the batch sizes
 
 
 @dataclass
-class Result:
+class Row:
+    """One server at one number of clients, over the rounds."""
+
     server: str
     clients: int
-    answered: int
-    errors: int
-    seconds: float
-    latencies: list[float]  # of the answered requests, seconds
-    mean_batch: float | None
+    throughputs: list[float] = field(default_factory=list)  # answers per second, one per round
+    latencies: list[float] = field(default_factory=list)  # seconds, of every answered request
+    errors: int = 0
+    batches: float = 0.0
+    images: float = 0.0
 
     @property
     def throughput(self) -> float:
-        return self.answered / self.seconds
+        return statistics.median(self.throughputs)
 
     def percentile(self, q: int) -> float:
-        return statistics.quantiles(self.latencies, n=100, method="inclusive")[q - 1] * 1000 if len(self.latencies) > 1 \
-            else (self.latencies[0] * 1000 if self.latencies else float("nan"))
+        if len(self.latencies) < 2:
+            return self.latencies[0] * 1000 if self.latencies else float("nan")
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[q - 1] * 1000
+
+    def cells(self, ours: bool) -> list[str]:
+        batch = f"{self.images / self.batches:.2f}" if ours and self.batches else "n/a"
+        return [self.server, str(self.clients), f"{len(self.latencies):,}", spread(self.throughputs, "{:,.0f}"),
+                f"{self.percentile(50):.1f}", f"{self.percentile(99):.1f}", str(self.errors), batch]
 
 
 def free_port() -> int:
@@ -90,28 +108,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_bodies(run: Path) -> tuple[list[bytes], str]:
-    """IMAGES of the run's test images as multipart bodies (one PNG file each), and their content type."""
+def request_bodies(run: Path) -> list[bytes]:
+    """IMAGES of the run's test images, each a multipart body holding one PNG file."""
     cfg = config_from_dict(schema.read_yaml_mapping(run / CONFIG, "run config"))
     ds = load_dataset(cfg.data, announce=lambda s: print(s, file=sys.stderr))
-    content_type = "multipart/form-data; boundary=cifar-dist-bench"  # one boundary: one content type for all
     bodies = []
     for i in range(min(IMAGES, len(ds.test_y))):
         png = io.BytesIO()
         Image.fromarray(ds.test_x[i].numpy()).save(png, "PNG")
         req = httpx.Request("POST", "http://127.0.0.1/", files=[("files", (f"{i}.png", png.getvalue(), "image/png"))],
-                            headers={"content-type": content_type})
+                            headers={"content-type": CONTENT_TYPE})
         bodies.append(req.read())
-    return bodies, content_type
+    return bodies
 
 
 @contextlib.contextmanager
-def running(server: Server, port: int, log: Path, env: dict[str, str]) -> Iterator[str]:
-    """The server started, ready (its ready path answers 200), and stopped (SIGTERM) afterwards."""
+def running(server: Server, log: Path, env: dict[str, str]) -> Iterator[str]:
+    """The server started on a free port, ready (its ready path answers 200), and stopped (SIGTERM) afterwards."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
-        proc = subprocess.Popen(server.command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # LitServe's worker processes go with it
+        command = [a.replace("{port}", str(port)) for a in server.command]
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: LitServe's workers stop with it
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -134,23 +153,28 @@ def running(server: Server, port: int, log: Path, env: dict[str, str]) -> Iterat
             proc.wait()
 
 
-async def closed_loop(url: str, bodies: list[bytes], content_type: str, clients: int,
-                      requests: int) -> tuple[int, list[float], float]:
-    """`clients` clients, each sending its next request when its last is answered: (errors, latencies, seconds)."""
+async def closed_loop(url: str, bodies: list[bytes], clients: int, requests: int) -> tuple[int, list[float], float]:
+    """`clients` clients, each sending its next request when its last is answered, until `requests`
+    have been sent: (errors, latencies of the answered, seconds). Each request POSTs the next of
+    `bodies`; with no bodies each is a GET."""
     latencies: list[float] = []
     errors = 0
     counter = itertools.count()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+    headers = {"content-type": CONTENT_TYPE}
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def one_client() -> None:
             nonlocal errors
             while (k := next(counter)) < requests:
                 start = time.perf_counter()
                 try:
-                    r = await client.post(url, content=bodies[k % len(bodies)], headers={"content-type": content_type})
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
+                    request = (session.post(url, data=bodies[k % len(bodies)], headers=headers) if bodies
+                               else session.get(url))
+                    async with request as r:
+                        await r.read()
+                        ok = r.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
                     ok = False
                 if ok:
                     latencies.append(time.perf_counter() - start)
@@ -172,21 +196,20 @@ def batch_totals(url: str) -> tuple[float, float]:
     return values.get("cifar_dist_batch_size_count", 0.0), values.get("cifar_dist_batch_size_sum", 0.0)
 
 
-def measure(server: Server, url: str, bodies: list[bytes], content_type: str, clients: list[int], requests: int) -> list[Result]:
-    asyncio.run(closed_loop(url + server.predict_path, bodies, content_type, 8, WARMUP))
-    results = []
-    for c in clients:
-        before = batch_totals(url) if server.ours else None
-        errors, latencies, seconds = asyncio.run(closed_loop(url + server.predict_path, bodies, content_type, c, requests))
-        mean_batch = None
-        if before is not None:
+def measure(server: Server, url: str, bodies: list[bytes], rows: dict[int, Row], requests: int) -> None:
+    """One round of `server`: every number of clients, added to its rows."""
+    asyncio.run(closed_loop(url + server.predict_path, bodies, 8, WARMUP))
+    for clients, row in rows.items():
+        before = batch_totals(url) if server.ours else (0.0, 0.0)
+        errors, latencies, seconds = asyncio.run(closed_loop(url + server.predict_path, bodies, clients, requests))
+        if server.ours:
             after = batch_totals(url)
-            mean_batch = (after[1] - before[1]) / max(after[0] - before[0], 1)
-        results.append(Result(server.name, c, len(latencies), errors, seconds, latencies, mean_batch))
-        r = results[-1]
-        print(f"{server.name}, {c} clients: {r.throughput:.0f} req/s, p50 {r.percentile(50):.1f} ms, "
-              f"p99 {r.percentile(99):.1f} ms, {errors} errors", file=sys.stderr)
-    return results
+            row.batches += after[0] - before[0]
+            row.images += after[1] - before[1]
+        row.throughputs.append(len(latencies) / seconds)
+        row.latencies += latencies
+        row.errors += errors
+        print(f"{server.name}, {clients} clients: {len(latencies) / seconds:,.0f} req/s, {errors} errors", file=sys.stderr)
 
 
 def lscpu_model() -> str:
@@ -199,112 +222,104 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run (its model.pt, config and test set)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--requests", type=int, default=2000, help="answers per number of clients (default 2000)")
+    parser.add_argument("--requests", type=int, default=2000, help="answers per number of clients and round (default 2000)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every server (default 3)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped benchmark still stops its server (finally)
     summary = RunDir(args.run).summary()
     if summary is None:
         raise SystemExit(f"error: {args.run}: no summary.json (not a finished run)")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     load_before = os.getloadavg()
-    bodies, content_type = request_bodies(args.run)
+    bodies = request_bodies(args.run)
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     onnx_file = work / "model.onnx"
     exported = subprocess.run([PY, "-m", "cifar_dist.cli", "export", str(args.run), "--format", "onnx", "--out",
                                str(onnx_file)], cwd=ROOT, env=env, capture_output=True, text=True)
     batching = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
-    serve = [PY, "-m", "cifar_dist.cli", "serve"]
+    serve = [PY, "-m", "cifar_dist.cli", "serve", "--port", "{port}"]
+    torch_model, onnx_model = [str(args.run)], [str(onnx_file), "--backend", "onnx"]
+    predict = "/v1/predict?top_k=5"
     servers = [
-        Server("torch, batched", [*serve, str(args.run), *batching], "/v1/predict?top_k=5", "/readyz", True),
-        Server("torch, batch 1", [*serve, str(args.run), "--max-batch", "1"], "/v1/predict?top_k=5", "/readyz", True),
-        Server("onnx, batched", [*serve, str(onnx_file), "--backend", "onnx", *batching], "/v1/predict?top_k=5", "/readyz", True),
-        Server("onnx, batch 1", [*serve, str(onnx_file), "--backend", "onnx", "--max-batch", "1"], "/v1/predict?top_k=5",
-               "/readyz", True),
-        Server("LitServe, batched", [PY, str(PEER), str(args.run), "--max-batch", str(args.max_batch), "--max-delay-ms",
-                                     str(args.max_delay_ms)], "/predict", "/health", False),
+        Server("torch, batched", [*serve, *torch_model, *batching], predict, "/readyz", True),
+        Server("torch, batch 1", [*serve, *torch_model, "--max-batch", "1"], predict, "/readyz", True),
+        Server("onnx, batched", [*serve, *onnx_model, *batching], predict, "/readyz", True),
+        Server("onnx, batch 1", [*serve, *onnx_model, "--max-batch", "1"], predict, "/readyz", True),
+        Server(PEER_NAME, [PY, str(PEER), str(args.run), "--port", "{port}", *batching], "/predict", "/health", False),
     ]
-    results: list[Result] = []
     failed: dict[str, str] = {}
-    ceiling = None
-    for server in servers:
-        if server.name.startswith("onnx") and exported.returncode != 0:
-            failed[server.name] = f"export failed: {(exported.stderr.strip().splitlines() or ['?'])[-1]}"
-            continue
-        if not server.ours and not _litserve_installed():
-            failed[server.name] = "not installed: pip install 'cifar-dist[bench]'"
-            continue
-        try:
-            with running(server, free_port(), work / f"{server.name.replace(', ', '_').replace(' ', '')}.log", env) as url:
-                if ceiling is None:  # what the client can send: a route that does no work
-                    errors, lat, secs = asyncio.run(closed_loop(url + "/healthz", [b""], "text/plain", max(args.clients),
-                                                                args.requests))
-                    ceiling = Result("client ceiling: GET /healthz", max(args.clients), len(lat), errors, secs, lat, None)
-                results += measure(server, url, bodies, content_type, args.clients, args.requests)
-        except RuntimeError as e:
-            failed[server.name] = f"failed: {e}"
+    if exported.returncode != 0:
+        why = f"export failed: {(exported.stderr.strip().splitlines() or ['?'])[-1]}"
+        failed.update({s.name: why for s in servers if s.name.startswith("onnx")})
+    if importlib.util.find_spec("litserve") is None:
+        failed[PEER_NAME] = "not installed: pip install 'cifar-dist[bench]'"
+    rows = {s.name: {c: Row(s.name, c) for c in args.clients} for s in servers}
+    ceiling = Row("client ceiling: GET /healthz", max(args.clients))
+    for _ in range(args.rounds):
+        for server in servers:
+            if server.name in failed:
+                continue
+            try:
+                with running(server, work / f"{server.name.replace(', ', '_').replace(' ', '')}.log", env) as url:
+                    if server.name == servers[0].name:  # what the client can send: a route that does no work
+                        errors, latencies, seconds = asyncio.run(closed_loop(url + "/healthz", [], ceiling.clients,
+                                                                             args.requests))
+                        ceiling.throughputs.append(len(latencies) / seconds)
+                        ceiling.latencies += latencies
+                        ceiling.errors += errors
+                    measure(server, url, bodies, rows[server.name], args.requests)
+            except RuntimeError as e:
+                failed[server.name] = f"failed: {e}"
     load_after = os.getloadavg()
 
-    def row(r: Result) -> list[str]:
-        batch = f"{r.mean_batch:.2f}" if r.mean_batch is not None else "n/a"
-        return [r.server, str(r.clients), f"{r.answered:,}", f"{r.throughput:,.0f}", f"{r.percentile(50):.1f}",
-                f"{r.percentile(99):.1f}", str(r.errors), batch]
-
-    rows = [row(ceiling)] if ceiling else []
-    rows += [row(r) for r in results]
-    rows += [[name, why, "", "", "", "", "", ""] for name, why in failed.items()]
+    done = {s.name: rows[s.name] for s in servers if s.name not in failed}
+    table = [ceiling.cells(False)] if ceiling.throughputs else []
+    table += [row.cells(s.ours) for s in servers if s.name in done for row in done[s.name].values()]
+    table += [[name, why, "", "", "", "", "", ""] for name, why in failed.items()]
     notes = [
-        f"CPU (lscpu): {lscpu_model()}; load average (1, 5, 15 min) {_load(load_before)} before, {_load(load_after)} after "
-        f"(the machine is shared: other work ran beside this benchmark)",
-        f"model: {args.run.name}, the {summary.get('model')} net, run {summary.get('run_id')}: {summary.get('epochs')} epochs, "
-        f"{summary.get('precision')}, test accuracy {summary.get('test_accuracy', 0):.2%}",
-        f"requests: one of {len(bodies)} test images (32x32 PNG) as a multipart file, top 5; {args.requests:,} answers "
-        f"per row after {WARMUP} of warm-up; closed-loop clients (httpx, asyncio) in one process beside the server",
-        f"batching: --max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g} (LitServe: max_batch_size, "
-        f"batch_timeout the same); mean batch from cifar-dist's /metrics",
-        *goals(results, failed),
+        f"CPU (lscpu): {lscpu_model()}; load average (1, 5, 15 min) {_load(load_before)} before, {_load(load_after)} after: "
+        f"the machine is shared, other work ran beside this benchmark",
+        f"model served: {args.run.name}, the {summary.get('model')} net, run {summary.get('run_id')}: "
+        f"{summary.get('epochs')} epoch(s), {summary.get('precision')}, test accuracy {summary.get('test_accuracy', 0):.2%}",
+        f"requests: one of {len(bodies)} test images (32x32 PNG) as a multipart file, top 5; {args.requests:,} answers per "
+        f"row and round after {WARMUP} of warm-up; {args.rounds} rounds; closed-loop aiohttp clients in one process "
+        f"beside the server",
+        f"batching: --max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g} (LitServe: max_batch_size and "
+        f"batch_timeout the same); cifar-dist serve's default --threads (half the cores) for the model",
+        "req/s: median of the rounds (min-max, rounds); p50 and p99: of every answered request of the row",
+        *goals(done, failed),
     ]
     append_table("Serving: cifar-dist serve, batching on and off, torch and onnx, vs LitServe (bench_serve.py)", notes,
-                 ["server", "clients", "answered", "req/s", "p50 ms", "p99 ms", "errors", "mean batch"], rows)
+                 ["server", "clients", "answered", "req/s", "p50 ms", "p99 ms", "errors", "mean batch"], table)
 
 
-def goals(results: list[Result], failed: dict[str, str]) -> list[str]:
-    def find(server: str, clients: int) -> Result | None:
-        return next((r for r in results if r.server == server and r.clients == clients), None)
-
+def goals(done: dict[str, dict[int, Row]], failed: dict[str, str]) -> list[str]:
     def met(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
     out = []
     for backend in ("torch", "onnx"):
-        on, off = find(f"{backend}, batched", 32), find(f"{backend}, batch 1", 32)
+        on, off = done.get(f"{backend}, batched", {}).get(32), done.get(f"{backend}, batch 1", {}).get(32)
         if on and off:
             ratio = on.throughput / off.throughput
             out.append(f"goal, {backend} at 32 clients: batching {ratio:.2f}x batch-1's throughput (>= 2x: {met(ratio >= 2)})")
-    peer = find("LitServe, batched", 32)
-    for backend in ("torch", "onnx"):
-        on = find(f"{backend}, batched", 32)
+        peer = done.get(PEER_NAME, {}).get(32)
         if on and peer:
             ratio = on.throughput / peer.throughput
-            out.append(f"goal, {backend} at 32 clients: {ratio:.2f}x LitServe's throughput (>= 1x: {met(ratio >= 1)})")
-    for backend in ("torch", "onnx"):
-        if r := find(f"{backend}, batched", 8):
-            p99 = r.percentile(99)
+            out.append(f"goal, {backend} batched at 32 clients: {ratio:.2f}x LitServe's throughput (>= 1x: {met(ratio >= 1)})")
+        if eight := done.get(f"{backend}, batched", {}).get(8):
+            p99 = eight.percentile(99)
             out.append(f"goal, {backend} batched at 8 clients: p99 {p99:.1f} ms (<= 50 ms: {met(p99 <= 50)})")
-    errors = sum(r.errors for r in results)
-    out.append(f"goal, errors: {errors} in all rows ({met(errors == 0 and not failed)}"
-               f"{'; rows that did not run: ' + ', '.join(failed) if failed else ''})")
+    errors = sum(r.errors for rows in done.values() for r in rows.values())
+    out.append(f"goal, errors: {errors} ({met(errors == 0 and not failed)}"
+               f"{'; did not run: ' + ', '.join(failed) if failed else ''})")
     return out
 
 
 def _load(load: tuple[float, float, float]) -> str:
     return " / ".join(f"{v:.2f}" for v in load)
-
-
-def _litserve_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("litserve") is not None
 
 
 if __name__ == "__main__":

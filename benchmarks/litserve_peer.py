@@ -8,8 +8,8 @@ LitServe (pip install 'cifar-dist[bench]') runs its HTTP server and its inferenc
 processes; `decode_request` runs in the worker, so decoding the images is part of its batch loop.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: LitServe reads decode_request's annotation at run time,
+# and only the class itself (not the string "Request") makes it parse the form before its queue.
 import argparse
 from pathlib import Path
 from typing import Any

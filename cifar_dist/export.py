@@ -179,7 +179,8 @@ Logits = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 32, 32, 3) -> float32 (
 
 
 def read_onnx(path: Path, threads: int = 0) -> tuple[ModelCard, Logits]:
-    """An exported onnx file, checked against its graph digest, run by onnxruntime on the CPU."""
+    """An exported onnx file, checked against its graph digest, run by onnxruntime on the CPU on
+    `threads` threads (0: onnxruntime's default)."""
     try:
         import onnx
         import onnxruntime as ort
@@ -200,6 +201,8 @@ def read_onnx(path: Path, threads: int = 0) -> tuple[ModelCard, Logits]:
     card = ModelCard.from_json(meta[CARD_KEY], path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if threads:  # a thread count that leaves cores to others: no spinning on them while idle
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     try:
         session = ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -41,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=1024, help="images waiting at most; more get 503 (default 1024)")
     parser.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (default 10 MB); more get 413")
     parser.add_argument("--max-files", type=int, default=64, help="images per request (default 64); more get 413")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="threads the model computes on (default: half the cores; the rest serve HTTP)")
     args = parser.parse_args(argv)
     if args.backend not in BACKENDS:
         raise ServeError(f"--backend: unknown backend {args.backend!r}; choose one of {', '.join(BACKENDS)}")
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                              ("--max-files", args.max_files, 1), ("--max-delay-ms", args.max_delay_ms, 0),
-                             ("--max-body-mb", args.max_body_mb, 0.001), ("--port", args.port, 0)):
+                             ("--max-body-mb", args.max_body_mb, 0.001), ("--port", args.port, 0),
+                             ("--threads", args.threads, 1)):
         if value < low:
             raise ServeError(f"{name}: must be >= {low}, got {value}")
     if args.port > 65535:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ServeError(f"serve needs its packages ({e}): pip install 'cifar-dist[serve]'") from None
     from cifar_dist.serve.model import load_served
 
-    served = load_served(args.model, args.backend)
+    served = load_served(args.model, args.backend, args.threads)
     limits = Limits(args.max_batch, args.max_delay_ms, args.max_queue, int(args.max_body_mb * 1024 * 1024), args.max_files)
     sock = bind(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

@@ -34,8 +34,11 @@ class ServedModel:
         return {"name": self.card.model, "run_id": self.card.run_id, "sha256": self.sha256, "backend": self.backend}
 
 
-def load_served(path: Path, backend: str) -> ServedModel:
+def load_served(path: Path, backend: str, threads: int | None = None) -> ServedModel:
+    """The model at `path` for `backend`, computing on `threads` threads (None: the runtime's default)."""
     if backend == "torch":
+        if threads:
+            torch.set_num_threads(threads)
         m = load_model(path)
         return ServedModel(model_card(m), backend, m.file, m.file_sha256,
                            lambda pixels: probabilities(m.net, m.stats, torch.from_numpy(pixels)))
@@ -44,7 +47,7 @@ def load_served(path: Path, backend: str) -> ServedModel:
         if path.is_dir() and not file.is_file():
             raise UserError(f"{path}: no model.onnx in this run directory; make it with "
                             f"`cifar-dist export {path} --format onnx`")
-        card, logits = read_onnx(file)
+        card, logits = read_onnx(file, threads or 0)
         return ServedModel(card, backend, file, hashlib.sha256(file.read_bytes()).hexdigest(),
                            lambda pixels: torch.softmax(torch.from_numpy(logits(pixels)), 1))
     raise UserError(f"--backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
