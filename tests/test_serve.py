@@ -74,6 +74,10 @@ def images(tmp_path_factory, cache_dir) -> dict[str, Path]:
     Image.fromarray(ds.test_x[4].numpy()).convert("P").save(out["palette.gif"])
     out["sixteen.png"] = d / "sixteen.png"
     Image.fromarray(np.asarray(big.convert("L"), dtype=np.uint16) * 257).save(out["sixteen.png"])
+    out["photo.jpg"] = d / "photo.jpg"  # over 64 KB: decoded in a worker thread, not in the event loop
+    noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(out["photo.jpg"], quality=95)
+    assert 64 * 1024 < out["photo.jpg"].stat().st_size < 1024 * 1024
     return out
 
 
