@@ -55,7 +55,7 @@ from common import PY, ROOT, append_table, spread
 from PIL import Image
 
 from cifar_dist import schema
-from cifar_dist.config import config_from_dict
+from cifar_dist.config import Config, config_from_dict
 from cifar_dist.data import load_dataset
 from cifar_dist.rundir import CONFIG, RunDir
 
@@ -108,9 +108,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_bodies(run: Path) -> list[bytes]:
+def request_bodies(cfg: Config) -> list[bytes]:
     """IMAGES of the run's test images, each a multipart body holding one PNG file."""
-    cfg = config_from_dict(schema.read_yaml_mapping(run / CONFIG, "run config"))
     ds = load_dataset(cfg.data, announce=lambda s: print(s, file=sys.stderr))
     bodies = []
     for i in range(min(IMAGES, len(ds.test_y))):
@@ -233,7 +232,8 @@ def main() -> None:
         raise SystemExit(f"error: {args.run}: no summary.json (not a finished run)")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     load_before = os.getloadavg()
-    bodies = request_bodies(args.run)
+    cfg = config_from_dict(schema.read_yaml_mapping(args.run / CONFIG, "run config"))
+    bodies = request_bodies(cfg)
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     onnx_file = work / "model.onnx"
     exported = subprocess.run([PY, "-m", "cifar_dist.cli", "export", str(args.run), "--format", "onnx", "--out",
@@ -282,7 +282,8 @@ def main() -> None:
         f"CPU (lscpu): {lscpu_model()}; load average (1, 5, 15 min) {_load(load_before)} before, {_load(load_after)} after: "
         f"the machine is shared, other work ran beside this benchmark",
         f"model served: {args.run.name}, the {summary.get('model')} net, run {summary.get('run_id')}: "
-        f"{summary.get('epochs')} epoch(s), {summary.get('precision')}, test accuracy {summary.get('test_accuracy', 0):.2%}",
+        f"{summary.get('epochs')} epoch(s), {summary.get('precision')}, data.source={cfg.data.source} "
+        f"({Path(cfg.data.path).name or 'no path'}), test accuracy {summary.get('test_accuracy', 0):.2%}",
         f"requests: one of {len(bodies)} test images (32x32 PNG) as a multipart file, top 5; {args.requests:,} answers per "
         f"row and round after {WARMUP} of warm-up; {args.rounds} rounds; closed-loop aiohttp clients in one process "
         f"beside the server",

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cifar_dist.predict import ImageError, model_input, top_classes
+from cifar_dist.predict import MAX_PIXELS, ImageError, model_input, top_classes
 from cifar_dist.serve.batcher import Batcher, QueueFull
 from cifar_dist.serve.model import ServedModel
 from cifar_dist.sources import IMAGE_SIZE
@@ -48,7 +48,7 @@ class Limits:
     max_queue: int = 1024  # images waiting; more are refused with 503
     max_body: int = 10 * 1024 * 1024  # bytes per request
     max_files: int = 64  # images per request
-    max_pixels: int = 50_000_000  # what an image's header may claim (predict.MAX_PIXELS)
+    max_pixels: int = MAX_PIXELS  # what an image's header may claim
 
 
 class RequestError(Exception):
