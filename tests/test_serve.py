@@ -7,6 +7,7 @@ start-failure tests start their own."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,8 +18,10 @@ import subprocess
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -265,51 +268,89 @@ def test_bad_input_is_one_json_error_and_one_log_line_and_the_service_goes_on(se
 # ---------------------------------------------------------------------------- a full queue
 
 
-def test_a_full_queue_answers_503_with_retry_after(trained):
-    """In this process, with the real model behind a gate the test holds shut: the only way to keep
-    the worker busy for as long as the test needs without timing it."""
+@contextlib.contextmanager
+def gated_server(trained: Path, limits) -> Iterator[tuple[str, Any, threading.Event, threading.Event]]:
+    """The app in this process, on uvicorn in a thread, with the real model behind a gate the test
+    holds shut: the only way to keep the worker busy for as long as a test needs without timing it."""
     import uvicorn
 
-    from cifar_dist.serve.app import Limits, create_app
+    from cifar_dist.serve.app import create_app
     from cifar_dist.serve.command import bind
     from cifar_dist.serve.model import load_served
 
     served = load_served(trained, "torch")
-    gate, real = threading.Event(), served.probabilities
+    gate, entered, real = threading.Event(), threading.Event(), served.probabilities
     gate.set()  # open for the warm-up
-    served.probabilities = lambda px: (gate.wait(60), real(px))[1]
-    app = create_app(served, Limits(max_batch=1, max_delay_ms=0, max_queue=2))
+
+    def gated(pixels):
+        entered.set()
+        gate.wait(60)
+        return real(pixels)
+
+    served.probabilities = gated
+    app = create_app(served, limits)
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
     thread.start()
     try:
-        while httpx.get(f"{url}/readyz").status_code != 200:
+        while not server.started or httpx.get(f"{url}/readyz").status_code != 200:
             time.sleep(0.05)
         gate.clear()
-        body = encoded("PNG", 32)
-        send = lambda: httpx.post(f"{url}/v1/predict", content=body, headers={"content-type": "image/png"}, timeout=60)  # noqa: E731
-        with ThreadPoolExecutor(3) as pool:
-            first = pool.submit(send)
-            while app.state.batcher.depth or not first.running():  # the worker holds the first image, behind the gate
-                time.sleep(0.01)
-            time.sleep(0.2)
-            held = [pool.submit(send) for _ in range(2)]
-            while app.state.batcher.depth < 2:  # the queue's two places taken
-                time.sleep(0.01)
-            refused = send()
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            assert refused.json()["error"].startswith("busy: 2 images are waiting (at most 2)")
-            gate.set()
-            assert [f.result().status_code for f in [first, *held]] == [200, 200, 200]
-        assert send().status_code == 200
-        text = httpx.get(f"{url}/metrics").text
-        assert 'cifar_dist_requests_total{path="/v1/predict",status="503"} 1.0' in text
+        entered.clear()
+        yield url, app, gate, entered
     finally:
         gate.set()
         server.should_exit = True
         thread.join(30)
+
+
+def send_png(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", content=encoded("PNG", 32), headers={"content-type": "image/png"}, timeout=60)
+
+
+def hold_one_in_the_worker(pool: ThreadPoolExecutor, url: str, entered: threading.Event) -> Future:
+    """A request whose image the worker has taken and holds, behind the gate."""
+    first = pool.submit(send_png, url)
+    assert entered.wait(60)
+    return first
+
+
+def test_a_full_queue_answers_503_with_retry_after(trained):
+    from cifar_dist.serve.app import Limits
+
+    with gated_server(trained, Limits(max_batch=1, max_delay_ms=0, max_queue=2)) as (url, app, gate, entered), \
+            ThreadPoolExecutor(3) as pool:
+        first = hold_one_in_the_worker(pool, url, entered)
+        held = [pool.submit(send_png, url) for _ in range(2)]
+        while app.state.batcher.depth < 2:  # the queue's two places taken
+            time.sleep(0.01)
+        refused = send_png(url)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"].startswith("busy: 2 images are waiting (at most 2)")
+        gate.set()
+        assert [f.result().status_code for f in [first, *held]] == [200, 200, 200]
+        assert send_png(url).status_code == 200
+        text = httpx.get(f"{url}/metrics").text
+        assert 'cifar_dist_requests_total{path="/v1/predict",status="503"} 1.0' in text
+
+
+def test_too_many_requests_in_progress_answer_503(trained):
+    from cifar_dist.serve.app import Limits
+
+    with gated_server(trained, Limits(max_batch=1, max_delay_ms=0, max_queue=100, max_requests=2)) as (url, app, gate, entered), \
+            ThreadPoolExecutor(2) as pool:
+        first = hold_one_in_the_worker(pool, url, entered)
+        second = pool.submit(send_png, url)
+        while app.state.batcher.depth < 1:
+            time.sleep(0.01)
+        refused = send_png(url)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"].startswith("busy: 2 requests in progress (at most 2)")
+        gate.set()
+        assert [first.result().status_code, second.result().status_code] == [200, 200]
+        assert send_png(url).status_code == 200
 
 
 # ---------------------------------------------------------------------------- life cycle

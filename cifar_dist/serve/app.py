@@ -46,6 +46,7 @@ class Limits:
     max_batch: int = 64  # images per batch
     max_delay_ms: float = 5.0  # the longest an image waits for its batch to fill
     max_queue: int = 1024  # images waiting; more are refused with 503
+    max_requests: int = 128  # predictions in progress (reading, decoding, waiting); more are refused with 503
     max_body: int = 10 * 1024 * 1024  # bytes per request
     max_files: int = 64  # images per request
     max_pixels: int = MAX_PIXELS  # what an image's header may claim
@@ -146,8 +147,21 @@ def create_app(served: ServedModel, limits: Limits) -> FastAPI:
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    in_progress = 0  # predictions between arrival and answer: with max_body, what bounds the memory they hold
+
     @app.post("/v1/predict", summary="Top-k classes of one or more images", openapi_extra=PREDICT_DOCS)
     async def predict(request: Request, top_k: int = 5) -> Any:
+        nonlocal in_progress
+        if in_progress >= limits.max_requests:
+            return error_response(request, 503, f"busy: {in_progress} requests in progress (at most {limits.max_requests}); "
+                                                f"retry after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+        in_progress += 1
+        try:
+            return await answer(request, top_k)
+        finally:
+            in_progress -= 1
+
+    async def answer(request: Request, top_k: int) -> JSONResponse:
         try:
             if top_k < 1:
                 raise RequestError(400, f"top_k: must be >= 1, got {top_k}")
@@ -179,8 +193,8 @@ def create_app(served: ServedModel, limits: Limits) -> FastAPI:
                 "test_accuracy": c.test_accuracy,
                 "batching": {"max_batch": limits.max_batch, "max_delay_ms": limits.max_delay_ms,
                              "max_queue": limits.max_queue},
-                "limits": {"max_body_bytes": limits.max_body, "max_files": limits.max_files,
-                           "max_pixels": limits.max_pixels}}
+                "limits": {"max_requests": limits.max_requests, "max_body_bytes": limits.max_body,
+                           "max_files": limits.max_files, "max_pixels": limits.max_pixels}}
 
     @app.get("/healthz", summary="Alive")
     async def healthz() -> dict[str, str]:

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay-ms", type=float, default=5.0,
                         help="the longest an image waits for its batch to fill (default 5 ms)")
     parser.add_argument("--max-queue", type=int, default=1024, help="images waiting at most; more get 503 (default 1024)")
+    parser.add_argument("--max-requests", type=int, default=128,
+                        help="predictions in progress at most (each holds up to --max-body-mb); more get 503 (default 128)")
     parser.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (default 10 MB); more get 413")
     parser.add_argument("--max-files", type=int, default=64, help="images per request (default 64); more get 413")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend not in BACKENDS:
         raise ServeError(f"--backend: unknown backend {args.backend!r}; choose one of {', '.join(BACKENDS)}")
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--max-requests", args.max_requests, 1),
                              ("--max-files", args.max_files, 1), ("--max-delay-ms", args.max_delay_ms, 0),
                              ("--max-body-mb", args.max_body_mb, 0.001), ("--port", args.port, 0),
                              ("--threads", args.threads, 1)):
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from cifar_dist.serve.model import load_served
 
     served = load_served(args.model, args.backend, args.threads)
-    limits = Limits(args.max_batch, args.max_delay_ms, args.max_queue, int(args.max_body_mb * 1024 * 1024), args.max_files)
+    limits = Limits(args.max_batch, args.max_delay_ms, args.max_queue, args.max_requests, int(args.max_body_mb * 1024 * 1024),
+                    args.max_files)
     sock = bind(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     host, port = sock.getsockname()[:2]
