@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 train: setup
 	$(VENV)/bin/cifar-dist train $(ARGS)
 
-# The tests start a real local Slurm (slurm/dev-cluster.sh) and drive the upload page of `cifar-dist
-# serve` in a real headless Chromium (tests/test_serve_browser.py); their Debian packages come first. Two
+# The tests start a real local Slurm (slurm/dev-cluster.sh) and drive `cifar-dist serve`'s upload
+# page in a real headless Chromium (tests/test_serve.py); their Debian packages come first. Two
 # workers: many tests wait on a scheduler or a child process; the Slurm tests share one worker.
 test: setup slurm-packages browser-packages
 	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
