@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --config debug
 
-.PHONY: setup train test lint slurm-packages
+.PHONY: setup train test lint slurm-packages browser-packages
 
 setup: $(VENV)/.installed
 
@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 train: setup
 	$(VENV)/bin/cifar-dist train $(ARGS)
 
-# The tests start a real local Slurm (slurm/dev-cluster.sh); its Debian packages come first. Two
+# The tests start a real local Slurm (slurm/dev-cluster.sh) and drive `cifar-dist serve`'s upload
+# page in a real headless Chromium (tests/test_serve.py); their Debian packages come first. Two
 # workers: many tests wait on a scheduler or a child process; the Slurm tests share one worker.
-test: setup slurm-packages
+test: setup slurm-packages browser-packages
 	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: setup
@@ -27,3 +28,7 @@ lint: setup
 slurm-packages:
 	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge iproute2 >/dev/null; }
+
+browser-packages:
+	@command -v chromium >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-dejavu-core >/dev/null; }

@@ -1,4 +1,4 @@
-"""`cifar-dist train | predict | compare | data prepare`."""
+"""`cifar-dist train | evaluate | predict | serve | export | compare | data | sweep`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ commands:
   train    --smoke [--config NAME|PATH ...] [key=value ...]           every path of a config on a few batches
   evaluate RUN_DIR|FILE [--json OUT] [key=value ...]                 exact test-set evaluation, any world size
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
+  serve    RUN_DIR|FILE [--port P] [--backend torch|onnx] [--max-batch N]  HTTP API and upload page, batched
+  export   RUN_DIR --format onnx|torchscript|safetensors [--out PATH]  one file for other runtimes, checked
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
   data prepare [--config NAME|PATH ...] [key=value ...]               decode the data into the cache
   data show --out PNG [--config NAME|PATH ...] [key=value ...]        a labelled grid of augmented training images
@@ -39,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         from cifar_dist.predict import main as predict_main
 
         return run_command(predict_main, rest)
+    if command == "serve":
+        from cifar_dist.serve.command import main as serve_main
+
+        return run_command(serve_main, rest)
+    if command == "export":
+        from cifar_dist.export import main as export_main
+
+        return run_command(export_main, rest)
     if command == "compare":
         from cifar_dist.report import compare_main
 

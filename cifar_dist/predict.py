@@ -1,18 +1,25 @@
 """`cifar-dist predict --checkpoint RUN_DIR_OR_FILE IMAGE_OR_DIR...`: top-k classes per image.
 
 Weights load with `torch.load(weights_only=True)`: a checkpoint is data and never runs code.
+`model_input`, `probabilities` and `top_classes` are the whole path from an image file to its answer;
+`cifar-dist serve` (serve/) answers with the same three, so the service and this command agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import pickle
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from cifar_dist import checkpoint
 from cifar_dist.data import normalize
@@ -21,14 +28,38 @@ from cifar_dist.models import MODELS, build_model
 from cifar_dist.rundir import MODEL, load_weights
 from cifar_dist.sources import CIFAR10_STATS, IMAGE_SUFFIXES, Stats, read_image
 
+# An image whose header claims more pixels is refused before they are decoded (a decompression bomb:
+# a few KB that inflate to gigabytes). A 50-megapixel photo still passes.
+MAX_PIXELS = 50_000_000
+
 
 class PredictError(UserError):
     """The checkpoint or the images cannot be used; the message names the file or folder."""
 
 
+class ImageError(ValueError):
+    """Not a readable image, or one larger than it may be; the message says which."""
+
+
 def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str], Stats]:
     """A run dir (its model.pt, else its newest checkpoint), a model.pt, or a checkpoint state.pt:
     the net, its class names, and the statistics its inputs are normalised with."""
+    m = load_model(path)
+    return m.net, m.classes, m.stats
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module  # in eval mode
+    name: str  # models.MODELS' name of the net
+    classes: list[str]
+    stats: Stats
+    file: Path  # the file read: model.pt or a checkpoint's state.pt
+    file_sha256: str  # of its bytes, as `sha256sum` prints it
+
+
+def load_model(path: Path) -> LoadedModel:
+    """`load_classifier`'s model, with its name and the file it came from."""
     if path.is_dir():
         newest_first = reversed(checkpoint.list_checkpoints(path))
         candidates = [path / MODEL] + [c.path / checkpoint.STATE for c in newest_first]
@@ -67,7 +98,7 @@ def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str], Stats]:
         raise PredictError(f"{path}: its weights do not fit the {name} net with {len(classes)} classes ({why})") from None
     # Files from before the statistics were stored were all trained with CIFAR-10's.
     stats = Stats(tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else CIFAR10_STATS
-    return net.eval(), classes, stats
+    return LoadedModel(net.eval(), name, classes, stats, path, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _first_line(e: Exception) -> str:
@@ -88,19 +119,45 @@ def image_files(paths: list[Path]) -> list[Path]:
     return out
 
 
+def model_input(src: bytes | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Any image file (its bytes or path), of any size, mode or bit depth -> the net's input pixels:
+    RGB uint8 (32, 32, 3), decoded and resized as the training images were (`read_image`). The
+    header is read first: more than `max_pixels` is refused before a pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            width, height = im.size
+        if width * height > max_pixels:
+            raise ImageError(f"too large: {width}x{height} pixels, more than the {max_pixels:,} allowed")
+        return read_image(src)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own, stricter-than-nothing limit, met on open
+        raise ImageError(f"too large ({e})") from None
+    except Exception as e:  # Pillow fails in many ways on bytes that are not (whole) images
+        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
 @torch.no_grad()
+def probabilities(net: torch.nn.Module, stats: Stats, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 32, 32, 3) pixels -> float32 (N, classes) probabilities, normalised as in training."""
+    return torch.softmax(net(normalize(pixels, stats)).float(), 1)
+
+
+def top_classes(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict[str, Any]]:
+    """One image's probabilities (classes,) -> its `top_k` classes, most probable first."""
+    p, idx = probs.topk(min(top_k, len(classes)))
+    return [{"class": classes[i], "probability": round(float(q), 4)} for q, i in zip(p.tolist(), idx.tolist())]
+
+
 def predict(net: torch.nn.Module, classes: list[str], stats: Stats, files: list[Path], top_k: int) -> list[dict[str, Any]]:
     results = []
     for f in files:
         try:
-            x = torch.from_numpy(read_image(f)).unsqueeze(0)
-        except Exception as e:
-            results.append({"file": str(f), "error": f"not a readable image ({type(e).__name__}: {e})"})
+            x = torch.from_numpy(model_input(f)).unsqueeze(0)
+        except ImageError as e:
+            results.append({"file": str(f), "error": str(e)})
             continue
-        probs = torch.softmax(net(normalize(x, stats)).float(), 1)[0]
-        p, idx = probs.topk(min(top_k, len(classes)))
-        results.append({"file": str(f), "top": [{"class": classes[i], "probability": round(float(q), 4)}
-                                                for q, i in zip(p.tolist(), idx.tolist())]})
+        results.append({"file": str(f), "top": top_classes(probabilities(net, stats, x)[0], classes, top_k)})
     return results
 
 

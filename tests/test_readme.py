@@ -32,6 +32,8 @@ RULES = [
     ("srun ", SLURM),
     ("python jobs/submit.py", SLURM),
     ("python benchmarks/", "not run: the real archive and an hour of CPU (benchmarks record their tables)"),
+    ("cifar-dist serve ", "not run: a server runs until it is stopped (tests/test_serve.py and test_export.py start it)"),
+    ("curl ", "not run: it needs the server above (tests/test_serve.py sends the same requests)"),
     ("cifar-dist ", LOCAL),
     ("python -m cifar_dist.", LOCAL),
     ("torchrun ", LOCAL),
