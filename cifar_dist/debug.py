@@ -252,7 +252,7 @@ FAILURE_PATHS = {
     "cifar_dist.evaluation": "evaluation", "evaluate": "evaluation",
     "save": "checkpoint",  # Loop.save and checkpoint.save
     "resume": "resume",
-    "finish_run": "final", "make_summary": "final", "cifar_dist.report": "final",
+    "finish_run": "final", "make_summary": "final", "cifar_dist.plots": "final",
 }
 
 

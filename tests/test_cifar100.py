@@ -16,9 +16,9 @@ from conftest import PY, TINY, run, train_cmd
 from PIL import Image
 from wandb_records import history
 
+from cifar_dist.compare import CONFUSION_PNG, CURVES_PNG, PER_CLASS_PNG, confusion_grid
 from cifar_dist.config import ConfigError, DataConfig, load_config
 from cifar_dist.data import DataError, cache_path, load_cached, load_dataset, normalize
-from cifar_dist.report import CONFUSION_PNG, CURVES_PNG, PER_CLASS_PNG, confusion_grid
 from cifar_dist.rundir import CLASS_PLOT, MODEL, RunDir, load_weights
 from cifar_dist.sources import CIFAR10_STATS, image_stats
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import PY, ROOT, TINY, run, train_cmd
 from PIL import Image
 
-from cifar_dist.report import (
+from cifar_dist.compare import (
     CONFUSION_PANEL,
     CONFUSION_PNG,
     CURVES_PNG,

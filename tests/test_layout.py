@@ -60,3 +60,13 @@ def test_floors():
         assert graph[ground] <= {"cifar_dist.errors"}, f"{ground} imports {graph[ground]}"
     # The evaluation algorithm depends only on data and distributed code (and its result type).
     assert graph["cifar_dist.evaluation"] <= {"cifar_dist.data", "cifar_dist.distributed", "cifar_dist.metrics"}
+
+
+def test_matplotlib_is_imported_only_where_a_plot_is_drawn():
+    # Training, the console and the sweep commands import the plotting modules; matplotlib (a second
+    # of import time, a backend chosen) must come only with a plot.
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only; imports inside functions are fine
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "matplotlib" for n in names), f"{path.name} imports matplotlib at module level"

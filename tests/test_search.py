@@ -25,8 +25,8 @@ from conftest import PY, TINY
 from PIL import Image
 from slurm_fixtures import TINY_OVERRIDES, slurm_env, submitted
 
+from cifar_dist.compare import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, compare_main, load_runs
 from cifar_dist.config import load_config
-from cifar_dist.report import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, compare_main, load_runs
 from cifar_dist.rundir import CONFIG, PRUNED, SUMMARY, TRIAL, RunDir, read_json
 from cifar_dist.sweep import commands
 from cifar_dist.sweep.optuna_compat import HEARTBEAT, SUSPENDED, HeartbeatJournalStorage, fail_stale_trials

@@ -1,9 +1,8 @@
-"""Plots and comparisons made from run directories alone (config.yaml, metrics.jsonl, summary.json, and a
-search trial's trial.json), and the grid of augmented training images `cifar-dist data show` draws.
+"""`cifar-dist compare`: a table and plots made from run directories alone (config.yaml,
+metrics.jsonl, summary.json, and a search trial's trial.json), for any number of runs or a sweep.
 
-Every per-class output reads at ten classes and at a hundred: past MANY_CLASSES classes, bars are
-sorted by accuracy, confusion matrices lose their per-cell numbers, tables turn to a row per class,
-and figures grow with the number of classes."""
+Past MANY_CLASSES classes the per-class outputs summarise: the table turns to a row per class,
+curves replace grouped bars, and confusion matrices lose their per-cell numbers and grow."""
 
 from __future__ import annotations
 
@@ -16,83 +15,11 @@ from typing import Any
 import yaml
 
 from cifar_dist.errors import UserError, run_command
-from cifar_dist.metrics import direction
-from cifar_dist.rundir import CLASS_PLOT, CONFIG, LOSS_PLOT, TRIAL, RunDir, read_json
+from cifar_dist.metrics import MANY_CLASSES, direction
+from cifar_dist.plots import INCHES_PER_CLASS, pyplot
+from cifar_dist.rundir import CONFIG, TRIAL, RunDir, read_json
 from cifar_dist.schema import flatten
 from cifar_dist.tables import format_table
-
-MANY_CLASSES = 20  # past this many classes, per-class outputs summarise, sort and scale (console.py too)
-INCHES_PER_CLASS = 0.16  # width of a class on a per-class axis once there are many (7-point labels fit)
-
-# ---------------------------------------------------------------------------- plots
-
-
-def write_plots(run: RunDir) -> None:
-    """loss.png (train and test loss against epochs) and per_class_accuracy.png."""
-    plt = _pyplot()
-    records = run.metrics()
-    train = [r for r in records if "train_loss" in r]
-    test = [r for r in records if "test_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot([r["epoch"] for r in train], [r["train_loss"] for r in train], label="train loss (label-smoothed)")
-    ax.plot([r["epoch"] for r in test], [r["test_loss"] for r in test], "o-", label="test loss")
-    ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"loss: {run.path.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / LOSS_PLOT)
-    plt.close(fig)
-
-    summary = run.summary()
-    per_class = summary["per_class_accuracy"]
-    many = len(per_class) > MANY_CLASSES
-    if many:  # sorted, so that the spread reads at a glance and a class is found by its rank
-        per_class = dict(sorted(per_class.items(), key=lambda kv: -kv[1]))
-    fig, ax = plt.subplots(figsize=(max(7, INCHES_PER_CLASS * len(per_class) + 1.5), 4.5), dpi=100)
-    ax.bar(list(per_class), [100 * v for v in per_class.values()], width=0.8)
-    ax.axhline(100 * summary["test_accuracy"], color="k", ls="--", lw=1)  # named in the title: a legend would cover bars
-    title = f"per-class accuracy: {run.path.name}, overall {summary['test_accuracy']:.1%} (dashed)"
-    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=title + (f"; {len(per_class)} classes, best first" if many else ""))
-    ax.set_xlim(-0.7, len(per_class) - 0.3)
-    ax.tick_params(axis="x", rotation=90 if many else 45, labelsize=7 if many else None)
-    fig.tight_layout()
-    fig.savefig(run / CLASS_PLOT)
-    plt.close(fig)
-
-
-GRID_IMAGE = 0.64  # inches per 32-pixel image at 100 dpi: exactly 2x, no resampling blur
-GRID_LABEL, GRID_GAP, GRID_MARGIN, GRID_TITLE = 0.22, 0.15, 0.3, 0.75  # inches
-
-
-def plot_image_grid(images: Any, classes: list[str], title: str, out: Path) -> None:
-    """uint8 images (classes, k, 32, 32, 3) as one block of k per class, its name above it; blocks
-    side by side, as many to a row as keep the figure about square (one to a row at ten classes)."""
-    import numpy as np
-
-    plt = _pyplot()
-    n, k = images.shape[:2]
-    per_row = max(1, round((1.4 * n / k) ** 0.5))
-    rows = -(-n // per_row)
-    block = k * GRID_IMAGE
-    width = max(7.0, per_row * block + (per_row - 1) * GRID_GAP + 2 * GRID_MARGIN)
-    height = GRID_TITLE + rows * (GRID_LABEL + GRID_IMAGE + GRID_GAP) + GRID_MARGIN
-    fig = plt.figure(figsize=(width, height), dpi=100)
-    fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
-    white = np.full((images.shape[2], 2, 3), 255, dtype=np.uint8)  # 2 pixels between images
-    for c in range(n):
-        row, col = divmod(c, per_row)
-        left = GRID_MARGIN + col * (block + GRID_GAP)
-        top = GRID_TITLE + row * (GRID_LABEL + GRID_IMAGE + GRID_GAP) + GRID_LABEL
-        ax = fig.add_axes((left / width, 1 - (top + GRID_IMAGE) / height, block / width, GRID_IMAGE / height))
-        strip = np.concatenate([part for img in images[c] for part in (img, white)][:-1], axis=1)
-        ax.imshow(strip, interpolation="nearest", aspect="auto")
-        ax.set_axis_off()
-        ax.set_title(classes[c], fontsize=8, loc="left", pad=2)
-    fig.savefig(out)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- compare
 
 # Keys that name a run rather than configure it; they differ between any two runs.
 IDENTITY_KEYS = ("run.dir", "run.id", "run.name")
@@ -258,7 +185,7 @@ def _epochs(r: ComparedRun) -> float:
 def plot_params(runs: list[ComparedRun], out: Path) -> None:
     """The final metric against each swept parameter, one panel each: complete trials in colour,
     pruned ones grey (at their last evaluation). Log axes for positive values over > 1.5 decades."""
-    plt = _pyplot()
+    plt = pyplot()
     trials = [r for r in runs if r.trial and r.trial["value"] is not None]
     keys = differing_keys(runs)
     metric = trials[0].trial["metric"]
@@ -285,19 +212,10 @@ def plot_params(runs: list[ComparedRun], out: Path) -> None:
     plt.close(fig)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(runs: list[ComparedRun], out: Path) -> None:
     """Test accuracy, training loss and test loss against epochs, one line per run, named by its
     swept values; pruned trials in grey, behind the others, named once."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (acc, train, test) = plt.subplots(1, 3, figsize=CURVES_SIZE, dpi=100)
     pruned = [r for r in runs if r.pruned]
     for r in sorted(runs, key=lambda r: not r.pruned):  # grey first: the others drawn over them
@@ -323,7 +241,7 @@ def plot_curves(runs: list[ComparedRun], out: Path) -> None:
 def plot_per_class(runs: list[ComparedRun], out: Path) -> None:
     """Final per-class test accuracy: one group of bars per class, one bar per run; past
     MANY_CLASSES classes, one line per run over the classes sorted by their mean accuracy."""
-    plt = _pyplot()
+    plt = pyplot()
     done = [r for r in runs if r.summary]
     classes = list(dict.fromkeys(c for r in done for c in r.summary["per_class_accuracy"]))
     many = len(classes) > MANY_CLASSES
@@ -367,7 +285,7 @@ def plot_confusions(runs: list[ComparedRun], out: Path) -> None:
     a colour bar instead of numbers that could not be read."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     done = [r for r in runs if r.summary]
     names = {c for r in done for c in r.summary["per_class_accuracy"]}
     rows, cols, panel = confusion_grid(len(done), max(len(r.summary["per_class_accuracy"]) for r in done),
