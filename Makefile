@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --config debug
 
-.PHONY: setup train test lint slurm-packages
+.PHONY: setup train test test-unit test-e2e test-slurm lint slurm-packages
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,19 @@ train: setup
 
 # The tests start a real local Slurm (slurm/dev-cluster.sh); its Debian packages come first. Two
 # workers: many tests wait on a scheduler or a child process; the Slurm tests share one worker.
+PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadgroup
 test: setup slurm-packages
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# One tier each (tests/__init__.py says what belongs where): unit needs neither Slurm nor a command run.
+test-unit: setup
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PYTEST) tests/e2e $(PYTEST_ARGS)
+
+test-slurm: setup slurm-packages
+	$(PYTEST) tests/slurm $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

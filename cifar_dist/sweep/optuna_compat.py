@@ -9,7 +9,7 @@ stopped for a requeue (its checkpoint written, its job coming back) is marked su
 called stale, so a pre-empted trial is resumed by its own worker instead of being retried.
 
 Tested with Optuna 5.0; pyproject.toml pins `>=4.9,<6` (4.9 renamed the callback and its getter).
-tests/test_search.py runs a stale trial through Optuna's own `fail_stale_trials` and the retry
+tests/unit/test_search.py runs a stale trial through Optuna's own `fail_stale_trials` and the retry
 callback against the installed Optuna, so a release that changes `BaseHeartbeat` fails there.
 """
 
