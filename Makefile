@@ -22,7 +22,7 @@ PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadgroup
 test: setup slurm-packages
 	$(PYTEST) $(PYTEST_ARGS)
 
-# One tier each (tests/__init__.py says what belongs where): unit needs neither Slurm nor a command run.
+# One tier each (tests/__init__.py says what belongs where): unit needs neither Slurm nor a training command.
 test-unit: setup
 	$(PYTEST) tests/unit $(PYTEST_ARGS)
 
