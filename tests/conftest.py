@@ -13,6 +13,7 @@ import pytest
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to group the tests
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The dev Slurm cluster is one per machine: under pytest-xdist (--dist loadgroup) its tests all

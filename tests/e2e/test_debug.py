@@ -163,5 +163,3 @@ def test_profile_writes_a_trace_and_an_operator_table_and_training_goes_on(env, 
     assert ops.startswith("steps 3-5, rank 0: top operators by self_cpu_time_total") and "convolution" in ops
     assert RunDir(run_dir).summary()["steps"] == 40
     assert load_weights(run_dir / MODEL)["model"] == "blitz"
-
-

@@ -198,5 +198,3 @@ def test_without_key_or_server_training_goes_offline_with_one_line(case, env, tm
     assert [row["_step"] for row in history(log)] == [3, 6, 9, 10, 12, 15, 18, 20]
     # The online attempt costs seconds, not wandb's init timeout (30 s).
     assert took < 60, f"training took {took:.0f} s"
-
-

@@ -135,5 +135,3 @@ def test_compiled_training_saves_plain_weights_and_reports_compile_time_apart(en
     assert compiled["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-3)
     weights = load_weights(tmp_path / "compiled" / MODEL)["state_dict"]
     assert weights and not any("_orig_mod" in k or k.startswith("module.") for k in weights)
-
-

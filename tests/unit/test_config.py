@@ -1,4 +1,6 @@
-"""Config strictness: every bad case is one line naming the key, exit code 2, nothing written."""
+"""Config strictness in-process: the shipped configs load, overrides and YAML numbers read as people
+write them, and every bad value is a ConfigError naming the key. Through the commands (one line, exit
+code 2, nothing written): tests/e2e/test_config.py."""
 
 from __future__ import annotations
 
@@ -78,5 +80,3 @@ def test_non_finite_numbers_are_refused(value):
     with pytest.raises(ConfigError) as e:
         load_config("debug", [f"train.lr={value}"])
     assert str(e.value).startswith("train.lr:")
-
-

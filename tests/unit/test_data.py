@@ -1,4 +1,5 @@
-"""The three data sources in their real on-disk formats, the cache, and batches/augmentation."""
+"""The three data sources in their real on-disk formats, the cache, and batches/augmentation. `data
+prepare` as a user runs it: tests/e2e/test_data.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The extension points, each tested through its seam: a data source, a model and a tracker are
 one registered implementation each, and `train(cfg)` finds them by the config's name alone; the
-run directory has one owner (its reader, writer and lock)."""
+run directory has one owner (its reader and writer). Through the commands (TensorBoard, the run
+lock, a failed start): tests/e2e/test_seams.py."""
 
 from __future__ import annotations
 
@@ -97,5 +98,3 @@ def test_atomic_writes_leave_no_temporary_file(tmp_path):
     write_atomic(tmp_path / "a.json", "one")
     write_atomic(tmp_path / "a.json", b"two")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and (tmp_path / "a.json").read_text() == "two"
-
-
