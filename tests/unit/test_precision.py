@@ -1,7 +1,7 @@
 """One precision rule for every launch path (cifar_dist/precision.py): what `auto` means on each
 device, what a launcher's mixed precision and dynamo settings do, and the warning that bf16 is
-emulated on this CPU. Through the commands (fp16
-resumed exactly, the precision recorded where `evaluate` finds it): tests/e2e/test_precision.py."""
+emulated on this CPU. Through the commands (fp16 resumed exactly, the precision recorded where
+`evaluate` finds it): tests/e2e/test_precision.py."""
 
 from __future__ import annotations
 

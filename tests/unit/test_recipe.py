@@ -1,8 +1,7 @@
 """The speed recipe's parts (airbench's ideas, restated): the LR schedule's ends, BatchNorm biases
 at a scaled LR, dirac-initialised convs with frozen BatchNorm scales, alternating flips and
 multi-crop test-time augmentation, the whitening bias trained early on only (in a training run:
-tests/e2e/test_recipe.py). Each is checked
-against its definition, written out by hand."""
+tests/e2e/test_recipe.py). Each is checked against its definition, written out by hand."""
 
 from __future__ import annotations
 
