@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --config debug
 
-.PHONY: setup train test lint slurm-packages browser-packages
+.PHONY: setup train test test-unit test-e2e test-slurm lint slurm-packages browser-packages
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,21 @@ train: setup
 	$(VENV)/bin/cifar-dist train $(ARGS)
 
 # The tests start a real local Slurm (slurm/dev-cluster.sh) and drive `cifar-dist serve`'s upload
-# page in a real headless Chromium (tests/test_serve.py); their Debian packages come first. Two
+# page in a real headless Chromium (tests/e2e/test_serve.py); their Debian packages come first. Two
 # workers: many tests wait on a scheduler or a child process; the Slurm tests share one worker.
+PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadgroup
 test: setup slurm-packages browser-packages
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# One tier each (tests/__init__.py says what belongs where): unit needs neither Slurm nor a training command.
+test-unit: setup
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
+
+test-e2e: setup browser-packages
+	$(PYTEST) tests/e2e $(PYTEST_ARGS)
+
+test-slurm: setup slurm-packages
+	$(PYTEST) tests/slurm $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

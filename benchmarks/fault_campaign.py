@@ -1,5 +1,5 @@
 """The fault campaign of issue #16, "nothing silent, nothing lost": seeded random faults at exact
-moments of a tiny training run (real signals and kills, injected by tests/run_with_faults.py),
+moments of a tiny training run (real signals and kills, injected by tests/helpers/run_with_faults.py),
 each run restarted until it finishes, then compared with the uninterrupted run.
 
     python benchmarks/fault_campaign.py --trials 120 --seed 0 [--kinds step eval ...] [--jobs 2] [--slurm]
@@ -58,7 +58,7 @@ EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 20, 7  # 1,280 images / 64 per step; a check
 TOTAL = EPOCHS * STEPS_PER_EPOCH
 # Checkpoints are written every EVERY steps and after each (per-epoch) evaluation.
 SAVE_STEPS = sorted({*range(EVERY, TOTAL + 1, EVERY), *range(STEPS_PER_EPOCH, TOTAL + 1, STEPS_PER_EPOCH)})
-# conftest's TINY with per-epoch evaluation; the medium net has dropout, so every RNG state must come back.
+# The tests' TINY (tests/helpers) with per-epoch evaluation; the medium net has dropout, so every RNG state must come back.
 CONFIG = ["model.name=medium", "data.source=synthetic", "data.synthetic_train=1280", "data.synthetic_test=300",
           f"train.epochs={EPOCHS}", "train.batch_size=64", "train.lr=0.05", "train.warmup_epochs=0.5",
           "train.log_every=3", f"checkpoint.every_steps={EVERY}", "eval.every=1", "seed=5", "run.progress=lines"]
@@ -68,9 +68,9 @@ SLURM_EPOCHS = 30
 SLURM_CONFIG = ["--config", "debug", *[c for c in CONFIG if not c.startswith("train.epochs=")],
                 f"train.epochs={SLURM_EPOCHS}"]
 SLURM_CONF = Path(os.environ.get("CIFAR_DIST_SLURM_DIR", "/tmp/cifar-dist-slurm")) / "slurm.conf"
-CLUSTER_LOCK = "/tmp/cifar-dist-slurm-tests.lock"  # the tests' (tests/slurm_fixtures.py): one dev cluster a machine
+CLUSTER_LOCK = "/tmp/cifar-dist-slurm-tests.lock"  # the tests' (tests/helpers/slurm.py): one dev cluster a machine
 SWEEP = [PY, "-m", "cifar_dist.cli", "sweep"]
-FAULT_RUNNER = str(ROOT / "tests" / "run_with_faults.py")
+FAULT_RUNNER = str(ROOT / "tests" / "helpers" / "run_with_faults.py")
 MAX_RESTARTS = 3  # one fault per trial: a second restart would already be a finding
 RESUMED = re.compile(r"resumed from (\S+) \(step (\d+)")
 TIMING = ("time", "images_per_second")  # wall-clock fields, different in any two runs
@@ -79,7 +79,7 @@ TIMING = ("time", "images_per_second")  # wall-clock fields, different in any tw
 @dataclass
 class Fault:
     kind: str
-    spec: str  # CIFAR_DIST_FAULT for tests/run_with_faults.py
+    spec: str  # CIFAR_DIST_FAULT for tests/helpers/run_with_faults.py
     reached: int  # steps trained when it strikes: a kill loses those since the last checkpoint
     ranks: int = 1
     damage: str = ""  # kind `damaged`: how the newest checkpoint is damaged after the stop

@@ -10,7 +10,7 @@
 # Steps, most important first; each runs under what is left of DEADLINE (seconds, default 540), and
 # one that fails or runs out of time costs only itself. After each, benchmarks/RESULTS.md (with the
 # sections appended so far) and the log are copied to $OUT, so a call cut short still brings them back.
-#   check     tests/test_gpu.py (pytest): the checks that need a GPU, e.g. that a training step never
+#   check     tests/e2e/test_gpu.py (pytest): the checks that need a GPU, e.g. that a training step never
 #             waits for the GPU (seconds; a failure is known before anything is timed)
 #   fast      bench_fast.py: the fast recipe x5, framework overhead vs a bare loop, the peer if carried
 #             (its 25 runs, or as many as it finishes in 150 s)
@@ -56,7 +56,7 @@ peer=()
 [ -f .peer/airbench94.py ] && peer=(--peer .peer/airbench94.py --peer-timeout 150)
 for s in $STEPS; do
   case $s in
-    check) step check python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+    check) step check python3 -m pytest -q -p no:cacheprovider tests/e2e/test_gpu.py ;;
     fast) step fast python3 benchmarks/bench_fast.py --data "$DATA" --repeats 5 "${peer[@]}" ;;
     medium) step medium python3 benchmarks/bench_vs_seed.py --data "$DATA" --runs medium:medium_gpu --repeats 3 \
               --seed-loop "$SEED_LOOP" --recorded medium=838:0.729 --seed-epochs medium=1 ;;

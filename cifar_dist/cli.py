@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(export_main, rest)
     if command == "compare":
-        from cifar_dist.report import compare_main
+        from cifar_dist.compare import compare_main
 
         return run_command(compare_main, rest)
     if command == "sweep":
@@ -79,7 +79,8 @@ def data_main(argv: list[str]) -> int:
     from cifar_dist.config import add_config_arguments, load_config
     from cifar_dist.data import cache_path, load_cached, load_dataset, shown_samples
     from cifar_dist.errors import UserError
-    from cifar_dist.report import MANY_CLASSES, plot_image_grid
+    from cifar_dist.metrics import MANY_CLASSES
+    from cifar_dist.plots import plot_image_grid
 
     parser = argparse.ArgumentParser(prog="cifar-dist data", description="prepare: decode a data source into the cache "
                                      "ahead of training (for example on a login node with internet, before offline "

@@ -11,8 +11,7 @@ from typing import Any
 
 from cifar_dist.config import Config
 from cifar_dist.distributed import Distributed
-from cifar_dist.metrics import EvalResult
-from cifar_dist.report import MANY_CLASSES
+from cifar_dist.metrics import MANY_CLASSES, EvalResult
 
 BEST_AND_WORST = 5  # classes printed at each end of the ranking when there are too many to list
 

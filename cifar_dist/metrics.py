@@ -10,6 +10,10 @@ if TYPE_CHECKING:  # torch only in annotations: the sweep commands read DIRECTIO
 
 # The metrics a run records that a search or a ranking may be judged by, and which way is better.
 DIRECTIONS = {"test_accuracy": "maximize", "test_loss": "minimize"}
+# Past this many classes, per-class results are summarised, sorted and scaled wherever they are shown
+# (the console's table, compare's table and plots, a run's plots), so that they read at ten classes
+# and at a hundred.
+MANY_CLASSES = 20
 
 
 def direction(metric: str) -> str:

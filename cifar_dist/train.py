@@ -31,10 +31,10 @@ from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
 from cifar_dist.metrics import EvalResult, eval_record
 from cifar_dist.models import count_parameters
+from cifar_dist.plots import write_plots
 from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_bf16_warning
 from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
-from cifar_dist.report import write_plots
 from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
 from cifar_dist.runs import abandon, open_run, record_start
 from cifar_dist.state import TrainState

@@ -13,7 +13,7 @@ reads the system attributes it keeps (the worker, suspended) through them.
 
 Tested with Optuna 5.1 (constraints.txt); pyproject.toml pins `>=4.9,<6` (the callback and its getter
 have these names from 4.9 on).
-tests/test_search.py runs a stale trial through Optuna's own `fail_stale_trials` and the retry
+tests/unit/test_search.py runs a stale trial through Optuna's own `fail_stale_trials` and the retry
 callback against the installed Optuna, so a release that changes `BaseHeartbeat` fails there.
 """
 

@@ -6,7 +6,7 @@ local executor's controller process, and the files a job leaves behind. Each is 
 here; the rest of cifar_dist/sweep/ uses only these and submitit's public classes
 (`submitit.SlurmExecutor`, `LocalExecutor`, `DebugExecutor`, `JobEnvironment`, `helpers`).
 
-Tested with submitit 1.5.4; pyproject.toml pins `>=1.5.4,<1.6`. tests/test_submitit_compat.py
+Tested with submitit 1.5.4; pyproject.toml pins `>=1.5.4,<1.6`. tests/unit/test_submitit_compat.py
 calls every function below against the installed submitit, so a release that moves one of these
 members fails there, naming it, rather than in a pre-empted job on a cluster.
 """

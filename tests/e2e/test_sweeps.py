@@ -1,0 +1,91 @@
+"""The sweep command as a user runs it, without a cluster: the dry run's exact sbatch script against a
+golden file, the point cap and --max-points, and the fallbacks that need no Slurm (the local and debug
+executors train their points). Specs, profiles and the command's refusals: tests/unit/test_sweeps.py."""
+
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from cifar_dist.rundir import ENV, SUMMARY, RunDir
+from tests.helpers import ROOT
+from tests.helpers.slurm import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
+
+GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
+
+
+def normalise(text: str, sweep_dir: Path) -> str:
+    text = text.replace(str(sweep_dir), "<SWEEP_DIR>").replace(sys.executable, "<PYTHON>")
+    return re.sub(r"fast-lr-[0-9a-f]{6}-", "fast-lr-<uid>-", text)
+
+
+def test_dry_run_prints_points_and_the_exact_sbatch_script(tmp_path):
+    """Golden file: the example GPU profile, 2 nodes x 8 GPUs, grid x random. To accept a change
+    on purpose: UPDATE_GOLDEN=1 pytest tests/e2e/test_sweeps.py."""
+    spec = tmp_path / "fast-lr.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "fast-lr", "cluster": "example-gpu", "base": "fast", "overrides": {"train.epochs": 10},
+        "sweep": {"grid": {"train.lr": [0.2, 0.4]},
+                  "random": {"n": 2, "seed": 0, "params": {"train.label_smoothing": {"uniform": [0.0, 0.2]}}}},
+        "resources": {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem": 400,
+                      "time_min": 240, "signal_delay_s": 120, "array_parallelism": 2, "partition": "gpu-preempt",
+                      "qos": "high", "constraint": "a100&ib",
+                      "sbatch": {"gres": "gpu:a100:8", "exclude": "node[1-3]", "reservation": "maint-x",
+                                 "mail_type": "END,FAIL", "exclusive": True, "nice": 10}}}, sort_keys=False))
+    sweep_dir = tmp_path / "sweep"
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    out = submitted([str(spec), "--dry-run", "--executor", "slurm", "--sweep-dir", str(sweep_dir)], env, tmp_path)
+    assert not sweep_dir.exists() and not (tmp_path / "sweeps").exists(), "a dry run writes nothing"
+    text = normalise(out.stdout, sweep_dir)
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir):
+    """No sbatch or srun on PATH: the same command runs the points as local processes, says so in
+    one line, returns at once, and runs at most array_parallelism points at a time."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = slurm_env(cache_dir, tmp_path, PATH=str(empty_bin))
+    spec = write_spec(tmp_path / "loc.yaml", "loc", {"grid": {"seed": [0, 1, 2]}}, resources={"array_parallelism": 2})
+    out = submitted([str(spec)], env, tmp_path)  # the default sweep dir: sweeps/<name>
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("no Slurm on this machine") and "local executor" in first
+    sweep_dir = tmp_path / "sweeps" / "loc"
+    assert record(sweep_dir)["executor"] == "local"
+    # Seen after submit returned: it did not wait for the points (nor run more than two at once).
+    wait_for(lambda: sorted(s["state"] for s in status(sweep_dir, env)) == ["pending", "running", "running"], 60,
+             "two points running, one waiting for a slot", sweep_dir, poll=0.1)
+    states = wait_done(sweep_dir, env, timeout=180)
+    spans = []
+    for point, state in zip(record(sweep_dir)["points"], states):
+        run_dir = Path(point["run_dir"])
+        summary = RunDir(run_dir).summary()
+        assert summary["world_size"] == 1 and state["accuracy"] == summary["test_accuracy"]
+        assert summary["run_id"] == point["run_id"]
+        spans.append(((run_dir / ENV).stat().st_mtime, (run_dir / SUMMARY).stat().st_mtime))
+    for t, _ in spans:  # at any run's start, at most 2 runs (itself included) are under way
+        assert sum(a <= t < b for a, b in spans) <= 2, spans
+
+
+def test_debug_executor_runs_in_this_process(tmp_path, cache_dir):
+    env = slurm_env(cache_dir, tmp_path)
+    spec = write_spec(tmp_path / "dbg.yaml", "dbg", {"grid": {"seed": [0]}}, overrides={"train.epochs": 1})
+    out = submitted([str(spec), "--executor", "debug", "--sweep-dir", str(tmp_path / "sw")], env, tmp_path)
+    assert "done: test accuracy" in out.stdout, "trained before submit returned"
+    assert [s["state"] for s in status(tmp_path / "sw", env)] == ["done"]
+
+
+def test_max_points_lifts_the_cap(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "big.yaml", "big", {"grid": {"seed": list(range(40)), "train.lr": [0.1] * 30}})
+    capped = submit([str(spec), "--dry-run", "--executor", "local"], env, tmp_path)
+    assert capped.returncode == 2 and "1,200 points exceeds the cap of 1,000" in capped.stderr
+    lifted = submit([str(spec), "--dry-run", "--executor", "local", "--max-points", "1200"], env, tmp_path)
+    assert lifted.returncode == 0 and "1200 point(s)" in lifted.stdout

@@ -1,0 +1,65 @@
+"""One precision rule for every launch path (cifar_dist/precision.py): what `auto` means on each
+device, what a launcher's mixed precision and dynamo settings do, and the warning that bf16 is
+emulated on this CPU. Through the commands (fp16 resumed exactly, the precision recorded where
+`evaluate` finds it): tests/e2e/test_precision.py."""
+
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_dist.config import ConfigError, load_config
+from cifar_dist.precision import adopt_launcher_settings, resolve, slow_bf16_warning
+
+
+@pytest.mark.parametrize(("asked", "cpu", "gpu_with_bf16", "older_gpu"), [
+    ("auto", "fp32", "bf16", "fp16"),
+    ("fp32", "fp32", "fp32", "fp32"),
+    ("bf16", "bf16", "bf16", "bf16"),
+    ("fp16", "fp16", "fp16", "fp16"),
+])
+def test_the_rule_on_each_device(monkeypatch, asked, cpu, gpu_with_bf16, older_gpu):
+    """The GPU branches run on any machine: torch.cuda's answer is replaced by an A100's, then a V100's."""
+    assert resolve(asked, torch.device("cpu")) == cpu
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert resolve(asked, torch.device("cuda")) == gpu_with_bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a V100, T4
+    assert resolve(asked, torch.device("cuda")) == older_gpu
+
+
+@pytest.mark.parametrize(("env", "asked", "used", "compiled"), [
+    ({}, "auto", "auto", False),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, "fp32", "fp32", False),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "auto", "bf16", False),  # taken over
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16", "fp16", False),  # agrees
+    ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, "auto", "auto", True),
+])
+def test_launcher_settings_are_taken_over(env, asked, used, compiled):
+    cfg = load_config("debug", [f"train.precision={asked}"])
+    notes = adopt_launcher_settings(cfg, env)
+    assert (cfg.train.precision, cfg.model.compile) == (used, compiled)
+    assert len(notes) == (used != asked) + compiled
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "train.precision: bf16 contradicts the launcher's mixed_precision=fp16"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "mixed_precision=fp8, which this project does not train in"),
+    ({"ACCELERATE_DYNAMO_BACKEND": "aot_eager"}, "only inductor"),
+])
+def test_launcher_settings_that_contradict_the_config_are_refused(env, said):
+    with pytest.raises(ConfigError, match=said):
+        adopt_launcher_settings(load_config("debug", ["train.precision=bf16"]), env)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, native):
+    """Emulated bf16 is ~10x slower than fp32 on a CPU without AVX512-BF16/AMX: the run says so.
+    The CPU's answer is replaced here, so both cases are checked on any machine."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    bf16, fp32 = "bf16", "fp32"
+    warning = slow_bf16_warning(bf16, torch.device("cpu"))
+    assert (warning is not None) == (not native)
+    assert warning is None or "add train.precision=fp32" in warning
+    assert slow_bf16_warning(fp32, torch.device("cpu")) is None
+    assert slow_bf16_warning(bf16, torch.device("cuda")) is None
