@@ -192,11 +192,18 @@ class TensorBoardTracker(Tracker):
 HPARAM_METRICS = ("test_accuracy", "best_test_accuracy", "test_loss", "train_seconds")  # summary.json's, to compare runs by
 
 
-def hparam_values(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
-    """The flattened config as the HParams plugin takes it: numbers, text and booleans (a list as its text)."""
-    flat = flatten(config)
-    return {k: v if isinstance(v, (bool, int, float, str)) else ",".join(map(str, v)) if isinstance(v, list) else str(v)
-            for k, v in flat.items()}
+def hparam_values(config: dict[str, Any]) -> dict[str, int | float | str]:
+    """The flattened config as the HParams plugin takes it: numbers and text. A list is its items
+    joined by commas, as on a command line; a boolean is "true" or "false" (torch's `hparams`
+    would store it as the number 1 or 0)."""
+    def value(v: Any) -> int | float | str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return ",".join(map(str, v))
+        return v if isinstance(v, (int, float, str)) else str(v)
+
+    return {k: value(v) for k, v in flatten(config).items()}
 
 
 # ---------------------------------------------------------------------------- wandb

@@ -32,9 +32,10 @@ ARGS = [*TINY, "data.synthetic_train=640", "train.log_every=3", "tracking.backen
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def wandb_files(run_dir: Path) -> list[Path]:
-    """The run's offline wandb logs, one per process that ran it, in the order they started."""
-    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+def wandb_files(root: Path) -> list[Path]:
+    """The offline wandb logs under `root` (WANDB_DIR when set: the `env` fixture's tmp_path; else the
+    run dir), one per process that ran the run, in the order they started."""
+    files = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
     return sorted(files, key=lambda f: [(r.start_time.seconds, r.start_time.nanos) for r in run_records(f)])
 
 
@@ -65,7 +66,7 @@ def test_offline_wandb_holds_what_metrics_jsonl_holds(env, tmp_path):
     run_dir = tmp_path / "run"
     proc = run(train_cmd(*ARGS, f"run.dir={run_dir}", "tracking.group=sweep-7", "tracking.tags=tiny,ci",
                          "tracking.job_type=smoke", "run.name=tiny-wandb"), env)
-    (log,) = wandb_files(run_dir)
+    (log,) = wandb_files(tmp_path)
     records = read_jsonl(run_dir / METRICS)
     final = RunDir(run_dir).summary()
     config = yaml.safe_load((run_dir / CONFIG).read_text())
@@ -147,7 +148,7 @@ def test_a_resumed_run_continues_one_wandb_run_and_never_relogs_a_step(stop, env
     second = run(train_cmd(*args), env)
     assert "resumed from" in second.stdout
 
-    logs = wandb_files(run_dir)
+    logs = wandb_files(tmp_path)
     assert len(logs) == 2
     run_id = yaml.safe_load((run_dir / CONFIG).read_text())["run"]["id"]
     assert [[r.run_id for r in run_records(f)] for f in logs] == [[run_id], [run_id]]
@@ -205,7 +206,7 @@ def test_without_key_or_server_training_goes_offline_with_one_line(case, env, tm
     assert said[0].startswith("wandb: ") and reason in said[0] and "logging offline" in said[0]
     assert said[1].startswith("wandb: offline run saved in")
     assert RunDir(run_dir).summary()["steps"] == 20
-    (log,) = wandb_files(run_dir)
+    (log,) = wandb_files(tmp_path)
     assert [row["_step"] for row in history(log)] == [3, 6, 9, 10, 12, 15, 18, 20]
     # The online attempt costs seconds, not wandb's init timeout (30 s).
     assert took < 60, f"training took {took:.0f} s"
