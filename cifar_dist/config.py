@@ -298,7 +298,6 @@ def validate(cfg: Config) -> None:
     need(early.min_delta >= 0, "train.early_stop.min_delta", "must be >= 0")
     need(not early.metric or cfg.eval.every >= 1, "train.early_stop.metric",
          "needs eval.every >= 1 (it watches the evaluations during the run)")
-    need(not cfg.train.init_from or Path(cfg.train.init_from).exists(), "train.init_from", "does not exist")
     need(all(c in "0123456789abcdef" for c in cfg.train.init_sha256) and len(cfg.train.init_sha256) in (0, 64),
          "train.init_sha256", "must be 64 lowercase hex digits, or empty")
     need(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")

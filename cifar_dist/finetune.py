@@ -52,7 +52,12 @@ def read_init(cfg: Config) -> InitWeights | None:
     given = cfg.train.init_from
     if not given:
         return None
-    file = checkpoint.weights_file(Path(given))
+    # Read when a run starts, not when its config is validated: a run dir's config.yaml stays readable (evaluate,
+    # compare) after the source is gone.
+    try:
+        file = checkpoint.weights_file(Path(given))
+    except UserError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
     digest = checkpoint.file_sha256(file)
     if cfg.train.init_sha256 and cfg.train.init_sha256 != digest:
         raise ConfigError(f"train.init_from: {file} has sha256 {digest}, not train.init_sha256={cfg.train.init_sha256} "

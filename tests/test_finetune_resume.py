@@ -113,6 +113,10 @@ def test_weights_that_do_not_fit_are_one_line_listing_every_mismatch(reference, 
     proc = run(train_cmd(*CONFIG_ARGS, "model.name=blitz", f"train.init_from={reference}", f"run.dir={run_dir}"),
                module_env, check=False)
     assert proc.stderr == f"error: train.init_from: {reference / MODEL} holds a medium net, not model.name=blitz\n"
+    proc = run(train_cmd(*CONFIG_ARGS, f"train.init_from={tmp_path / 'gone.pt'}", f"run.dir={run_dir}"), module_env,
+               check=False)
+    assert proc.stderr == f"error: train.init_from: {tmp_path / 'gone.pt'}: no such checkpoint or run directory\n"
+    assert not run_dir.exists()
 
 
 # ---------------------------------------------------------------------------- --resume-from; a checkpoint folder anywhere

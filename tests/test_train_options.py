@@ -35,7 +35,6 @@ from cifar_dist.schema import set_key
     ("train.early_stop.patience=0", "train.early_stop.patience", "must be >= 1"),
     ("train.early_stop.min_delta=-0.1", "train.early_stop.min_delta", "must be >= 0"),
     ("train.early_stop.metric=test_loss eval.every=0", "train.early_stop.metric", "needs eval.every >= 1"),
-    ("train.init_from=/no/such/model.pt", "train.init_from", "does not exist"),
     ("train.init_sha256=abc", "train.init_sha256", "must be 64 lowercase hex digits"),
     ("tracking.backend=wandb,mlflow", "tracking.backend", "must be one or more of"),
     ("tracking.backend=wandb,wandb", "tracking.backend", "names a tracker twice"),
