@@ -109,8 +109,7 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None, resu
     info = RunInfo(run, cfg.run.name or run.path.name, cfg.to_dict(), data.classes, data.test_x, cfg.train.batch_size)
     records = open_records(info, cfg.tracking, keep=pos.records, on_this_rank=dist.is_main)
     loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
-                resumed=resumed, on_eval=on_eval)
-    loop.init_from = started
+                resumed=resumed, init_from=started, on_eval=on_eval)
     result = loop.run()
     summary = make_summary(loop, result)
     if loop.stop_reason:
@@ -160,14 +159,14 @@ class Loop:
 
     def __init__(self, cfg: Config, dist: Distributed, *, run: RunDir, data: Dataset, batches: Batches,
                  state: TrainState, model: torch.nn.Module, records: Records, resumed: Resumed,
-                 on_eval: EvalHook | None = None):
+                 init_from: dict[str, Any] | None = None, on_eval: EvalHook | None = None):
         """`model` is `state.net` as trained (DDP-wrapped when N > 1); `resumed`: what the checkpoint
-        resumed (if any) left to record."""
+        resumed (if any) left to record; `init_from`: the fine-tuning source's record, for summary.json."""
         self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
         self.on_eval, self.stop_reason = on_eval, None
         self.state, self.records = state, records
         self.pending, self.pending_norms, self.started_from = resumed.losses, resumed.grad_norms, resumed.started_from
-        self.init_from: dict[str, Any] | None = None  # train.init_from's record, for summary.json
+        self.init_from = init_from
         # The weights evaluated, checkpointed as the best, and saved in model.pt: the average's with eval.ema.
         self.evaluated = state.ema.net if cfg.eval.ema else state.net
         self.early_stop: dict[str, Any] | None = self.early_stop_record() if self.watch_ran_out() else None
