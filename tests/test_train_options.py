@@ -22,7 +22,8 @@ from cifar_dist.schema import set_key
 
 @pytest.mark.parametrize(("override", "key", "problem"), [
     ("train.optimizer=adam", "train.optimizer", "must be one of sgd, adamw"),
-    ("train.betas=0.9", "train.betas", "must be two numbers in [0, 1)"),
+    ("train.betas=0.9,0.99,0.5", "train.betas", "must be two numbers in [0, 1)"),
+    ("train.betas=0.9", "train.betas", "expected a list"),
     ("train.betas=0.9,1.0", "train.betas", "must be two numbers in [0, 1)"),
     ("train.eps=0", "train.eps", "must be > 0"),
     ("train.accumulate=0", "train.accumulate", "must be >= 1"),
