@@ -16,7 +16,7 @@ from conftest import PY, TINY, read_jsonl, run, torchrun
 from cifar_dist.rundir import METRICS, MODEL, RunDir, load_weights
 
 STEP_BY_STEP = [*TINY, "train.log_every=1"]  # a record per step: 40 steps over 2 epochs
-CLIP = "train.clip_grad_norm=0.5"  # below the unclipped norms of these runs (seen: 0.7 to 2), so it acts
+CLIP = "train.clip_grad_norm=0.2"  # below these runs' norms from the first step on (seen: 0.2 to 0.4, then up to 2)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,9 @@ def losses(run_dir) -> list[dict]:
 def assert_same_training(a, b) -> None:
     """The bound of tests/test_distributed.py: each step's loss to 1e-5 in the first epoch (a wrong
     gradient, summed instead of averaged or from part of the batch, is off from the second step on),
-    1e-2 in the second (float rounding grows with training), and the final weights to 1e-2."""
+    1e-2 in the second (float rounding grows with training), and the final weights to 1e-2. A
+    gradient norm, a root of a sum of squares of summed gradients, rounds more: 1e-3 in the first
+    epoch (seen: 7e-5); a norm of one rank's half of the batch would be off by about a third."""
     ra, rb = losses(a), losses(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 41))
     for x, y in zip(ra, rb):
@@ -48,7 +50,7 @@ def assert_same_training(a, b) -> None:
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=rel, abs=1e-6), x["step"]
         assert y["lr"] == x["lr"]
         if "grad_norm" in x:
-            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=rel, abs=1e-6), x["step"]
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=max(rel, 1e-3)), x["step"]
     wa, wb = load_weights(a / MODEL)["state_dict"], load_weights(b / MODEL)["state_dict"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=5e-3)
@@ -65,10 +67,11 @@ def test_clipped_training_on_two_ranks_equals_one_rank(runs):
     the norms go in metrics.jsonl."""
     clipped = losses(runs / "one_clip")
     assert all("grad_norm" in r for r in clipped) and not any("grad_norm" in r for r in losses(runs / "one"))
-    assert max(r["grad_norm"] for r in clipped) > 0.5  # so clipping acted
+    # Clipping acted in the first epoch too, where the comparison below is tight.
+    assert sum(r["grad_norm"] > 0.2 for r in clipped[:20]) >= 15
     assert_same_training(runs / "one_clip", runs / "two_clip")
     # ... and changed the training: the unclipped run's losses part from the clipped run's.
-    assert losses(runs / "one")[5]["train_loss"] != pytest.approx(clipped[5]["train_loss"], rel=1e-4)
+    assert max(abs(u["train_loss"] - c["train_loss"]) for u, c in zip(losses(runs / "one"), clipped)) > 0.05
 
 
 def test_lr_find_traces_the_same_curve_on_one_and_two_ranks(env, tmp_path):
