@@ -1,9 +1,14 @@
 """Checkpoints: atomic, marker-last writes named by global step; find the newest valid one.
 
 Layout: `<run dir>/checkpoints/step_00001234/state.pt` plus `COMPLETE`, a JSON marker written
-last that holds the state file's size and sha256. A checkpoint without its marker, or whose
-file does not match it, or that does not load with `weights_only=True`, does not exist: it is
-named in a warning and the previous one is used.
+last that holds the state file's size and sha256 (and the test accuracy and loss of the weights,
+when they were just evaluated). A checkpoint without its marker, or whose file does not match it,
+or that does not load with `weights_only=True`, does not exist: it is named in a warning and the
+previous one is used.
+
+Where a command takes "a run dir or a checkpoint" (predict, evaluate, `train --resume-from`,
+`train.init_from`), a checkpoint folder (`step_N/`) is one checkpoint: `list_checkpoints` of it is
+itself, `chosen` and `weights_file` say which file a path names.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_dist.rundir import CHECKPOINTS, fsync_dir, load_weights, write_atomic
+from cifar_dist.errors import UserError
+from cifar_dist.metrics import direction
+from cifar_dist.rundir import CHECKPOINTS, MODEL, fsync_dir, load_weights, write_atomic
 
 MARKER = "COMPLETE"
 STATE = "state.pt"
@@ -41,8 +48,10 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS
 
 
-def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accuracy: float | None = None) -> Path:
-    """Write `state` as the checkpoint of `step`: temp dir, fsync, rename, marker last."""
+def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accuracy: float | None = None, *,
+         test_loss: float | None = None, best_by: str = "test_accuracy") -> Path:
+    """Write `state` as the checkpoint of `step`: temp dir, fsync, rename, marker last; then prune,
+    keeping the newest `keep` and the best by `best_by` (a metric the markers hold)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -57,10 +66,10 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accura
         shutil.rmtree(final)  # a marker-less leftover of a killed write
     os.rename(tmp, final)
     fsync_dir(root)
-    marker = {"step": step, "size": (final / STATE).stat().st_size, "sha256": _sha256(final / STATE),
-              "test_accuracy": test_accuracy, "saved_at": time.time()}
+    marker = {"step": step, "size": (final / STATE).stat().st_size, "sha256": file_sha256(final / STATE),
+              "test_accuracy": test_accuracy, "test_loss": test_loss, "saved_at": time.time()}
     write_atomic(final / MARKER, json.dumps(marker))
-    prune(run_dir, keep)
+    prune(run_dir, keep, best_by)
     return final
 
 
@@ -79,10 +88,15 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def list_checkpoints(run_dir: Path, warn: Callable[[str], None] | None = None, verify: bool = True) -> list[Checkpoint]:
-    """Valid checkpoints (marker present, file matches it; `verify` checks the sha256 too), oldest first."""
+    """Valid checkpoints (marker present, file matches it; `verify` checks the sha256 too), oldest
+    first: a run dir's, or the one a checkpoint folder (`step_N/`) given as `run_dir` is."""
     root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        folders = sorted(root.iterdir())
+    else:
+        folders = [run_dir] if _STEP_DIR.match(run_dir.name) and (run_dir / STATE).is_file() else []
     found = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
+    for d in folders:
         m = _STEP_DIR.match(d.name)
         if not m:
             continue
@@ -108,21 +122,22 @@ def _problem(d: Path, verify: bool) -> str | None:
         return f"has no {STATE}"
     if (d / STATE).stat().st_size != size:
         return f"is truncated or altered ({(d / STATE).stat().st_size} bytes, the marker says {size})"
-    if verify and _sha256(d / STATE) != digest:
+    if verify and file_sha256(d / STATE) != digest:
         return "does not match its marker's checksum"
     return None
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` valid checkpoints and the best by test accuracy; remove the rest,
-    invalid ones older than the newest valid one, and leftovers of interrupted writes."""
+def prune(run_dir: Path, keep: int, best_by: str = "test_accuracy") -> None:
+    """Keep the newest `keep` valid checkpoints and the best by `best_by` (test_accuracy or
+    test_loss); remove the rest, invalid ones older than the newest valid one, and leftovers of
+    interrupted writes."""
     root = checkpoint_dir(run_dir)
     for leftover in root.glob(".tmp-step_*"):
         shutil.rmtree(leftover, ignore_errors=True)
     valid = list_checkpoints(run_dir, verify=False)
     if not valid:
         return
-    best = _best(valid)
+    best = best_of(valid, best_by)
     keep_paths = {c.path for c in valid[-keep:]} | ({best.path} if best else set())
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
@@ -130,9 +145,39 @@ def prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _best(checkpoints: list[Checkpoint]) -> Checkpoint | None:
-    scored = [c for c in checkpoints if c.marker.get("test_accuracy") is not None]
-    return max(scored, key=lambda c: (c.marker["test_accuracy"], c.step)) if scored else None
+def best_of(checkpoints: list[Checkpoint], metric: str = "test_accuracy") -> Checkpoint | None:
+    """The checkpoint whose weights scored best on `metric` when evaluated (the newest of equals)."""
+    scored = [c for c in checkpoints if c.marker.get(metric) is not None]
+    sign = 1 if direction(metric) == "maximize" else -1
+    return max(scored, key=lambda c: (sign * c.marker[metric], c.step)) if scored else None
+
+
+# ---------------------------------------------------------------------------- a checkpoint named on a command line
+
+
+def chosen(path: Path) -> Checkpoint:
+    """The checkpoint `path` names: a checkpoint folder (`step_N/`), its state.pt, or a run dir
+    (its newest valid checkpoint); a UserError naming the path otherwise."""
+    folder = path.parent if path.name == STATE else path
+    if not folder.is_dir():
+        raise UserError(f"{path}: no such checkpoint or run directory")
+    problem = _problem(folder, verify=True) if _STEP_DIR.match(folder.name) else None
+    if problem:
+        raise UserError(f"{path}: the checkpoint {problem}")
+    found = list_checkpoints(folder)
+    if not found:
+        raise UserError(f"{path}: not a checkpoint (checkpoints/step_N/) and no valid checkpoint in it")
+    return found[-1]
+
+
+def weights_file(path: Path) -> Path:
+    """The file of weights `path` names: a model.pt or a checkpoint's state.pt as given; for a run
+    dir, its model.pt, else its newest valid checkpoint; for a checkpoint folder, its state.pt."""
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / MODEL).is_file():
+        return path / MODEL
+    return chosen(path).path / STATE
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -167,7 +212,7 @@ def _byte_tensor(blob: bytes) -> torch.Tensor:
 # ---------------------------------------------------------------------------- file helpers
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -1,4 +1,4 @@
-"""`cifar-dist train | evaluate | predict | serve | export | compare | data | sweep`."""
+"""`cifar-dist train | lr-find | evaluate | predict | serve | export | compare | data | sweep`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar_dist.errors import run_command
+from cifar_dist.errors import UserError, run_command
 
 USAGE = """usage: cifar-dist COMMAND [ARGS]
 
 commands:
   train    [--config NAME|PATH ...] [--print-config] [key=value ...]  train (and evaluate) one run
   train    --smoke [--config NAME|PATH ...] [key=value ...]           every path of a config on a few batches
+  train    --resume-from CHECKPOINT [--config ...] [key=value ...]    a new run from a checkpoint's whole state
+  lr-find  [--config NAME|PATH ...] [--steps N] [key=value ...]       LR range test: loss vs LR plot, a peak LR
   evaluate RUN_DIR|FILE [--json OUT] [key=value ...]                 exact test-set evaluation, any world size
   predict  --checkpoint RUN_DIR|FILE IMAGE|DIR... [--top-k K] [--json]
   serve    RUN_DIR|FILE [--port P] [--backend torch|onnx] [--max-batch N]  HTTP API and upload page, batched
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(rest)
     if command == "data":
         return run_command(data_main, rest)
+    if command == "lr-find":
+        from cifar_dist.lr_find import main as lr_find_main
+
+        return run_command(lr_find_main, rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
@@ -71,6 +77,9 @@ def train_main(argv: list[str]) -> int:
     smoke.add_arguments(parser)
     args, cfg = train.parse_args(argv, parser=parser)
     if (args.smoke or args.smoke_compile) and not args.print_config:
+        if args.resume_from:
+            raise UserError("--smoke trains a few steps of its own from scratch; it does not take --resume-from "
+                            "(smoke the checkpoint's config instead: --config with its run's config.yaml)")
         return smoke.run_smoke(cfg, compile_too=args.smoke_compile)
     return train.run_parsed(args, cfg)
 

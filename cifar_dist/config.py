@@ -20,6 +20,7 @@ import yaml
 
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError
+from cifar_dist.metrics import DIRECTIONS
 from cifar_dist.schema import flatten
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -55,13 +56,42 @@ class DataConfig:
 
 
 @dataclass
+class EmaConfig:
+    # Per optimiser step: the average's weight on its past; 0 = off. 0.999 averages over ~1,000 steps.
+    decay: float = 0.0
+    start_step: int = 0  # optimiser steps before averaging starts; until then the average is the weights themselves
+
+
+@dataclass
+class EarlyStopConfig:
+    metric: str = ""  # the evaluation metric watched: test_accuracy | test_loss; "" = off
+    patience: int = 3  # evaluations in a row without an improvement before the run stops
+    min_delta: float = 0.0  # the least change of the metric that counts as an improvement
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 512  # images per optimiser step, summed over all ranks
+    batch_size: int = 512  # images per optimiser step, summed over all ranks (and over train.accumulate micro-batches)
     lr: float = 0.2  # peak learning rate for the global batch
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4  # L2, applied by SGD to every parameter
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas, eps; decoupled weight decay)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw: decay rates of its two moment averages
+    eps: float = 1e-8  # adamw: added to the denominator
+    # sgd: L2 added to the gradient; adamw: decoupled, each step shrinks the weights by lr x weight_decay
+    weight_decay: float = 5e-4
+    # false: no weight decay on the parameters of norm layers and on biases (every 0- or 1-dimensional
+    # parameter), the usual setting for adamw; true decays every parameter, as this project's sgd recipes do
+    decay_norms_and_biases: bool = True
+    accumulate: int = 1  # micro-batches per optimiser step: each rank's share of the batch in this many forward/backward passes
+    clip_grad_norm: float = 0.0  # clip the global gradient norm (all ranks, after fp16 unscaling) to this; 0 = off
+    ema: EmaConfig = field(default_factory=EmaConfig)  # an exponential moving average of the weights (eval.ema evaluates it)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # Fine-tuning: start from these weights (a model.pt, a run dir or a checkpoint) instead of a fresh init; the
+    # classifier head stays fresh when the classes differ. Weights only: the optimiser, schedule and step start anew.
+    init_from: str = ""
+    init_sha256: str = ""  # init_from's file's sha256: recorded by the run when empty; when given, the file must match
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0  # linear ramp from lr x warmup_start to lr, then the decay below
     warmup_start: float = 0.0  # the warm-up's first step's lr, as a fraction of lr
@@ -89,6 +119,7 @@ class EvalConfig:
     batch_size: int = 1000  # images per forward pass, per rank
     tta_flip: bool = False  # average logits of the image and its mirror
     tta_translate: int = 0  # pixels: also the image shifted diagonally each way (weights 1/2, 1/4, 1/4)
+    ema: bool = False  # evaluate (and save in model.pt) the moving average of the weights (train.ema) instead
 
 
 @dataclass
@@ -109,8 +140,11 @@ class RunConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # a tracker registered in trackers.py: wandb | tensorboard | none (metrics.jsonl always)
-    project: str = "cifar-dist"
+    # Trackers registered in trackers.py, any number at once: wandb, tensorboard; none (metrics.jsonl is always
+    # written). One name, a list, or names split by commas (tracking.backend=wandb,tensorboard).
+    backend: list[str] = field(default_factory=lambda: ["none"])
+    # wandb: "" lets wandb read WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP (project: else cifar-dist); a value set here wins
+    project: str = ""
     entity: str = ""
     group: str = ""  # runs of a sweep share the sweep's name
     job_type: str = "train"
@@ -144,18 +178,29 @@ class Config:
 
 
 # Keys whose value changes what a run computes; resuming across a change to one of them is refused.
-RESULT_KEYS = ("seed", "model.name", "data", "train")
-# ... except these, which may change on resume: more epochs, different logging or device, and the
-# NaN watch (it only reads values: a run can resume with it on to find where a NaN comes from).
+RESULT_KEYS = ("seed", "model.name", "data", "train", "eval.ema")
+# ... except these, which may change on resume: more epochs, different logging or device, the
+# NaN watch (it only reads values: a run can resume with it on to find where a NaN comes from), and
+# init_from's sha256, which a run fills in (runs.py refuses a file that changed under a run).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.cache_dir", "data.download",
-                     "train.detect_anomaly")
+                     "train.detect_anomaly", "train.init_sha256")
+
+
+# Result keys added after runs were already being made: hashed only when they differ from their
+# default, so a run started before a key existed keeps its hash and resumes with the new code.
+HASHED_WHEN_SET = ("train.optimizer", "train.betas", "train.eps", "train.decay_norms_and_biases", "train.accumulate",
+                   "train.clip_grad_norm", "train.ema.decay", "train.ema.start_step", "train.early_stop.metric",
+                   "train.early_stop.patience", "train.early_stop.min_delta", "train.init_from", "eval.ema")
 
 
 def result_keys(cfg: Config) -> dict[str, Any]:
     """The flat `key -> value` map that decides the result of a run."""
-    flat = flatten(cfg.to_dict())
-    keep = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS)}
-    return {k: v for k, v in keep.items() if k not in RESUMABLE_CHANGES}
+    flat, defaults = flatten(cfg.to_dict()), flatten(Config().to_dict())
+    keep = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS)
+            and k not in RESUMABLE_CHANGES and not (k in HASHED_WHEN_SET and v == defaults[k])}
+    if cfg.train.early_stop.metric:  # which evaluations the stop rule sees decides where the run ends
+        keep["eval.every"] = cfg.eval.every
+    return keep
 
 
 def config_hash(cfg: Config) -> str:
@@ -183,10 +228,13 @@ def resolve_config_path(name_or_path: str) -> Path:
     return shipped
 
 
-def load_config(config: str | Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- each YAML file in `config` (names or paths; later files win, as in Hydra's
-    defaults list) <- `key=value` overrides, then validate."""
+def load_config(config: str | Sequence[str] | None = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `base` (a saved config, e.g. a checkpoint's) <- each YAML file in `config` (names
+    or paths; later files win, as in Hydra's defaults list) <- `key=value` overrides, then validate."""
     cfg = Config()
+    if base:
+        schema.update(cfg, base)
     for name in [config] if isinstance(config, str) else config or []:
         schema.update(cfg, schema.read_yaml_mapping(resolve_config_path(name), "--config"))
     for item in overrides:
@@ -243,6 +291,25 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)")
     need(not cfg.train.nesterov or cfg.train.momentum > 0, "train.nesterov", "needs train.momentum > 0")
     need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    one_of("train.optimizer", ("sgd", "adamw"))
+    need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
+         "must be two numbers in [0, 1), e.g. 0.9,0.999")
+    need(cfg.train.eps > 0, "train.eps", "must be > 0")
+    need(cfg.train.accumulate >= 1, "train.accumulate", "must be >= 1")
+    need(cfg.train.batch_size % cfg.train.accumulate == 0, "train.accumulate",
+         f"must divide train.batch_size={cfg.train.batch_size} (the global batch is split into that many micro-batches)")
+    need(cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)")
+    need(0 <= cfg.train.ema.decay < 1, "train.ema.decay", "must be in [0, 1) (0 = off)")
+    need(cfg.train.ema.start_step >= 0, "train.ema.start_step", "must be >= 0")
+    need(not cfg.eval.ema or cfg.train.ema.decay > 0, "eval.ema", "needs train.ema.decay > 0 (no average is kept)")
+    early = cfg.train.early_stop
+    need(early.metric in ("", *DIRECTIONS), "train.early_stop.metric", f"must be one of {', '.join(DIRECTIONS)} or '' (off)")
+    need(early.patience >= 1, "train.early_stop.patience", "must be >= 1 (evaluations)")
+    need(early.min_delta >= 0, "train.early_stop.min_delta", "must be >= 0")
+    need(not early.metric or cfg.eval.every >= 1, "train.early_stop.metric",
+         "needs eval.every >= 1 (it watches the evaluations during the run)")
+    need(all(c in "0123456789abcdef" for c in cfg.train.init_sha256) and len(cfg.train.init_sha256) in (0, 64),
+         "train.init_sha256", "must be 64 lowercase hex digits, or empty")
     need(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     need(0 <= cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs", "must be in [0, train.epochs]")
     one_of("train.schedule", ("linear", "cosine", "constant"))
@@ -267,7 +334,11 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.keep >= 2, "checkpoint.keep", "must be >= 2 (a corrupt newest one falls back to the previous)")
     one_of("run.progress", ("auto", "bar", "lines", "none"))
     need(all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id", "may hold only letters, digits, - _ .")
-    one_of("tracking.backend", tuple(TRACKERS))
+    backends = cfg.tracking.backend
+    need(bool(backends) and all(b in TRACKERS for b in backends), "tracking.backend",
+         f"must be one or more of {', '.join(TRACKERS)}")
+    need(len(set(backends)) == len(backends), "tracking.backend", "names a tracker twice")
+    need("none" not in backends or len(backends) == 1, "tracking.backend", "none cannot be combined with a tracker")
     need(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
     need(cfg.profile.steps >= 0, "profile.steps", "must be >= 0")
     need(cfg.profile.wait >= 1, "profile.wait", "must be >= 1 (the profiler's own warm-up step)")

@@ -83,6 +83,8 @@ def load_model(path: Path) -> LoadedModel:
         name, classes, state = blob.get("model"), blob.get("classes"), blob["state_dict"]
     elif "model" in blob and "config" in blob:  # a training checkpoint
         name, classes, state = blob["config"].get("model", {}).get("name"), blob.get("classes"), blob["model"]
+        if blob["config"].get("eval", {}).get("ema") and blob.get("ema"):  # eval.ema: the weights it evaluated
+            state = {k.removeprefix("module."): v for k, v in blob["ema"].items() if k.startswith("module.")}
     else:
         raise PredictError(f"{path}: not a cifar-dist model or checkpoint (no state_dict or model weights in it)")
     if name not in MODELS:

@@ -1,6 +1,8 @@
 """The recipe: what is trained and how. The net (with its data-dependent initialisation), the
-optimiser's parameter groups, the learning-rate schedule, Lookahead, and one optimiser step.
-Everything here is plain PyTorch on whatever device the net is on; nothing knows of ranks.
+optimiser (SGD or AdamW) and its parameter groups, the learning-rate schedule, Lookahead, the moving
+average of the weights (EMA), and one optimiser step (micro-batches, clipping, loss scaling).
+Everything here is plain PyTorch on whatever device the net is on; nothing knows of ranks (a step
+only uses the DDP wrapper's `no_sync` when the model it is given has one).
 The schedule is torch's LambdaLR over a closed-form factor, not its LinearLR/CosineAnnealingLR/SequentialLR:
 those apply one factor to every group and restore their length from a checkpoint, so they give the
 whitening bias no cut-off of its own and cannot stretch the schedule when a resume changes train.epochs."""
@@ -39,8 +41,9 @@ def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format
 def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_steps: int):
     t = cfg.train
     # ceil: any whiten_bias_epochs > 0 is at least one step, so the bias never lands in the main group
-    groups = param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale, math.ceil(t.whiten_bias_epochs * steps_per_epoch))
-    optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+    groups = param_groups(net, t.lr, t.weight_decay, t.bias_lr_scale, math.ceil(t.whiten_bias_epochs * steps_per_epoch),
+                          decay_norms_and_biases=t.decay_norms_and_biases)
+    optimizer = build_optimizer(cfg, groups)
     warmup = max(1, round(t.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:  # LR multiplier before optimiser step `step` (0-based)
@@ -60,11 +63,21 @@ def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_step
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
+def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """`train.optimizer` over `groups` (each group's own lr and weight_decay, as param_groups sets them)."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+
+
 def param_groups(net: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float,
-                 whiten_bias_steps: int) -> list[dict[str, Any]]:
+                 whiten_bias_steps: int, *, decay_norms_and_biases: bool = True) -> list[dict[str, Any]]:
     """The trainable parameters, at lr and weight_decay, except:
+    - with decay_norms_and_biases false, every 0- or 1-dimensional parameter (norm layers' scales and
+      shifts, every bias) in a group of its own without weight decay;
     - with bias_lr_scale != 1, BatchNorm biases in a group at lr x scale and weight_decay / scale,
-      so that their decay per step (lr x weight_decay) is the others' (airbench: 64x);
+      so that their decay per step (lr x weight_decay) is the others' (airbench: 64x), or none;
     - with whiten_bias_steps > 0, the fast net's whitening bias in a group like the BatchNorm
       biases' that trains for that many steps only ("steps": make_optimizer's schedule then
       gives it lr 0; airbench trains it for the first 3 epochs)."""
@@ -74,8 +87,11 @@ def param_groups(net: nn.Module, lr: float, weight_decay: float, bias_lr_scale: 
     if bias_lr_scale == 1:
         biases = set()
     early = {id(net.whiten.bias)} if whiten_bias_steps else set()
-    scaled = {"lr": lr * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale}
-    groups = [{"params": [p for p in trainable if id(p) not in biases | early], "weight_decay": weight_decay}]
+    undecayed = set() if decay_norms_and_biases else {id(p) for p in trainable if p.ndim <= 1}
+    scaled = {"lr": lr * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale if decay_norms_and_biases else 0.0}
+    groups = [{"params": [p for p in trainable if id(p) not in biases | early | undecayed], "weight_decay": weight_decay}]
+    if undecayed - biases - early:
+        groups.append({"params": [p for p in trainable if id(p) in undecayed - biases - early], "weight_decay": 0.0})
     if biases:
         groups.append({"params": [p for p in trainable if id(p) in biases], **scaled})
     if early:
@@ -114,23 +130,96 @@ class Lookahead:
             avg.copy_(saved[name] if name in saved else self.live[name])
 
 
-def make_step(cfg: Config, model: nn.Module, optimizer, scheduler, autocast: contextlib.AbstractContextManager,
-              scaler: torch.amp.GradScaler | None = None):
-    """One optimiser step on this rank's slice; returns the slice's mean loss (a tensor, no sync).
-    With fp16, `scaler` scales the loss so that small gradients survive, and skips a step whose
-    gradients overflowed (the LR schedule moves on regardless)."""
-    forward = torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
-    smoothing = cfg.train.label_smoothing
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
+class EMA:
+    """An exponential moving average of the weights and BatchNorm statistics: torch's AveragedModel
+    with get_ema_multi_avg_fn (one multi-tensor lerp per step), avg = decay x avg + (1 - decay) x net,
+    after every optimiser step. Until `start_step` steps it is a copy of the weights (its count
+    of averaged steps is held at 0, so each update copies). Every rank does the same on the same
+    weights; its `state_dict` (the averaged module and the count) makes a resume bit-exact.
+    decay = 0: off, and `model` is None."""
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            loss = F.cross_entropy(forward(x), y, label_smoothing=smoothing)
-        scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
-        scaler.step(optimizer)
+    def __init__(self, net: nn.Module, decay: float, start_step: int):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.start_step = start_step
+        self.model = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+
+    @torch.no_grad()
+    def after(self, net: nn.Module, step: int) -> None:
+        if self.model is None:
+            return
+        if step <= self.start_step:
+            self.model.n_averaged.zero_()
+        self.model.update_parameters(net)
+
+    @property
+    def net(self) -> nn.Module | None:
+        """The averaged net, to evaluate; None when off."""
+        return self.model.module if self.model is not None else None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict() if self.model is not None else {}
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor], net: nn.Module) -> None:
+        """The average; where a checkpoint has none (written with the EMA off), it starts again from the weights."""
+        if self.model is None:
+            return
+        if saved:
+            self.model.load_state_dict(saved)
+        else:
+            self.model.module.load_state_dict(net.state_dict())
+            self.model.n_averaged.zero_()
+
+
+class Step:
+    """One optimiser step on this rank's slice of the global batch, in `train.accumulate`
+    micro-batches; returns the slice's mean loss (a tensor, no sync).
+
+    Each micro-batch's loss is divided by their number, so the summed gradient is the slice's mean
+    gradient, as one pass over the whole slice gives it (up to float summation order). Under DDP
+    the first k-1 backward passes run in `no_sync` (no all-reduce): only the last one averages the
+    accumulated gradients over ranks. With `train.clip_grad_norm`, the gradient norm is taken after
+    that all-reduce, so it is the global batch's (the same on every rank), and after unscaling in
+    fp16; `grad_norm` holds it (before clipping) until the next step. With fp16, the scaler skips a
+    step whose gradients overflowed (the LR schedule moves on regardless)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 autocast: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None = None):
+        self.forward = torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
+        self.no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's, or nothing to hold back
+        self.optimizer, self.scheduler, self.autocast = optimizer, scheduler, autocast
+        self.scaler = scaler or torch.amp.GradScaler(enabled=False)
+        self.smoothing, self.micro, self.clip = cfg.train.label_smoothing, cfg.train.accumulate, cfg.train.clip_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_norm: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scaler, k = self.scaler, self.micro
+        if k == 1:
+            loss = self.loss(x, y)
+            scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
+        else:
+            losses = []
+            for i, (xs, ys) in enumerate(zip(x.chunk(k), y.chunk(k))):
+                with self.no_sync() if i < k - 1 else contextlib.nullcontext():
+                    losses.append(self.loss(xs, ys) / k)
+                    scaler.scale(losses[-1]).backward()  # the last one all-reduces the sum of the k
+            loss = torch.stack(losses).sum()
+        if self.clip:
+            scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip).detach()
+        scaler.step(self.optimizer)
         scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            return F.cross_entropy(self.forward(x), y, label_smoothing=self.smoothing)
+
+
+def make_step(cfg: Config, model: nn.Module, optimizer, scheduler, autocast: contextlib.AbstractContextManager,
+              scaler: torch.amp.GradScaler | None = None) -> Step:
+    """The recipe's optimiser step (Step) over `model` (the module to train: DDP-wrapped when N > 1)."""
+    return Step(cfg, model, optimizer, scheduler, autocast, scaler)

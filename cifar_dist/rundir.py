@@ -8,7 +8,8 @@
                                on_eval hook: a pruned search trial): the summary, and when and why
     <run dir>/trial.json       a search trial's end (sweep/record.py TrialRecord): number, state (complete |
                                pruned | fail), value, metric, params, note
-    <run dir>/model.pt         the final weights and input statistics, with their sha256, for predict and evaluate
+    <run dir>/model.pt         the final (evaluated) weights, which they are, and input statistics, with their
+                               sha256, for predict and evaluate
     <run dir>/loss.png, per_class_accuracy.png
     <run dir>/checkpoints/     step_<global step>/ (checkpoint.py)
     <run dir>/.lock            held (flock) by the process training in it; names its holder
@@ -215,10 +216,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def save_model(path: Path, model_name: str, classes: list[str], state_dict: dict[str, torch.Tensor],
-               mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+               mean: tuple[float, ...], std: tuple[float, ...], weights: str = "trained") -> None:
     """The final weights as plain data (`torch.load(weights_only=True)` reads them back), with the
-    per-channel mean and std the net's inputs were normalised with, and a sha256 of it all."""
-    contents = {"model": model_name, "classes": classes, "state_dict": state_dict, "mean": list(mean), "std": list(std)}
+    per-channel mean and std the net's inputs were normalised with, which weights they are (the
+    trained ones, or their moving average: "ema (...)"), and a sha256 of it all."""
+    contents = {"model": model_name, "classes": classes, "state_dict": state_dict, "mean": list(mean), "std": list(std),
+                "weights": weights}
     torch_save_atomic(path, {**contents, "sha256": content_digest(contents)})
 
 

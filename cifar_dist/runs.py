@@ -78,6 +78,10 @@ def _check_existing(cfg: Config, path: Path, run_id: str) -> str:
         raise RunDirError(f"run.dir: {path / CONFIG} is damaged (no run.id); choose a new run.dir")
     if cfg.run.id and cfg.run.id != old.run.id:
         raise RunDirError(f"run.dir: {path} belongs to run id {old.run.id}, not {cfg.run.id}")
+    was, now = old.train.init_sha256, cfg.train.init_sha256
+    if was and now and was != now:
+        raise RunDirError(f"run.dir: {path} started from train.init_from with sha256 {was}; {cfg.train.init_from} now "
+                          f"has {now} (the file changed); use a new run.dir")
     changed = diff_result_keys(old, cfg)
     if changed and not cfg.checkpoint.allow_config_change:
         raise RunDirError(f"run.dir: {path} holds a run with a different config ({'; '.join(changed)}); "

@@ -136,8 +136,10 @@ def convert(key: str, hint: Any, value: Any, from_text: bool = False) -> Any:
             return float(value)
     elif origin is list:
         (item,) = args
-        if isinstance(value, str) and from_text:
-            value = [v for v in value.split(",") if v]
+        # Text from a command line is split at commas; so is one string given for a list of strings in
+        # YAML (`backend: wandb` is [wandb]).
+        if isinstance(value, str) and (from_text or item is str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
             return [convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     elif dataclasses.is_dataclass(hint):

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
 
-from cifar_dist import checkpoint, console, data, evaluation, recipe, rundir, runs, sources, trackers, train
+from cifar_dist import checkpoint, console, data, evaluation, finetune, recipe, rundir, runs, sources, trackers, train
 from cifar_dist.config import Config, validate
 from cifar_dist.distributed import Distributed, install_stop_handlers
 from cifar_dist.errors import UserError
@@ -92,14 +92,18 @@ def smoke_config(cfg: Config, dist: Distributed, compile_too: bool) -> Config:
     """The config the smoke runs: the given one on a few batches (see Smoke), in a new run dir."""
     c = copy.deepcopy(cfg)
     t = c.train
-    if dist.device.type == "cpu" and t.batch_size % dist.world == 0:  # a batch that does not split fails as it would
-        batch = min(t.batch_size, CPU_BATCH_PER_RANK * dist.world)
+    unit = dist.world * t.accumulate  # a rank's share of the batch is split into train.accumulate micro-batches
+    if dist.device.type == "cpu" and t.batch_size % unit == 0:  # a batch that does not split fails as it would
+        batch = min(t.batch_size, max(1, CPU_BATCH_PER_RANK * dist.world // unit) * unit)
         t.lr *= batch / t.batch_size  # the linear scaling rule: a smaller batch at the full lr can diverge in 4 steps
         t.batch_size = batch
     scale = 2 / t.epochs  # the schedule keeps its shape over the smoke's two epochs
     t.warmup_epochs, t.whiten_bias_epochs = t.warmup_epochs * scale, t.whiten_bias_epochs * scale
     t.epochs, t.log_every = 2, 1
     t.overfit_batches = min(t.overfit_batches, STEPS_PER_EPOCH)
+    # The average starts by the first step (so epoch 2 resumes a real one); early stopping watches both evaluations.
+    t.ema.start_step = min(t.ema.start_step, 1)
+    t.early_stop.patience = min(t.early_stop.patience, 1)
     c.model.compile = c.model.compile and compile_too
     c.data.train_subset = min(c.data.train_subset or sys.maxsize, STEPS_PER_EPOCH * t.batch_size)
     c.data.test_subset = min(c.data.test_subset or sys.maxsize, TEST_IMAGES)
@@ -136,7 +140,7 @@ class Smoke:
     def run(self) -> bool:
         """Every phase, then the report (rank 0); whether every phase passed on this rank."""
         cfg, dist = self.cfg, self.dist
-        if cfg.tracking.backend == "wandb":
+        if "wandb" in cfg.tracking.backend:
             os.environ["WANDB_MODE"] = "offline"  # the tracker's code, without a throwaway run on the server
         dist.print(self.header())
         self.attempt(self.load_data)
@@ -244,7 +248,18 @@ class Smoke:
 
     def shown_net(self) -> str | None:
         # config.yaml is written once the net, optimiser and schedule are built (and resumed)
-        return f"{self.cfg.model.name}, optimiser and LR schedule built" if (self.run_dir / rundir.CONFIG).is_file() else None
+        if not (self.run_dir / rundir.CONFIG).is_file():
+            return None
+        t = self.cfg.train
+        shown = f"{self.cfg.model.name}, {t.optimizer} optimiser and LR schedule built"
+        if t.ema.decay:
+            shown += f", EMA of the weights (decay {t.ema.decay:g})"
+        if t.init_from:
+            started = (self.run_dir.summary() or self.first_summary).get("init_from")
+            if not started:
+                return None
+            shown += f"; weights from {started['file']} (sha256 {started['sha256'][:12]}, head {started['head']})"
+        return shown
 
     def shown_compile(self) -> tuple[str, str] | str | None:
         if not self.given.model.compile:
@@ -260,25 +275,46 @@ class Smoke:
             return None
         if not all(math.isfinite(v) for v in losses):
             raise PhaseFailed(Phase.STEPS, f"non-finite training loss: {losses}")
-        return f"{len(losses)} steps of {self.cfg.train.batch_size} images, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        t = self.cfg.train
+        micro = f" in {t.accumulate} micro-batches" if t.accumulate > 1 else ""
+        shown = f"{len(losses)} steps of {t.batch_size} images{micro}, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        if t.clip_grad_norm:
+            norms = [r["grad_norm"] for r in self.records() if "grad_norm" in r]
+            if not norms:
+                raise PhaseFailed(Phase.STEPS, "train.clip_grad_norm is on but no record holds a grad_norm")
+            shown += f"; gradient norm {norms[0]:.3g} -> {norms[-1]:.3g} (clipped at {t.clip_grad_norm:g})"
+        return shown
 
     def shown_records(self) -> str | None:
         records, backend = self.records(), self.cfg.tracking.backend
-        offline = " (offline for the smoke)" if backend == "wandb" else ""
-        return f"{rundir.METRICS}: {len(records)} records; tracker {backend}{offline}" if records else None
+        offline = " (wandb offline for the smoke)" if "wandb" in backend else ""
+        return f"{rundir.METRICS}: {len(records)} records; trackers {', '.join(backend)}{offline}" if records else None
 
     def shown_evaluation(self) -> str | None:
         evals = [r for r in self.records() if "test_accuracy" in r]
         if not evals:
             return None
-        return f"{len(evals)} evaluations of {self.test_images} test images, accuracy {evals[-1]['test_accuracy']:.1%}"
+        which = " (the moving average's weights: eval.ema)" if self.cfg.eval.ema else ""
+        shown = f"{len(evals)} evaluations of {self.test_images} test images{which}, accuracy {evals[-1]['test_accuracy']:.1%}"
+        stop = self.cfg.train.early_stop
+        if stop.metric:
+            summary = self.run_dir.summary() or {}
+            ended = (f"stopped early: {summary['early_stop']['reason']}" if "early_stop" in summary
+                     else "ran to the last epoch")
+            shown += f"; early stop watched {stop.metric} (patience capped to {stop.patience}): {ended}"
+        return shown
 
     def shown_checkpoint(self) -> str | None:
         kept = checkpoint.list_checkpoints(self.run_dir.path, verify=True)
         if not kept:
             return None
         steps = ", ".join(str(c.step) for c in kept)
-        return f"steps {steps} kept (checkpoint.keep={self.cfg.checkpoint.keep}), each matching its sha256"
+        shown = f"steps {steps} kept (checkpoint.keep={self.cfg.checkpoint.keep}), each matching its sha256"
+        if self.cfg.train.ema.decay:
+            if not checkpoint.load_state(kept[-1].path / checkpoint.STATE).get("ema"):
+                raise PhaseFailed(Phase.CHECKPOINT, f"train.ema is on but checkpoint {kept[-1].path} holds no average")
+            shown += ", with the EMA weights"
+        return shown
 
     def shown_resume(self) -> str | None:
         records, steps = self.records(), self.first_summary.get("steps", 0)
@@ -298,8 +334,8 @@ class Smoke:
         missing = [name for name in (rundir.LOSS_PLOT, rundir.CLASS_PLOT) if not (run / name).is_file()]
         if missing:
             raise PhaseFailed(Phase.FINAL, f"{', '.join(missing)} missing")
-        return (f"{rundir.SUMMARY} (test accuracy {summary['test_accuracy']:.1%}), {rundir.MODEL} (loads), "
-                f"{rundir.LOSS_PLOT}, {rundir.CLASS_PLOT}")
+        return (f"{rundir.SUMMARY} (test accuracy {summary['test_accuracy']:.1%}), {rundir.MODEL} (loads; "
+                f"{summary['weights']} weights), {rundir.LOSS_PLOT}, {rundir.CLASS_PLOT}")
 
 
 # ---------------------------------------------------------------------------- which phase a failure belongs to
@@ -310,11 +346,13 @@ class Smoke:
 PHASE_CODE: dict[Phase, tuple[Callable[..., Any] | ModuleType, ...]] = {
     Phase.DATA: (data, sources, Smoke.load_data),
     Phase.RUN_DIR: (runs,),
-    Phase.NET: (train.build_state, recipe.make_net, recipe.make_optimizer),
+    Phase.NET: (train.build_state, recipe.make_net, recipe.make_optimizer, recipe.build_optimizer, recipe.EMA.__init__,
+                finetune),
     Phase.COMPILE: (train.Loop.warm_up,),
-    Phase.STEPS: (train.Loop.step, train.Loop.train_record),  # the mean training loss is the steps' too
+    # the mean training loss is the steps' too
+    Phase.STEPS: (train.Loop.step, train.Loop.train_record, recipe.Step.__call__, recipe.EMA.after),
     Phase.RECORDS: (trackers, console),
-    Phase.EVALUATION: (evaluation, train.Loop.evaluate),
+    Phase.EVALUATION: (evaluation, train.Loop.evaluate, train.Loop.watch),
     Phase.CHECKPOINT: (train.Loop.save, checkpoint.save),
     Phase.RESUME: (train.resume,),
     Phase.FINAL: (train.finish_run, train.make_summary, sys.modules[train.write_plots.__module__]),

@@ -1,5 +1,6 @@
 """The training state: everything that changes as training goes on (model, optimiser, LR schedule,
-Lookahead's slow weights, the position in the schedule), with `state_dict()` and
+Lookahead's slow weights, the moving average of the weights, the position in the schedule and
+the early stop's watch), with `state_dict()` and
 `load_state_dict()` for checkpoints, resume and the compile warm-up, which all go through it."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_dist.recipe import Lookahead
+from cifar_dist.recipe import EMA, Lookahead
 
 
 @dataclass
@@ -24,6 +25,11 @@ class Position:
     elapsed: float = 0.0  # seconds of training so far (excludes data preparation and compile)
     records: int = 0  # lines of metrics.jsonl that belong to this position
     best_accuracy: float = 0.0
+    # train.early_stop: the best value of its metric so far (None before the first evaluation), the
+    # step of that evaluation, and the evaluations since without an improvement
+    watch_best: float | None = None
+    watch_best_step: int = 0
+    watch_stale: int = 0
 
 
 @dataclass
@@ -33,6 +39,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     lookahead: Lookahead
     scaler: torch.amp.GradScaler  # fp16 loss scaling (disabled, and empty, otherwise)
+    ema: EMA  # the moving average of the weights (train.ema; off: empty)
     position: Position = field(default_factory=Position)
 
     def state_dict(self) -> dict[str, Any]:
@@ -42,6 +49,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(),
             "lookahead": self.lookahead.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict(),
             "position": asdict(self.position),
         }
 
@@ -52,6 +60,7 @@ class TrainState:
         self.lookahead.load_state_dict(state.get("lookahead") or {})  # none when Lookahead was off
         if state.get("scaler"):  # empty for fp32/bf16 runs: no loss scaling
             self.scaler.load_state_dict(state["scaler"])
+        self.ema.load_state_dict(state.get("ema") or {}, self.net)  # none when the EMA was off
         self.position = Position(**state["position"])
 
     def snapshot(self) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """Trackers: where a run's records go besides metrics.jsonl (which rank 0 always writes).
 
 A tracker is one class behind a small interface (`Tracker`: `log` each record, `finish` with the
-summary), registered by name with `@register("name")`; `tracking.backend=name` selects it.
-Shipped: `wandb`, `tensorboard` (event files in `run.dir/tensorboard/`, for offline clusters),
-and `none`. Only rank 0 records: `open_records` gives other ranks `NoRecords`, so the loop
-never asks which rank it is. Trackers know nothing of the config class: they are told what they
-need (`RunInfo`, the `tracking.*` settings).
+summary), registered by name with `@register("name")`; `tracking.backend` selects any number of
+them (`[wandb, tensorboard]`, or `wandb,tensorboard` on a command line), each getting every record.
+Shipped: `wandb`, `tensorboard` (event files in `run.dir/tensorboard/`, for offline clusters, with
+the flattened config and the final metrics in its HParams tab), and `none`. Only rank 0 records:
+`open_records` gives other ranks `NoRecords`, so the loop never asks which rank it is. Trackers
+know nothing of the config class: they are told what they need (`RunInfo`, the `tracking.*`
+settings).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import torch
 
 from cifar_dist.metrics import EvalResult
 from cifar_dist.rundir import METRICS, MetricsFile, RunDir
+from cifar_dist.schema import flatten
 
 
 class TrackingSettings(Protocol):
     """The `tracking.*` keys a tracker reads (config.TrackingConfig)."""
 
-    backend: str
+    backend: list[str]
     project: str
     entity: str
     group: str
@@ -102,13 +105,14 @@ class NoRecords:
 
 
 class MetricsAndTracker:
-    """Rank 0's records: metrics.jsonl (always) and the `tracking.backend` tracker."""
+    """Rank 0's records: metrics.jsonl (always) and every `tracking.backend` tracker, in the order named."""
 
     def __init__(self, info: RunInfo, settings: TrackingSettings, keep: int):
         """Resume: of the records metrics.jsonl holds, the first `keep` stay (those of the checkpoint); the rest
-        are about to be redone. The tracker works out from all of them which steps it already has."""
+        are about to be redone. Each tracker works out from all of them which steps it already has."""
         self.metrics = MetricsFile(info.run / METRICS, keep)
-        self.tracker = TRACKERS[settings.backend](info, settings, self.metrics.previous, self.metrics.lines)
+        self.trackers = [TRACKERS[name](info, settings, self.metrics.previous, self.metrics.lines)
+                         for name in settings.backend]
 
     @property
     def lines(self) -> int:
@@ -116,11 +120,13 @@ class MetricsAndTracker:
 
     def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
         self.metrics.append(record)
-        self.tracker.log(record, result)
+        for tracker in self.trackers:
+            tracker.log(record, result)
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.metrics.close()
-        self.tracker.finish(summary)
+        for tracker in self.trackers:
+            tracker.finish(summary)
 
 
 def open_records(info: RunInfo, settings: TrackingSettings, *, keep: int, on_this_rank: bool) -> Records:
@@ -134,16 +140,22 @@ def open_records(info: RunInfo, settings: TrackingSettings, *, keep: int, on_thi
 @register("tensorboard")
 class TensorBoardTracker(Tracker):
     """TensorBoard event files in `run.dir/tensorboard/`, against the run's own global step:
-    the same scalars as wandb's (train/loss, train/lr, train/images_per_second, test/loss,
-    test/accuracy, test/acc/<class>) and the confusion matrix as an image. A resumed run purges
-    the steps it redoes (`purge_step`), so TensorBoard shows each step once."""
+    the same scalars as wandb's (train/loss, train/lr, train/grad_norm, train/images_per_second,
+    test/loss, test/accuracy, test/acc/<class>) and the confusion matrix as an image. A resumed run
+    purges the steps it redoes (`purge_step`), so TensorBoard shows each step once.
+
+    At the end, the HParams tab's session: the flattened config as its hyperparameters and the
+    final metrics (final/test_accuracy, final/best_test_accuracy, final/test_loss,
+    final/train_seconds) as scalars of the same run. Written with the plugin's own summaries
+    (`torch.utils.tensorboard.summary.hparams`) into this run's event file: `add_hparams` would
+    write them into a sub-run of its own, which the tab then shows apart from the run's scalars."""
 
     def __init__(self, info: RunInfo, settings: TrackingSettings, previous: list[dict[str, Any]], kept: int):
         from torch.utils.tensorboard import SummaryWriter
 
         redo_from = previous[kept - 1]["step"] + 1 if kept else 0
         self.writer = SummaryWriter(str(info.run / "tensorboard"), purge_step=redo_from if previous else None)
-        self.classes, self.batch_size = info.classes, info.batch_size
+        self.classes, self.batch_size, self.config = info.classes, info.batch_size, info.config
         self._since = (previous[kept - 1]["step"], previous[kept - 1]["time"]) if kept else (0, 0.0)
 
     def log(self, record: dict[str, Any], result: EvalResult | None = None) -> None:
@@ -165,16 +177,41 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def finish(self, summary: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
         self.writer.add_text("summary", f"final test accuracy {summary['test_accuracy']:.4f}, "
                              f"best {summary['best_test_accuracy']:.4f}, {summary['train_seconds']} s")
+        final = {f"final/{k}": summary[k] for k in HPARAM_METRICS}
+        for part in hparams(hparam_values(self.config), final):
+            self.writer.file_writer.add_summary(part)
+        for tag, value in final.items():
+            self.writer.add_scalar(tag, value, summary["steps"])
         self.writer.close()
+
+
+HPARAM_METRICS = ("test_accuracy", "best_test_accuracy", "test_loss", "train_seconds")  # summary.json's, to compare runs by
+
+
+def hparam_values(config: dict[str, Any]) -> dict[str, int | float | str]:
+    """The flattened config as the HParams plugin takes it: numbers and text. A list is its items
+    joined by commas, as on a command line; a boolean is "true" or "false" (torch's `hparams`
+    would store it as the number 1 or 0)."""
+    def value(v: Any) -> int | float | str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return ",".join(map(str, v))
+        return v if isinstance(v, (int, float, str)) else str(v)
+
+    return {k: value(v) for k, v in flatten(config).items()}
 
 
 # ---------------------------------------------------------------------------- wandb
 
 # How wandb's history names our record keys; any other key keeps its name.
-WANDB_KEYS = {"time": "train/seconds", "train_loss": "train/loss", "lr": "train/lr", "test_loss": "test/loss",
-              "test_accuracy": "test/accuracy"}
+WANDB_KEYS = {"time": "train/seconds", "train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+              "test_loss": "test/loss", "test_accuracy": "test/accuracy"}
+WANDB_PROJECT = "cifar-dist"  # when neither tracking.project nor WANDB_PROJECT names one
 WANDB_CHECK_S = 3.0  # seconds at most that finding the wandb server unreachable may add to a run's start
 
 
@@ -182,6 +219,10 @@ WANDB_CHECK_S = 3.0  # seconds at most that finding the wandb server unreachable
 class WandbTracker(Tracker):
     """wandb on rank 0, against our own global step; offline, with one line saying why, when there
     is no API key or no network.
+
+    wandb's own settings: a `tracking.project`, `entity` or `group` that is set wins; one left
+    empty is wandb's to read from WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP (project: else
+    "cifar-dist"). Its files go under WANDB_DIR when that is set, else into the run dir.
 
     Resume: the wandb run id is the run id, so every restart and requeue continues one wandb run.
     A step is sent (committed) only once complete: when its evaluation (a step's last record) or a
@@ -199,10 +240,12 @@ class WandbTracker(Tracker):
         if why_offline:
             print(f"wandb: {why_offline}; logging offline (the path and 'wandb sync' command come at the end)", flush=True)
         t = settings
+        project = t.project or (None if os.environ.get("WANDB_PROJECT") else WANDB_PROJECT)
         init_args = dict(
-            project=t.project, entity=t.entity or None, name=info.name, group=t.group or None,
+            project=project, entity=t.entity or None, name=info.name, group=t.group or None,
             job_type=t.job_type, tags=t.tags or None, config=info.config, id=info.run.run_id, resume="allow",
-            dir=str(info.run.path), settings=wandb.Settings(init_timeout=30, silent=True),
+            dir=None if os.environ.get("WANDB_DIR") else str(info.run.path),
+            settings=wandb.Settings(init_timeout=30, silent=True),
         )
         # Quiet from the start (the credentials message comes before init's own settings apply); ours are the lines to read.
         wandb.setup(wandb.Settings(silent=True))

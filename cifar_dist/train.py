@@ -3,22 +3,25 @@ submitit and the tests.
 
     python -m cifar_dist.train --config debug train.epochs=2
     accelerate launch --multi_gpu --num_processes 2 cifar_dist/train.py --config fast
+    python -m cifar_dist.train --resume-from runs/a/checkpoints/step_00001200 run.dir=runs/b   # a new run from a checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar_dist import checkpoint, distributed
+from cifar_dist import checkpoint, distributed, schema
 from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
 from cifar_dist.console import Console
 from cifar_dist.data import Batches, Dataset, TrainBatches, load_dataset
@@ -29,14 +32,15 @@ from cifar_dist.debug.profiler import StepProfiler, maybe_profile
 from cifar_dist.distributed import EXIT_INTERRUPTED, EXIT_REQUEUE, Distributed, install_stop_handlers
 from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
-from cifar_dist.metrics import EvalResult, eval_record
+from cifar_dist.finetune import InitWeights, load_init, read_init
+from cifar_dist.metrics import EvalResult, direction, eval_record
 from cifar_dist.models import count_parameters
 from cifar_dist.plots import write_plots
 from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_bf16_warning
 from cifar_dist.precision import resolve as resolve_precision
-from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
+from cifar_dist.recipe import EMA, Lookahead, make_net, make_optimizer, make_step
 from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
-from cifar_dist.runs import abandon, open_run, record_start
+from cifar_dist.runs import abandon, diff_result_keys, open_run, record_start
 from cifar_dist.state import TrainState
 from cifar_dist.trackers import Records, RunInfo, open_records
 
@@ -55,33 +59,40 @@ class NonFiniteLoss(UserError):
     """Training diverged (a NaN or infinite loss); the run stops without writing the bad state."""
 
 
-def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None = None) -> dict[str, Any]:
+def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None = None, *,
+          resume_from: Path | None = None) -> dict[str, Any]:
     """The summary; for a run that `on_eval` stopped, the summary with a "pruned" entry (also in
     pruned.json; no summary.json). `dist`: a process group kept open by a caller that trains
-    several runs in one job (a search worker); by default one is made and closed here."""
+    several runs in one job (a search worker); by default one is made and closed here.
+    `resume_from`: a checkpoint folder (checkpoint.chosen) whose whole state a new run starts from,
+    unless the run dir already holds checkpoints of its own (then it resumes from those)."""
     install_stop_handlers()  # first: a pre-emption during start-up must end in exit 75 too, not a kill
     own = dist is None
     dist = dist or Distributed(cfg.train.device)
     try:
-        return _train(cfg, dist, on_eval)
+        return _train(cfg, dist, on_eval, resume_from)
     finally:
         if own:
             dist.close()
 
 
-def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> dict[str, Any]:
-    if cfg.train.batch_size % dist.world:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split evenly over {dist.world} ranks")
+def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None, resume_from: Path | None = None,
+           ) -> dict[str, Any]:
+    unit = dist.world * cfg.train.accumulate
+    if cfg.train.batch_size % unit:
+        split = f"{dist.world} ranks" + (f" x {cfg.train.accumulate} micro-batches" if cfg.train.accumulate > 1 else "")
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split evenly over {split}")
     for note in adopt_launcher_settings(cfg):
         dist.print(note)
+    init = read_init(cfg)  # before the run dir: config.yaml records the file's sha256
     data = load_dataset(cfg.data, announce=dist.print).to(dist.device)
     batches = TrainBatches(data.train_x, data.train_y, cfg.data, global_batch=cfg.train.batch_size, rank=dist.rank,
                            world=dist.world, seed=cfg.seed, memory_format=MEMORY_FORMAT, stats=data.stats)
     batches = overfit_batches(batches, cfg.train.overfit_batches)  # debugging: the first N again and again
     run = open_run(cfg, dist)  # locked; nothing written in it until every check below has passed
     try:
-        state, model = build_state(cfg, dist, data, batches.steps_per_epoch)
-        pending = resume(run, cfg, dist, state)
+        state, model, started = build_state(cfg, dist, data, batches.steps_per_epoch, init)
+        resumed = resume(run, cfg, dist, state, resume_from)
         if dist.stop_requested():  # during start-up: nothing trained, nothing to save
             dist.print("stop signal during start-up; exiting for requeue")
             raise Stopped(str(run.path))
@@ -89,15 +100,16 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> d
         abandon(run, dist)
         raise
     record_start(run, cfg, dist)
-    if state.position.step >= cfg.train.epochs * batches.steps_per_epoch and (summary := run.summary()):
-        dist.print(f"run {run.path} already finished at step {state.position.step}: "
-                   f"test accuracy {summary['test_accuracy']:.2%}")
+    pos = state.position
+    if (summary := run.summary()) and (pos.step >= cfg.train.epochs * batches.steps_per_epoch or "early_stop" in summary):
+        early = f" (stopped early: {summary['early_stop']['reason']})" if "early_stop" in summary else ""
+        dist.print(f"run {run.path} already finished at step {pos.step}{early}: test accuracy {summary['test_accuracy']:.2%}")
         return summary
 
     info = RunInfo(run, cfg.run.name or run.path.name, cfg.to_dict(), data.classes, data.test_x, cfg.train.batch_size)
-    records = open_records(info, cfg.tracking, keep=state.position.records, on_this_rank=dist.is_main)
+    records = open_records(info, cfg.tracking, keep=pos.records, on_this_rank=dist.is_main)
     loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
-                pending=pending, on_eval=on_eval)
+                resumed=resumed, init_from=started, on_eval=on_eval)
     result = loop.run()
     summary = make_summary(loop, result)
     if loop.stop_reason:
@@ -111,14 +123,34 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> d
     return summary
 
 
-def build_state(cfg: Config, dist: Distributed, data: Dataset, steps_per_epoch: int) -> tuple[TrainState, torch.nn.Module]:
-    """The recipe's net, optimiser, schedule and Lookahead; and the module to train (DDP when N > 1)."""
+def build_state(cfg: Config, dist: Distributed, data: Dataset, steps_per_epoch: int, init: InitWeights | None = None,
+                ) -> tuple[TrainState, torch.nn.Module, dict[str, Any] | None]:
+    """The recipe's net (with `init`'s weights when fine-tuning), optimiser, schedule, Lookahead and
+    EMA; the module to train (DDP when N > 1); and what summary.json says of the init weights."""
     total_steps = cfg.train.epochs * steps_per_epoch
     net = make_net(cfg, data.train_x, len(data.classes), MEMORY_FORMAT, dist.rank, stats=data.stats)
+    started = None
+    if init is not None:  # before the averages below copy the weights, and before DDP broadcasts them
+        line, replaced = load_init(net, init, cfg.model.name, data.classes)
+        dist.print(line)
+        started = init.record(replaced)
     model = dist.prepare(net, cfg.train.sync_bn)
     optimizer, scheduler = make_optimizer(cfg, net, steps_per_epoch, total_steps)
     lookahead = Lookahead(net, cfg.train.lookahead_every, total_steps)
-    return TrainState(net, optimizer, scheduler, lookahead, grad_scaler(cfg.train.precision, dist.device)), model
+    ema = EMA(net, cfg.train.ema.decay, cfg.train.ema.start_step)
+    scaler = grad_scaler(cfg.train.precision, dist.device)
+    return TrainState(net, optimizer, scheduler, lookahead, scaler, ema), model, started
+
+
+@dataclass
+class Resumed:
+    """What a resume hands the loop besides the training state: this rank's losses and gradient norms
+    since the last record (tensors: no sync per step), and the checkpoint of another run this run
+    started from (`--resume-from`), for summary.json."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    grad_norms: list[torch.Tensor] = field(default_factory=list)
+    started_from: dict[str, Any] | None = None
 
 
 class Loop:
@@ -126,13 +158,18 @@ class Loop:
     checkpoints, and a stop at a step boundary when any rank got a signal."""
 
     def __init__(self, cfg: Config, dist: Distributed, *, run: RunDir, data: Dataset, batches: Batches,
-                 state: TrainState, model: torch.nn.Module, records: Records, pending: list[torch.Tensor],
-                 on_eval: EvalHook | None = None):
-        """`model` is `state.net` as trained (DDP-wrapped when N > 1); `pending`: this rank's losses
-        since the last record, from the checkpoint resumed (tensors: no sync per step)."""
+                 state: TrainState, model: torch.nn.Module, records: Records, resumed: Resumed,
+                 init_from: dict[str, Any] | None = None, on_eval: EvalHook | None = None):
+        """`model` is `state.net` as trained (DDP-wrapped when N > 1); `resumed`: what the checkpoint
+        resumed (if any) left to record; `init_from`: the fine-tuning source's record, for summary.json."""
         self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
         self.on_eval, self.stop_reason = on_eval, None
-        self.state, self.records, self.pending = state, records, pending
+        self.state, self.records = state, records
+        self.pending, self.pending_norms, self.started_from = resumed.losses, resumed.grad_norms, resumed.started_from
+        self.init_from = init_from
+        # The weights evaluated, checkpointed as the best, and saved in model.pt: the average's with eval.ema.
+        self.evaluated = state.ema.net if cfg.eval.ema else state.net
+        self.early_stop: dict[str, Any] | None = self.early_stop_record() if self.watch_ran_out() else None
         self.autocast = autocast_context(cfg.train.precision, dist.device)
         self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast, state.scaler)
         self.console = Console(dist, cfg, batches.steps_per_epoch, data.classes)
@@ -152,34 +189,41 @@ class Loop:
         self.last_save = time.monotonic()
         self.announce_debugging()
         result = saved = None
+        keep_best = cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes or cfg.train.early_stop.metric
         with maybe_profile(cfg.profile, dist, self.run_dir.path, after_step=pos.step) as self.profiler:
             for epoch in range(pos.epoch, cfg.train.epochs):
+                if self.early_stop:  # resumed after the watch ran out: the run ends here
+                    break
                 pos.epoch = epoch
                 for x, y in self.batches.epoch(epoch, start=pos.offset):
                     self.step(x, y)
                     self.between_steps()
                 result = self.end_epoch(epoch) or result
-                if self.stop_reason:
+                if self.stop_reason or self.early_stop:
                     break
-                if result is not None and result is not saved and (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
-                    self.save(result.accuracy)  # the weights just evaluated, so that "keep the best" has something to keep
+                if result is not None and result is not saved and keep_best:
+                    self.save(result)  # the weights just evaluated, so that "keep the best" has something to keep
                     saved = result
         if result is None:  # resumed from the last step's checkpoint, the final evaluation not yet recorded
             result = self.evaluate()
         self.train_seconds = self.clock.elapsed()
-        self.save(result.accuracy)
+        self.save(result)
         return result
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimiser step (all of its micro-batches): stops, checkpoints and evaluations come only between these."""
         pos = self.state.position
         loss = self.step_fn(x, y)
         self.pending.append(loss)
+        if self.step_fn.grad_norm is not None:
+            self.pending_norms.append(self.step_fn.grad_norm)
         pos.step += 1
         if self.anomaly:  # a non-finite loss stops the run here, before anything records it
             self.anomaly.check(loss, pos.step)
         if self.profiler:
             self.profiler.step()
         self.state.lookahead.after(pos.step)
+        self.state.ema.after(self.state.net, pos.step)
         pos.offset += 1
 
     def announce_debugging(self) -> None:
@@ -219,10 +263,41 @@ class Loop:
             if self.on_eval is not None:  # rank 0 asks; every rank gets its answer
                 self.stop_reason = self.dist.broadcast(self.dist.main_only(lambda: self.on_eval(record)))
         pos.epoch, pos.offset = epoch + 1, 0
+        if result is not None:
+            self.watch(record)
         return result
 
+    def watch(self, record: dict[str, Any]) -> None:
+        """train.early_stop, after an evaluation: did its metric improve on the best by more than
+        min_delta? After `patience` evaluations in a row without, the run stops here (every rank
+        decides alike: an evaluation's result is the same on every rank)."""
+        stop, pos = self.cfg.train.early_stop, self.state.position
+        if not stop.metric:
+            return
+        value, sign = record[stop.metric], 1 if direction(stop.metric) == "maximize" else -1
+        if pos.watch_best is None or sign * (value - pos.watch_best) > stop.min_delta:
+            pos.watch_best, pos.watch_best_step, pos.watch_stale = value, pos.step, 0
+        else:
+            pos.watch_stale += 1
+        if self.watch_ran_out():
+            self.early_stop = self.early_stop_record()
+            self.dist.print(f"early stop at step {pos.step} (epoch {pos.epoch}): {self.early_stop['reason']}")
+
+    def watch_ran_out(self) -> bool:
+        """Whether the early stop's patience ran out before the last epoch (saved in the position, so a
+        run killed between that decision and its summary ends there when restarted)."""
+        stop, pos = self.cfg.train.early_stop, self.state.position
+        return bool(stop.metric) and pos.watch_stale >= stop.patience and pos.epoch < self.cfg.train.epochs
+
+    def early_stop_record(self) -> dict[str, Any]:
+        stop, pos = self.cfg.train.early_stop, self.state.position
+        return {"step": pos.step, "epoch": pos.epoch, "metric": stop.metric, "best": pos.watch_best,
+                "best_step": pos.watch_best_step,
+                "reason": f"{stop.metric} did not improve on {pos.watch_best:.4f} (step {pos.watch_best_step}) by more "
+                          f"than {stop.min_delta:g} in {stop.patience} evaluation{'s' * (stop.patience > 1)}"}
+
     def evaluate(self) -> EvalResult:
-        result = evaluate(self.state.net, self.data, self.dist, self.cfg.eval, autocast=self.autocast,
+        result = evaluate(self.evaluated, self.data, self.dist, self.cfg.eval, autocast=self.autocast,
                           memory_format=MEMORY_FORMAT, samples=self.cfg.tracking.log_images)
         if not math.isfinite(result.loss):
             raise NonFiniteLoss(f"test loss is {result.loss} at step {self.state.position.step}: the weights are not "
@@ -238,20 +313,33 @@ class Loop:
             raise NonFiniteLoss(f"train loss is {loss} by step {pos.step} (epoch {pos.epoch + 1}): training diverged; "
                                 "lower train.lr, or find the first bad layer with train.detect_anomaly=true")
         self.pending.clear()
-        return {"step": pos.step, "epoch": round(pos.epoch + pos.offset / self.batches.steps_per_epoch, 4),
-                "time": round(self.clock.elapsed(), 3), "train_loss": loss, "lr": self.state.scheduler.get_last_lr()[0]}
+        record = {"step": pos.step, "epoch": round(pos.epoch + pos.offset / self.batches.steps_per_epoch, 4),
+                  "time": round(self.clock.elapsed(), 3), "train_loss": loss, "lr": self.state.scheduler.get_last_lr()[0]}
+        if self.pending_norms:  # train.clip_grad_norm: the global norm before clipping, the same on every rank
+            norms = torch.stack(self.pending_norms).float()
+            finite = norms[torch.isfinite(norms)]  # fp16: a step whose gradients overflowed was skipped
+            if len(finite):
+                record["grad_norm"] = float(finite.mean())
+            self.pending_norms.clear()
+        return record
 
-    def save(self, test_accuracy: float | None = None) -> None:
+    def save(self, result: EvalResult | None = None) -> None:
         """A checkpoint of this step: the training state, every rank's RNG states and pending losses
-        (gathered to all ranks), and what identifies the run; rank 0 writes it."""
+        and gradient norms (gathered to all ranks), and what identifies the run; rank 0 writes it.
+        `result`: the evaluation of these weights, by which the best checkpoint is kept."""
         cfg, dist, pos = self.cfg, self.dist, self.state.position
         pos.elapsed, pos.records = self.clock.elapsed(), self.records.lines
         dist.broadcast_buffers(self.state.net)
-        per_rank = dist.gather({"rng": checkpoint.rng_state(), "pending": [t.item() for t in self.pending]})
+        per_rank = dist.gather({"rng": checkpoint.rng_state(), "pending": [t.item() for t in self.pending],
+                                "pending_grad_norms": [t.item() for t in self.pending_norms]})
         state = {**self.state.state_dict(), "ranks": per_rank, "world_size": dist.world, "config_hash": config_hash(cfg),
                  "config": cfg.to_dict(), "classes": self.data.classes, "run_id": cfg.run.id,
-                 "mean": self.data.stats.mean, "std": self.data.stats.std}  # for predict from a checkpoint
-        dist.main_only(lambda: checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, test_accuracy))
+                 "mean": self.data.stats.mean, "std": self.data.stats.std,  # for predict from a checkpoint
+                 "started_from": self.started_from}
+        scores = {"test_accuracy": result.accuracy, "test_loss": result.loss} if result is not None else {}
+        best_by = cfg.train.early_stop.metric or "test_accuracy"
+        dist.main_only(lambda: checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, **scores,
+                                               best_by=best_by))
         self.last_save = time.monotonic()
 
     def warm_up(self) -> float:
@@ -278,36 +366,55 @@ class Clock:
         return time.perf_counter() - self.start
 
 
-def resume(run: RunDir, cfg: Config, dist: Distributed, state: TrainState) -> list[torch.Tensor]:
-    """Continue from the newest valid checkpoint in the run dir, if any; this rank's pending losses."""
+def resume(run: RunDir, cfg: Config, dist: Distributed, state: TrainState, resume_from: Path | None = None) -> Resumed:
+    """Continue from the newest valid checkpoint in the run dir; without one, from `resume_from` (a
+    checkpoint of another run, `--resume-from`), as a new run; else start afresh."""
     found = checkpoint.load_latest(run.path, warn=lambda m: dist.print(f"warning: {m}"))
     # Every rank must pick the same checkpoint; rank 0's choice wins.
     chosen = dist.broadcast(str(found[0].path) if found else None)
-    if chosen is None:
-        return []
+    elsewhere = chosen is None and resume_from is not None
+    if elsewhere:
+        chosen = str(resume_from)
+    elif chosen is None:
+        return Resumed()
+    elif resume_from is not None:
+        dist.print(f"note: {run.path} holds checkpoints of its own; it resumes from those, not from --resume-from")
     saved = found[1] if found and str(found[0].path) == chosen else checkpoint.load_state(Path(chosen) / checkpoint.STATE)
     if saved.get("config_hash") != config_hash(cfg) and not cfg.checkpoint.allow_config_change:
-        raise RunDirError(f"checkpoint {chosen} was written by a different config; use checkpoint.allow_config_change=true")
+        then = Config()
+        schema.update(then, saved["config"])  # as saved, not validated again: its data may have moved
+        changed = "; ".join(diff_result_keys(then, cfg)) or "an older version's keys"
+        raise RunDirError(f"checkpoint {chosen} was written by a different config ({changed}); "
+                          "use checkpoint.allow_config_change=true")
     try:
         state.load_state_dict(saved)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # another net's weights (allow_config_change)
         why = " ".join(str(e).split())[:200]
         raise RunDirError(f"checkpoint {chosen} does not fit this config's model or optimiser ({why})") from None
-    pending = []
+    resumed = Resumed(started_from=saved.get("started_from"))
     if saved["world_size"] == dist.world:
         mine = saved["ranks"][dist.rank]
         checkpoint.set_rng_state(mine["rng"])
-        pending = [torch.tensor(v, device=dist.device) for v in mine["pending"]]
+        resumed.losses = [torch.tensor(v, device=dist.device) for v in mine["pending"]]
+        resumed.grad_norms = [torch.tensor(v, device=dist.device) for v in mine.get("pending_grad_norms", [])]
     else:  # the data order does not depend on the world size; per-rank RNG streams and losses do
         dist.print(f"note: resuming {saved['world_size']} ranks' checkpoint on {dist.world}; dropout RNG streams restart")
     pos = state.position
-    dist.print(f"resumed from {chosen} (step {pos.step}, epoch {pos.epoch}, {pos.offset} steps into it)")
+    if elsewhere:  # a new run: its own records start empty
+        pos.records = 0
+        marker = json.loads((Path(chosen) / checkpoint.MARKER).read_text())
+        resumed.started_from = {"checkpoint": chosen, "run_id": saved.get("run_id"), "step": pos.step,
+                                "sha256": marker["sha256"]}
+        dist.print(f"started from {chosen} of run {saved.get('run_id')} (step {pos.step}, epoch {pos.epoch}, "
+                   f"{pos.offset} steps into it): its whole training state, in this new run")
+    else:
+        dist.print(f"resumed from {chosen} (step {pos.step}, epoch {pos.epoch}, {pos.offset} steps into it)")
     if (before := saved["config"]["train"]["epochs"]) != cfg.train.epochs:
         lr_then = saved["scheduler"]["_last_lr"][0]
         lr_now = cfg.train.lr * state.scheduler.lr_lambdas[0](pos.step)
         dist.print(f"note: train.epochs {before} -> {cfg.train.epochs}: the LR schedule is stretched to the new length, "
                    f"so the LR at step {pos.step} goes from {lr_then:.4g} to {lr_now:.4g} and decays from there")
-    return pending
+    return resumed
 
 
 # ---------------------------------------------------------------------------- the end
@@ -334,13 +441,32 @@ def make_summary(loop: Loop, result: EvalResult) -> dict[str, Any]:
         "hosts": dist.gather(socket.gethostname()),  # the node of each rank, in rank order
         "device": dist.device.type,
         "precision": resolve_precision(cfg.train.precision, dist.device),
+        "weights": evaluated_weights(cfg),
+        **({"init_from": loop.init_from} if loop.init_from else {}),
+        **({"resumed_from": loop.started_from} if loop.started_from else {}),
+        **({"early_stop": early_stop_summary(loop)} if loop.early_stop else {}),
     }
 
 
+def evaluated_weights(cfg: Config) -> str:
+    """Which weights the evaluations, summary.json and model.pt are of."""
+    ema = cfg.train.ema
+    return f"ema (decay {ema.decay:g}, from step {ema.start_step})" if cfg.eval.ema else "trained"
+
+
+def early_stop_summary(loop: Loop) -> dict[str, Any]:
+    """Why and where the run stopped early, and its best checkpoint (kept: checkpoint.prune keeps the best by the metric)."""
+    stop = dict(loop.early_stop or {})
+    best = checkpoint.best_of(checkpoint.list_checkpoints(loop.run_dir.path, verify=False), stop["metric"])
+    stop["best_checkpoint"] = str(best.path.relative_to(loop.run_dir.path)) if best else None
+    return stop
+
+
 def finish_run(loop: Loop, summary: dict[str, Any]) -> None:
-    """Rank 0: final weights for `predict`, summary.json (last: the run is done), plots, the tracker's summary."""
+    """Rank 0: the evaluated weights for `predict`, summary.json (last: the run is done), plots, the trackers' summary."""
     run, data = loop.run_dir, loop.data
-    save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.state.net.state_dict(), data.stats.mean, data.stats.std)
+    save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.evaluated.state_dict(), data.stats.mean,
+               data.stats.std, weights=summary["weights"])
     write_json(run / SUMMARY, summary)
     loop.records.finish(summary)
     write_plots(run)
@@ -350,17 +476,32 @@ def finish_run(loop: Loop, summary: dict[str, Any]) -> None:
 
 
 def argument_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The training command line: a config, overrides, --print-config (`cifar-dist train` adds --smoke, cli.py)."""
+    """The training command line: a config, overrides, --resume-from, --print-config (`cifar-dist
+    train` adds --smoke, cli.py)."""
     parser = argparse.ArgumentParser(prog=prog, description="Train a CIFAR-10 classifier (data-parallel under a launcher).")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "; with --resume-from and no --config, the checkpoint's own config")
+    parser.add_argument("--resume-from", type=Path, metavar="CHECKPOINT",
+                        help="start a NEW run (run.dir: a new or empty folder; default a fresh one) from this checkpoint's "
+                             "whole training state: a checkpoint folder (checkpoints/step_N), its state.pt, or a run dir "
+                             "(its newest checkpoint). The config must match the checkpoint's result-changing keys "
+                             "(train.epochs may grow), as for a resume")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
 
 def parse_args(argv: list[str] | None = None, prog: str = PROG,
                parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, Config]:
+    """The arguments and the config; --resume-from is resolved to its checkpoint folder (every rank
+    reads the same files, so every rank agrees), whose config is the base when no --config is given."""
     args = (parser or argument_parser(prog)).parse_intermixed_args(argv)  # overrides before or after --config
-    return args, load_config(args.config, args.overrides)
+    if args.resume_from is None:
+        return args, load_config(args.config, args.overrides)
+    args.resume_from = checkpoint.chosen(args.resume_from).path
+    base = None
+    if not args.config:
+        base = checkpoint.load_state(args.resume_from / checkpoint.STATE)["config"]
+        base["run"] = {}  # a new run: its own dir, id and name
+    return args, load_config(args.config, args.overrides, base=base)
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
@@ -373,7 +514,7 @@ def run_parsed(args: argparse.Namespace, cfg: Config) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     try:
-        train(cfg)
+        train(cfg, resume_from=args.resume_from)
     except Stopped:
         return EXIT_INTERRUPTED if distributed.interrupted else EXIT_REQUEUE
     return 0

@@ -7,6 +7,7 @@ pickle of task 0); a run dir holding anything else is a mismatch (or cancelled, 
 the job between its run's summary and its result), never done. Otherwise its state
 comes from the queue (its executor's `queue_states`), then the result pickle (an error = failed,
 the stopped marker = stopped or cancelled), and else failed (the job vanished without a result).
+A run that `train.early_stop` ended wrote its summary like any other: done, its note says why.
 A study's worker (worker.py) has no run dir: it is done when its recorded job returned the
 worker's DONE result.
 """
@@ -77,8 +78,10 @@ def _point_state(sweep_dir: Path, point: PointEntry, queue: dict[str, str], canc
         if foreign_run:  # another run's progress and result: none of it is shown as this point's
             return PointState(point.name, job_id, MISMATCH, None, None, foreign_run, point.describe)
         if _returned_by_job(point, outcome):  # done, also while Slurm still shows its job COMPLETING
-            return PointState(point.name, job_id, "done", step, RunDir(run_dir).summary()["test_accuracy"], "",
-                              point.describe)
+            summary = RunDir(run_dir).summary()
+            early = summary.get("early_stop")  # train.early_stop ended it: done, and the note says why
+            note = f"stopped early at step {early['step']}: {early['reason']}" if early else ""
+            return PointState(point.name, job_id, "done", step, summary["test_accuracy"], note, point.describe)
     is_cancelled = was_cancelled(job_id, cancelled)
     if job_id in queue:
         state, note = queue[job_id], ""

@@ -155,7 +155,7 @@ def break_newest(run_dir, how: str, tmp_path):
         state.write_bytes(pickle.dumps({"model": Payload()}, protocol=2))  # torch.save's protocol: no warning
         # A matching marker: only weights_only loading stands between the file and its code.
         marker = json.loads((newest / "COMPLETE").read_text())
-        marker.update(size=state.stat().st_size, sha256=checkpoint._sha256(state))
+        marker.update(size=state.stat().st_size, sha256=checkpoint.file_sha256(state))
         (newest / "COMPLETE").write_text(json.dumps(marker))
     return newest
 

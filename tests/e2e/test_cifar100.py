@@ -71,7 +71,7 @@ def test_a_hundred_classes_plots_compare_and_wandb(hundred, env, tmp_path):
             assert len(im.convert("L").getcolors()) > 10, f"{name} is blank"
 
     # wandb: a key per class and a per-class table, as wandb itself recorded them.
-    (log,) = [Path(p) for p in glob.glob(str(root / "a" / "wandb" / "offline-run-*" / "run-*.wandb"))]
+    (log,) = [Path(p) for p in glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))]  # WANDB_DIR=root
     evals = [row for row in history(log) if "test/accuracy" in row]
     assert len(evals) == 2 and all({f"test/acc/{c}" for c in a} <= row.keys() for row in evals)
     table = json.loads((log.parent / "files" / evals[-1]["test/per_class/path"]).read_text())

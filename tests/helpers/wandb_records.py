@@ -72,7 +72,8 @@ def summary(path: Path) -> dict[str, Any]:
     return out
 
 
-def wandb_files(run_dir: Path) -> list[Path]:
-    """The run's offline wandb logs, one per process that ran it, in the order they started."""
-    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+def wandb_files(root: Path) -> list[Path]:
+    """The offline wandb logs under `root` (WANDB_DIR when set: the `env` fixture's tmp_path; else the
+    run dir), one per process that ran the run, in the order they started."""
+    files = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
     return sorted(files, key=lambda f: [(r.start_time.seconds, r.start_time.nanos) for r in run_records(f)])

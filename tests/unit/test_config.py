@@ -4,10 +4,13 @@ code 2, nothing written): tests/e2e/test_config.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
-from cifar_dist.config import ConfigError, config_from_dict, load_config, shipped_configs
+from cifar_dist.config import ConfigError, config_from_dict, config_hash, load_config, shipped_configs
+from tests.helpers import ROOT
 
 
 def test_shipped_configs_exist_and_load():
@@ -80,3 +83,12 @@ def test_non_finite_numbers_are_refused(value):
     with pytest.raises(ConfigError) as e:
         load_config("debug", [f"train.lr={value}"])
     assert str(e.value).startswith("train.lr:")
+
+
+def test_shipped_configs_keep_the_hash_their_runs_were_made_with():
+    """The config hash is stored in every run dir and checkpoint: a resume is refused when it differs.
+    Keys added later are hashed only when set (config.HASHED_WHEN_SET), so runs of the shipped
+    configs made before them resume; the golden file holds the hashes those runs carry."""
+    golden = json.loads((ROOT / "tests" / "golden" / "config_hashes.json").read_text())
+    assert {name: config_hash(load_config(name)) for name in shipped_configs()} == golden
+    assert config_hash(load_config("debug", ["train.optimizer=adamw"])) != golden["debug"]  # set: it counts
