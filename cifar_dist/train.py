@@ -31,7 +31,7 @@ from cifar_dist.errors import UserError, run_command
 from cifar_dist.evaluation import evaluate
 from cifar_dist.metrics import EvalResult, eval_record
 from cifar_dist.models import count_parameters
-from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_bf16_warning
+from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_precision_warning
 from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
 from cifar_dist.report import write_plots
@@ -142,7 +142,7 @@ class Loop:
 
     def run(self) -> EvalResult:
         cfg, dist, pos = self.cfg, self.dist, self.state.position
-        if warning := slow_bf16_warning(cfg.train.precision, dist.device):
+        if warning := slow_precision_warning(cfg.train.precision, dist.device):
             dist.print(warning)
         if cfg.model.compile:
             self.compile_seconds = self.warm_up()

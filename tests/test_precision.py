@@ -14,7 +14,7 @@ from conftest import PY, TINY, assert_same_run, run, train_cmd
 from cifar_dist import checkpoint
 from cifar_dist.config import ConfigError, load_config
 from cifar_dist.distributed import EXIT_REQUEUE
-from cifar_dist.precision import adopt_launcher_settings, resolve
+from cifar_dist.precision import adopt_launcher_settings, cpu_has_fp16, resolve, slow_precision_warning
 from cifar_dist.rundir import CONFIG, ENV, RunDir
 
 FAULTS = [PY, "tests/run_with_faults.py"]
@@ -97,11 +97,28 @@ def test_an_accelerate_config_file_that_contradicts_the_config_is_one_line_and_w
 def test_fp16_trains_with_loss_scaling_and_resumes_exactly(env, tmp_path):
     args = [*TINY, "train.precision=fp16", "checkpoint.every_steps=7"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    run(train_cmd(*args, f"run.dir={whole}"), env)
+    proc = run(train_cmd(*args, f"run.dir={whole}"), env)
     assert RunDir(whole).summary()["precision"] == "fp16"
+    assert ("warning: train.precision=fp16 on a CPU without fp16 instructions" in proc.stdout) == (not cpu_has_fp16())
     proc = run(FAULTS + [*args, f"run.dir={stopped}"], dict(env, CIFAR_DIST_FAULT="signal:1:5"), check=False)
     assert proc.returncode == EXIT_REQUEUE
     saved = checkpoint.load_latest(stopped, warn=print)[1]
     assert saved["scaler"]["scale"] > 0  # the loss scale travels with the checkpoint
     run(train_cmd(*args, f"run.dir={stopped}"), env)
     assert_same_run(whole, stopped)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fp16_on_a_cpu_without_fp16_instructions_is_warned(monkeypatch, native):
+    """Emulated fp16 (asked for, or from `accelerate launch --mixed_precision fp16`) is several times
+    slower than fp32 on a CPU without AVX512-FP16/AMX-FP16, as emulated bf16 is: the run says so in one
+    line. The CPU's answer is replaced here, so both cases are checked on any machine."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: native)
+    cfg = load_config("debug")
+    adopt_launcher_settings(cfg, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+    warning = slow_precision_warning(cfg.train.precision, torch.device("cpu"))
+    assert (warning is not None) == (not native)
+    assert warning is None or (warning.startswith("warning: train.precision=fp16 on a CPU without fp16 instructions")
+                               and warning.endswith("add train.precision=fp32") and "\n" not in warning)
+    assert slow_precision_warning("fp16", torch.device("cuda")) is None
+    assert slow_precision_warning("fp32", torch.device("cpu")) is None

@@ -141,12 +141,12 @@ def test_compiled_training_saves_plain_weights_and_reports_compile_time_apart(en
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, native):
     """Emulated bf16 is ~10x slower than fp32 on a CPU without AVX512-BF16/AMX: the run says so.
     The CPU's answer is replaced here, so both cases are checked on any machine."""
-    from cifar_dist.precision import slow_bf16_warning
+    from cifar_dist.precision import slow_precision_warning
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     bf16, fp32 = "bf16", "fp32"
-    warning = slow_bf16_warning(bf16, torch.device("cpu"))
+    warning = slow_precision_warning(bf16, torch.device("cpu"))
     assert (warning is not None) == (not native)
     assert warning is None or "add train.precision=fp32" in warning
-    assert slow_bf16_warning(fp32, torch.device("cpu")) is None
-    assert slow_bf16_warning(bf16, torch.device("cuda")) is None
+    assert slow_precision_warning(fp32, torch.device("cpu")) is None
+    assert slow_precision_warning(bf16, torch.device("cuda")) is None
