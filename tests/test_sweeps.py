@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT
 from slurm_fixtures import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
 
-from cifar_dist.errors import ConfigError
+from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.rundir import ENV, SUMMARY, RunDir
 from cifar_dist.sweep.points import make_points
 from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
@@ -251,9 +251,8 @@ def test_a_spec_without_a_sweep_block_is_one_point(tmp_path):
 
 @pytest.mark.parametrize(("sbatch", "message"), [
     ({"gres": "gpu:a100:8", "exclude": "node[1-3]", "mail_user": "me@lab.org", "exclusive": True, "nice": 5}, None),
-    ({"time": "10"}, "resources.sbatch.time: not an option a spec may pass to sbatch (allowed: begin,"),
+    ({"job_name": "x"}, "resources.sbatch.job_name: not an option a spec may pass to sbatch (allowed: begin,"),
     ({"array": "0-9"}, "resources.sbatch.array: not an option"),
-    ({"qos": "high"}, "resources.sbatch.qos: use resources.qos (checked against the cluster profile)"),
     ({"exclude": "n1 --wrap=x"}, "resources.sbatch.exclude: 'n1 --wrap=x' is not one sbatch value"),
     ({"comment": "$(touch /tmp/x)"}, "is not one sbatch value"),
     ({"reservation": "r\n#SBATCH --time=1"}, "is not one sbatch value"),
@@ -287,13 +286,14 @@ def test_a_time_limit_must_leave_the_early_signal_and_start_up(tmp_path, time_mi
         load_spec(path)
 
 
-def test_cluster_flag_is_renamed_executor(tmp_path):
+def test_cluster_flag_beside_a_spec_names_executor(tmp_path):
+    """--cluster names a command-line sweep's profile; a spec names its own, so beside one it is an error."""
     env = slurm_env(tmp_path / "cache", tmp_path)
     spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
     proc = submit([str(spec), "--dry-run", "--cluster", "local"], env, tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == ("error: --cluster: renamed --executor (--executor local); the spec's cluster: names the "
-                           "cluster profile\n")
+    assert proc.stderr == ("error: --cluster: the spec names its cluster profile itself (cluster:); where its points "
+                           "run is --executor (--executor local)\n")
 
 
 def test_without_slurm_the_sweep_runs_on_the_local_executor(tmp_path, cache_dir):
@@ -370,3 +370,182 @@ def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, rea
     assert commands.main(["wait", "sweeps/x", "--poll", "1"]) == code
     assert len(seen) == looks
     assert slept.count(commands.SETTLE_SECONDS) == (1 if "failed" in reads else 0)
+
+
+# ---------------------------------------------------------------------------- Slurm's and submitit's spellings
+
+# The golden dry run's resources, in the internal form and then in each other spelling a user brings.
+INTERNAL = {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem": 400, "time_min": 240,
+            "signal_delay_s": 120, "array_parallelism": 2, "max_timeouts": 3, "partition": "gpu-preempt",
+            "account": "my-lab", "qos": "high", "constraint": "a100&ib",
+            "sbatch": {"gres": "gpu:a100:8", "exclude": "node[1-3]", "reservation": "maint-x", "mail_type": "END,FAIL",
+                       "exclusive": True, "nice": 10}}
+SPELLINGS = {
+    "slurm": {"nodes": 2, "gpus-per-node": 8, "ntasks-per-node": 8, "cpus-per-task": 8, "mem": "400G",
+              "time": "4:00:00", "signal_delay_s": 120, "array_parallelism": 2, "partition": "gpu-preempt",
+              "account": "my-lab", "qos": "high", "constraint": "a100&ib", "gres": "gpu:a100:8", "exclusive": True,
+              "reservation": "maint-x", "sbatch": {"exclude": "node[1-3]", "mail-type": "END,FAIL", "nice": 10}},
+    "submitit": {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem_gb": 400,
+                 "timeout_min": 240, "slurm_signal_delay_s": 120, "slurm_array_parallelism": 2, "max_num_timeout": 3,
+                 "slurm_partition": "gpu-preempt", "slurm_account": "my-lab", "slurm_qos": "high",
+                 "slurm_constraint": "a100&ib", "slurm_gres": "gpu:a100:8", "slurm_exclusive": True,
+                 "sbatch": {"exclude": "node[1-3]", "reservation": "maint-x", "mail_type": "END,FAIL", "nice": 10}},
+    "sbatch lines": {"signal_delay_s": 120, "array_parallelism": 2, "sbatch": {
+        "nodes": 2, "gpus-per-node": 8, "ntasks-per-node": 8, "cpus-per-task": 8, "mem": "409600", "time": "0-04:00",
+        "partition": "gpu-preempt", "account": "my-lab", "qos": "high", "constraint": "a100&ib", "gres": "gpu:a100:8",
+        "exclude": "node[1-3]", "reservation": "maint-x", "mail-type": "END,FAIL", "exclusive": True, "nice": 10}},
+}
+
+
+def dry_run_of(tmp_path: Path, resources: dict, name: str = "fast-lr", **fields) -> str:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({"name": name, "cluster": "example-gpu", "base": "fast", **fields,
+                                    "resources": resources}, sort_keys=False))
+    sweep_dir = tmp_path / "sweep"
+    out = submitted([str(spec), "--dry-run", "--executor", "slurm", "--sweep-dir", str(sweep_dir)],
+                    slurm_env(tmp_path / "cache", tmp_path), tmp_path)
+    return normalise(out.stdout, sweep_dir)
+
+
+def test_every_spelling_of_the_resources_makes_the_same_dry_run(tmp_path):
+    """Slurm's names (mem: 400G, time: 4:00:00, ntasks-per-node, gres, exclusive, reservation),
+    submitit's (mem_gb, timeout_min, the slurm_ prefix) and sbatch's own options under `sbatch:` (with
+    Slurm's units: a bare mem is MB) are each read into the one internal form: the dry run, which
+    shows that form and the sbatch script, is the same for all of them, and the Slurm time written
+    unquoted in YAML is read as a time, not YAML 1.1's base-60 number."""
+    expected = dry_run_of(tmp_path, INTERNAL)
+    assert ("resources: nodes=2 gpus_per_node=8 tasks_per_node=8 cpus_per_task=8 mem=400 GB time_min=240 (4:00:00) "
+            "array_parallelism=2 signal_delay_s=120 max_timeouts=3 partition=gpu-preempt account=my-lab qos=high "
+            "constraint=a100&ib; sbatch: exclude=node[1-3] exclusive gres=gpu:a100:8 mail-type=END,FAIL nice=10 "
+            "reservation=maint-x\n") in expected
+    assert "#SBATCH --mem=400GB\n" in expected and "#SBATCH --time=240\n" in expected
+    for spelling, resources in SPELLINGS.items():
+        assert dry_run_of(tmp_path, resources) == expected, spelling
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("name: u\nbase: debug\nresources: {time: 2:00:00, mem: 8G}\n")
+    assert (load_spec(unquoted).resources.time_min, load_spec(unquoted).resources.mem) == (120, 8.0)
+
+
+@pytest.mark.parametrize(("written", "minutes"), [
+    (90, 90), ("90", 90), ("30:30", 31), ("2:00:00", 120), ("1-00:00:00", 1440), ("1-2", 1560), ("1-2:30", 1590),
+    ("0-04:00:30", 241),
+])
+def test_slurm_time_forms(tmp_path, written, minutes):
+    assert load_spec(spec_file(tmp_path, resources={"time": written})).resources.time_min == minutes
+
+
+@pytest.mark.parametrize(("resources", "gb"), [
+    ({"mem": "32G"}, 32), ({"mem": "32GB"}, 32), ({"mem": "1.5T"}, 1536), ({"mem": "512M"}, 0.5), ({"mem": 16}, 16),
+    ({"mem_gb": 16}, 16), ({"sbatch": {"mem": 32768}}, 32), ({"sbatch": {"mem": "16G"}}, 16),
+])
+def test_memory_forms(tmp_path, resources, gb):
+    assert load_spec(spec_file(tmp_path, resources=resources)).resources.mem == gb
+
+
+@pytest.mark.parametrize(("resources", "message"), [
+    ({"mem": "32G", "mem_gb": 32}, "resources.mem, resources.mem_gb: two spellings of the memory per node; give one"),
+    ({"time_min": 60, "time": "1:00:00"}, "resources.time_min, resources.time: two spellings of the time limit"),
+    ({"timeout_min": 60, "sbatch": {"time": 60}}, "resources.timeout_min, resources.sbatch.time: two spellings of the time"),
+    ({"account": "a", "sbatch": {"account": "b"}}, "resources.account, resources.sbatch.account: two spellings of account"),
+    ({"gres": "gpu:1", "sbatch": {"gres": "gpu:1"}}, "resources.gres, resources.sbatch.gres: two spellings of sbatch's --gres"),
+    ({"tasks_per_node": 2, "ntasks-per-node": 2}, "resources.tasks_per_node, resources.ntasks-per-node: two spellings"),
+    ({"partition": "a", "slurm_partition": "a"}, "resources.partition, resources.slurm_partition: two spellings"),
+    ({"time": "2h"}, "resources.time: expected minutes or Slurm's [days-]hours:minutes:seconds, got '2h'"),
+    ({"time_min": "2:00:00"}, "resources.time_min: whole minutes, got '2:00:00'; Slurm's [days-]hours:minutes:seconds "
+                              "goes in resources.time"),
+    ({"mem": "lots"}, "resources.mem: expected a size such as 32G, 500M or a number of GB, got 'lots'"),
+])
+def test_two_spellings_of_one_thing_and_bad_forms_are_one_line(tmp_path, resources, message):
+    with pytest.raises(ConfigError) as e:
+        load_spec(spec_file(tmp_path, resources=resources))
+    assert str(e.value).startswith(message)
+
+
+def test_two_spellings_through_the_command_line_are_one_line_exit_2(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}}, resources={"mem_gb": 4, "mem": "4G"})
+    proc = submit([str(spec), "--dry-run", "--executor", "local"], env, tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: resources.mem_gb, resources.mem: two spellings of the memory per node; give one\n"
+
+
+# ---------------------------------------------------------------------------- sweeps from the command line
+
+
+def the_points(spec) -> list[tuple[dict, str]]:
+    from cifar_dist.config import config_from_dict, config_hash
+
+    return [(p.values, config_hash(config_from_dict(p.config))) for p in make_points(spec, Path("sw"), "abc123")]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "medium", "--grid", "train.lr=0.01,0.1", "--grid", "seed=0,1", "--cluster", "local",
+     "train.epochs=2", "data.source=synthetic"],
+    ["-m", "--config", "medium", "train.lr=0.01,0.1", "seed=0,1", "train.epochs=2", "data.source=synthetic"],
+    ["--multirun", "train.lr=0.01,0.1", "--config", "medium", "seed=0,1", "data.source=synthetic", "train.epochs=2"],
+])
+def test_a_command_line_sweep_is_its_yaml_twin(tmp_path, argv):
+    """The same points with the same config hashes as the spec file a user would write, and as the
+    spec `--print-spec` prints (which reads back to the same sweep)."""
+    from cifar_dist.sweep.commands import cli_spec, parse_args, spec_yaml
+    from cifar_dist.sweep.spec import read_spec
+
+    args = parse_args(argv, "cifar-dist sweep")
+    cli = read_spec(args.spec_data, Path.cwd())
+    twin = tmp_path / "twin.yaml"
+    twin.write_text("name: medium\ncluster: local\nbase: medium\noverrides: {train.epochs: 2, data.source: synthetic}\n"
+                    "sweep:\n  grid: {train.lr: [0.01, 0.1], seed: [0, 1]}\n")
+    assert the_points(cli) == the_points(load_spec(twin))
+    assert [v for v, _ in the_points(cli)] == [{"train.lr": lr, "seed": s} for lr in (0.01, 0.1) for s in (0, 1)]
+    assert len({h for _, h in the_points(cli)}) == 4
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(spec_yaml(args.spec_data))
+    assert the_points(load_spec(printed)) == the_points(cli)
+    assert cli_spec(["medium"], [], ["tracking.tags=[a,b]"], True, None, None)["overrides"] == {"tracking.tags": ["a", "b"]}
+
+
+def test_a_command_line_sweep_submits_what_its_printed_spec_submits(tmp_path):
+    """Through the command: --print-spec's YAML, and the dry runs of the command line and of that
+    file, are the same sweep (run ids aside: each submission draws its own)."""
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    line = ["--config", "debug", "--grid", "train.lr=0.01,0.1", "seed=3", "resources.time=1:00:00", "--executor", "local"]
+    printed = submitted([*line, "--print-spec"], env, tmp_path).stdout
+    assert yaml.safe_load(printed) == {"name": "debug", "cluster": "local", "base": "debug", "overrides": {"seed": 3},
+                                       "sweep": {"grid": {"train.lr": [0.01, 0.1]}}, "resources": {"time": "1:00:00"}}
+    (tmp_path / "debug.yaml").write_text(printed)
+    runs = [submitted([*args, "--dry-run", "--sweep-dir", str(tmp_path / "sw")], env, tmp_path).stdout
+            for args in (line, [str(tmp_path / "debug.yaml"), "--executor", "local"])]
+    same = [re.sub(r"debug-[0-9a-f]{6}-", "debug-<uid>-", text) for text in runs]
+    assert same[0] == same[1] and "train.lr=0.1 seed=3" not in same[0] and "train.lr=0.1" in same[0]
+    assert "time_min=60 (1:00:00)" in same[0]
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["spec.yaml", "--config", "debug"], "spec.yaml and --config: give a spec file or a sweep on the command line"),
+    (["--config", "debug", "--config", "fast", "--grid", "seed=0,1"], "--config: a sweep has one base config, got 2"),
+    (["--config", "debug", "--grid", "train.lrr=1,2"], "train.lrr: unknown key"),
+    (["--config", "debug", "--grid", "seed=0,1", "seed=2"], "seed: given twice on the command line"),
+    (["--grid", "seed=0,1"], "give a sweep spec file, or --config NAME with --grid KEY=V1,V2"),
+    (["--config", "debug", "train.lr=0.01,0.1"], "train.lr: expected a number, got '0.01,0.1' (str); to sweep over "
+                                                 "these values: --grid train.lr=0.01,0.1, or -m"),
+])
+def test_command_line_sweep_mistakes(argv, message, tmp_path):
+    from cifar_dist.sweep import commands
+
+    (tmp_path / "spec.yaml").write_text("name: s\nbase: debug\n")
+    with pytest.raises(UserError) as e:
+        commands.cmd_submit(commands.parse_args([a.replace("spec.yaml", str(tmp_path / "spec.yaml")) for a in argv],
+                                                "cifar-dist sweep"))
+    assert message in str(e.value)
+
+
+def test_help_names_the_command_as_typed(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    cli = subprocess.run([sys.executable, "-m", "cifar_dist.cli", "sweep", "--help"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout.startswith("usage: cifar-dist sweep ")
+    assert "jobs/submit.py" not in cli.stdout and "docstring" not in cli.stdout
+    assert "cifar-dist sweep status|wait|cancel|resubmit SWEEP_DIR" in " ".join(cli.stdout.split())
+    script = submit(["status", "--help"], env, tmp_path)
+    assert script.returncode == 0 and script.stdout.startswith(f"usage: python {ROOT / 'jobs' / 'submit.py'} status")

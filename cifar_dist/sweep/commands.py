@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 
 from cifar_dist import schema
-from cifar_dist.errors import UserError
+from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.sweep import study
 from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
 from cifar_dist.sweep.points import MAX_POINTS, make_points
@@ -395,8 +395,13 @@ def cli_spec(configs: list[str], grid_items: list[str], pairs: list[str], multir
             raise UserError(f"{key}: given twice on the command line")
         if swept or (multirun and "," in raw and not raw.startswith("[")):
             grid[key] = [config_value(key, v) for v in raw.split(",")]
-        else:
+            continue
+        try:
             overrides[key] = config_value(key, raw)
+        except ConfigError as e:
+            if "," not in raw or "unknown key" in str(e):
+                raise
+            raise ConfigError(f"{e}; to sweep over these values: --grid {item}, or -m") from None
     data = {"name": name or Path(configs[0]).stem, "cluster": cluster or "local", "base": configs[0],
             "overrides": overrides, "sweep": {"grid": grid} if grid else None, "resources": resources}
     return {k: v for k, v in data.items() if v}

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifar_dist import schema
 from cifar_dist.errors import ConfigError
 from cifar_dist.sweep.profiles import Profile
 
@@ -74,15 +75,17 @@ class Resources:
 
 
 def _size_gb(where: str, value: Any, bare_unit: str = "G") -> float:
-    """A memory size in GB: a number (in `bare_unit`), or Slurm's `32G`, `500M`, `1.5T`, `32GB`."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number, unit = float(value), bare_unit
+    """A memory size in GB: a number (in `bare_unit`, written as people write numbers: schema.convert),
+    or Slurm's `32G`, `500M`, `1.5T`, `32GB`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTkmgt])[Bb]?\s*", value) if isinstance(value, str) else None
+    if m:
+        number, unit = float(m[1]), m[2].upper()
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTkmgt]?)[Bb]?\s*", str(value))
-        if not m or isinstance(value, bool):
+        try:
+            number, unit = schema.convert(where, float, value), bare_unit
+        except ConfigError:
             raise ConfigError(f"{where}: expected a size such as 32G, 500M or a number of "
-                              f"{'GB' if bare_unit == 'G' else 'MB'}, got {value!r}")
-        number, unit = float(m[1]), (m[2] or bare_unit).upper()
+                              f"{'GB' if bare_unit == 'G' else 'MB'}, got {value!r}") from None
     return number * {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[unit]
 
 
@@ -146,13 +149,14 @@ def read_resources(data: Any) -> Any:
     out: dict[Any, Any] = {}
     spelled: dict[str, str] = {}
 
-    def put(internal: str, written: str, value: Any) -> None:
+    def put(internal: str, written: str, value: Any, option: str = "") -> None:
+        """`option`: the sbatch option's name as written, for check_resources's messages."""
         if internal in spelled:
             what = WHAT.get(internal, internal.replace("sbatch.", "sbatch's --"))
             raise ConfigError(f"{spelled[internal]}, {written}: two spellings of {what}; give one")
         spelled[internal] = written
         if internal.startswith("sbatch."):
-            out.setdefault("sbatch", {})[internal.removeprefix("sbatch.")] = value
+            out.setdefault("sbatch", {})[option or internal.removeprefix("sbatch.")] = value
         else:
             out[internal] = value
 
@@ -171,9 +175,8 @@ def read_resources(data: Any) -> Any:
         return out
     for key, value in sbatch.items():
         where = f"resources.sbatch.{key}"
-        option = str(key).replace("_", "-")
-        internal, read = SBATCH_SPELLINGS.get(option.replace("-", "_"), (f"sbatch.{option}", _same))
-        put(internal, where, read(where, value))
+        internal, read = SBATCH_SPELLINGS.get(str(key).replace("-", "_"), (f"sbatch.{str(key).replace('_', '-')}", _same))
+        put(internal, where, read(where, value), option=key)
     return out
 
 
@@ -190,7 +193,7 @@ def describe(r: Resources) -> str:
             continue
         items.append(f"{f.name}={value:g} GB" if f.name == "mem" else
                      f"{f.name}={value} ({time(value)})" if f.name == "time_min" else f"{f.name}={value}")
-    options = [k if v is True else f"{k}={v}" for k, v in r.sbatch.items()]
+    options = [k if v is True else f"{k}={v}" for k, v in sorted(r.sbatch.items())]
     return f"resources: {' '.join(items)}" + (f"; sbatch: {' '.join(options)}" if options else "")
 
 
