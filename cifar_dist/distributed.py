@@ -7,6 +7,7 @@ reductions here, and the tracker (a no-op on other ranks).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -128,6 +129,8 @@ class Distributed:
         from accelerate.utils import InitProcessGroupKwargs
 
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        if not torch.cuda.is_available():  # torch's CUDA builds log this when torch.compile (inductor) starts
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         if "WORLD_SIZE" not in os.environ:  # no launcher: maybe the tasks of one `srun -n N` step
             os.environ.update(slurm_task_environment())
         check_asked_for(os.environ)
