@@ -188,3 +188,13 @@ def test_a_slurm_time_in_yaml_stays_text(tmp_path):
         load_config(str(tmp_path / "t.yaml"))
     (tmp_path / "t.yaml").write_text("run: {name: 2:00:00}\n")
     assert load_config(str(tmp_path / "t.yaml")).run.name == "2:00:00"
+
+
+def test_version_names_the_package_and_torch(env):
+    from importlib.metadata import version
+
+    import torch
+
+    proc = run([PY, "-m", "cifar_dist.cli", "--version"], env)
+    assert proc.stdout.startswith(f"cifar-dist {version('cifar-dist')} (torch {torch.__version__.split('+')[0]}")
+    assert proc.stderr == ""
