@@ -45,11 +45,14 @@ def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
 def launched_rank() -> int:
     """This process's global rank as its launcher set it (torchrun, accelerate launch, a multi-task
     srun step), before or after a process group exists; 0 for a lone process."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
-        return int(os.environ.get("SLURM_PROCID", "0"))
-    return 0
+    env = os.environ
+    if "RANK" in env:
+        rank = env["RANK"]
+    elif "SLURM_STEP_ID" in env and env.get("SLURM_STEP_NUM_TASKS", "1") not in ("", "1"):  # a task of `srun -n N`
+        rank = env.get("SLURM_PROCID", "0")
+    else:
+        return 0
+    return int(rank) if rank.isdigit() else 0
 
 
 def record_outcome(code: int) -> None:
