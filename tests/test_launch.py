@@ -91,6 +91,9 @@ def test_srun_tasks_and_the_sbatch_template_on_one_node(reference, cache_dir, tm
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("done: test accuracy") == 1  # one group of 2, rank 0 alone prints
         assert_same_training(reference, tmp_path / "srun" / "run")
+        bad = subprocess.run(["srun", "-n", "2", PY, "-m", "cifar_dist.train", *ARGS, "train.lr=fast"], env=with_conf(env),
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert bad.returncode == 2 and bad.stderr.count("error: train.lr: expected a number") == 1, bad.stderr
 
         out = sbatch_template(env, tmp_path / "sbatch", "--ntasks-per-node", "2", "--cpus-per-task", "1")
         assert "2 process(es) on 1 node(s)" in out
@@ -216,3 +219,20 @@ def test_sbatch_under_each_launcher_is_preempted_requeued_and_resumed_exactly(la
         assert not our_frames(text) and not re.search(r"^error:", text, re.M), text[-4000:]
         assert_same_run(uninterrupted, run_dir)
         assert RunDir(run_dir).summary()["world_size"] == 2
+
+
+@pytest.mark.parametrize(("environ", "rank"), [
+    ({}, 0), ({"RANK": "1"}, 1),  # torchrun, accelerate launch
+    ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, 1),  # a task of `srun -n 2`
+    ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "3"}, 0),  # `srun -n 1`: a lone process
+    ({"SLURM_PROCID": "1"}, 0), ({"RANK": "x"}, 0),
+])
+def test_the_rank_that_prints_errors(monkeypatch, environ, rank):
+    """Rank 0 alone prints an error line; the rank is the launcher's, read before any process group exists."""
+    from cifar_dist.errors import launched_rank
+
+    for name in ("RANK", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert launched_rank() == rank
