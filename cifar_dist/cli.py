@@ -1,4 +1,5 @@
-"""`cifar-dist train | lr-find | evaluate | predict | serve | export | compare | data | sweep`."""
+"""`cifar-dist train | lr-find | evaluate | predict | serve | export | compare | data | sweep | launch`,
+and `--version`."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ commands:
   compare  RUN_OR_SWEEP_DIR... [--out DIR]                            table and plots from run dirs
   data prepare [--config NAME|PATH ...] [key=value ...]               decode the data into the cache
   data show --out PNG [--config NAME|PATH ...] [key=value ...]        a labelled grid of augmented training images
-  sweep    SPEC.yaml | status|wait|cancel|resubmit SWEEP_DIR            Slurm sweeps (= python jobs/submit.py)
+  sweep    SPEC.yaml | --config NAME|PATH [--grid|-m] KEY=V1,V2 ...   Slurm sweeps (= python jobs/submit.py)
+  sweep    status|wait|cancel|resubmit SWEEP_DIR                      a submitted sweep
+  launch   LAUNCHER ARGS...                                           torchrun or accelerate launch, exiting as the run did
 
-'cifar-dist COMMAND --help' for a command's options."""
+'cifar-dist COMMAND --help' for a command's options; 'cifar-dist --version'."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
         return run_command(train_main, rest)
@@ -58,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "sweep":
         from cifar_dist.sweep.commands import main as sweep_main
 
-        return sweep_main(rest)
+        return sweep_main(rest, prog="cifar-dist sweep")
+    if command == "launch":
+        from cifar_dist.launcher import main as launch_main
+
+        return run_command(launch_main, rest)
     if command == "data":
         return run_command(data_main, rest)
     if command == "lr-find":
@@ -67,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(lr_find_main, rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def version() -> str:
+    """This package's version and torch's, read from the installed metadata (without importing torch)."""
+    from importlib import metadata
+
+    def of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"cifar-dist {of('cifar-dist')} (torch {of('torch')}, Python {sys.version.split()[0]})"
 
 
 def train_main(argv: list[str]) -> int:

@@ -215,33 +215,65 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A shipped config's name (`debug`, `fast`, ...) or a path to a YAML file."""
+def resolve_config_path(name_or_path: str, beside: Path | None = None) -> Path:
+    """A shipped config's name (`debug`, `fast`, ...) or a path to a YAML file. A relative path is
+    looked for `beside` the file that names it first (a config's or a sweep spec's `base:`), then
+    relative to the current directory."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if beside is not None and not path.is_absolute() and (beside / path).is_file():
+            return beside / path
         if not path.is_file():
-            raise ConfigError(f"--config: no such file {name_or_path}")
+            raise ConfigError(f"no such file {name_or_path}")
         return path
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        raise ConfigError(f"--config: unknown config {name_or_path!r}; shipped: {', '.join(shipped_configs())}")
+        raise ConfigError(f"unknown config {name_or_path!r}; shipped: {', '.join(shipped_configs())}")
     return shipped
 
 
+def read_config_file(cfg: Config, name_or_path: str, beside: Path | None = None, chain: tuple[Path, ...] = ()) -> None:
+    """Apply a config file to `cfg`: its `base:` first (a shipped name or a YAML path, itself read
+    this way), then its own keys. One base per file; a cycle or an unknown base is a ConfigError."""
+    where = f"--config {' -> '.join(str(p) for p in chain)}: base" if chain else "--config"
+    try:
+        path = resolve_config_path(name_or_path, beside)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if path.resolve() in (p.resolve() for p in chain):
+        raise ConfigError(f"{where}: {path} is already in the chain of bases (a cycle)")
+    data = schema.read_yaml_mapping(path, "--config")
+    if "defaults" in data:
+        raise ConfigError(f"--config {path}: defaults: not read here; name one base config instead (base: medium)")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"--config {path}: base: expected a config name or a YAML path, got {base!r}")
+        read_config_file(cfg, base, path.parent, (*chain, path))
+    schema.update(cfg, data)
+
+
 def load_config(config: str | Sequence[str] | None = None, overrides: Sequence[str] = (),
-                base: dict[str, Any] | None = None) -> Config:
-    """Defaults <- `base` (a saved config, e.g. a checkpoint's) <- each YAML file in `config` (names
-    or paths; later files win, as in Hydra's defaults list) <- `key=value` overrides, then validate."""
+                saved: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `saved` (a saved config, e.g. a checkpoint's) <- each YAML file in `config` (names
+    or paths, each after its `base:`; later files win, as in Hydra's defaults list) <- `key=value`
+    overrides, then validate."""
     cfg = Config()
-    if base:
-        schema.update(cfg, base)
+    if saved:
+        schema.update(cfg, saved)
     for name in [config] if isinstance(config, str) else config or []:
-        schema.update(cfg, schema.read_yaml_mapping(resolve_config_path(name), "--config"))
+        read_config_file(cfg, name)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        schema.set_key(cfg, key.strip(), raw, from_text=True)
+        try:
+            schema.set_key(cfg, key.strip(), raw, from_text=True)
+        except ConfigError as e:
+            if "," not in raw or "unknown key" in str(e):
+                raise
+            raise ConfigError(f"{e}; to sweep over comma-separated values use cifar-dist sweep -m "
+                              f"--config ... {item}") from None
     validate(cfg)
     return cfg
 

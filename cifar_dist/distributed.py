@@ -7,11 +7,12 @@ reductions here, and the tracker (a no-op on other ranks).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
@@ -75,6 +76,24 @@ def slurm_task_environment(environ: dict[str, str] | None = None) -> dict[str, s
     }
 
 
+def check_asked_for(env: Mapping[str, str]) -> None:
+    """Refuse a process that was asked for as one of several but started alone, naming what gives
+    the N asked for. Called once the launcher's variables are read (WORLD_SIZE absent: no group)."""
+    if "WORLD_SIZE" in env:
+        return
+    if "ACCELERATE_DYNAMO_BACKEND" in env and "MASTER_ADDR" in env:
+        # accelerate's one-process launcher sets MASTER_ADDR only when --num_processes (or num_machines) > 1
+        raise DistributedError(
+            "accelerate launch was asked for several processes (--num_processes, or num_processes in its config) but "
+            "started this one alone: without GPUs (or with --cpu, or distributed_type MULTI_CPU) it starts N only with "
+            "--multi_gpu --num_processes N, which then train as gloo CPU ranks")
+    tasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "SLURM_STEP_ID" not in env:  # the job script's own shell (or salloc's), not a task of a step
+        raise DistributedError(
+            f"this Slurm job has {tasks} tasks (SLURM_NTASKS={tasks}) but this process was started without srun, so it "
+            f"would train alone: start it as `srun python -m cifar_dist.train ...` (one task per rank), or ask for one task")
+
+
 def _expand_counts(counts: str) -> list[int]:
     out: list[int] = []
     for item in counts.split(","):
@@ -110,8 +129,11 @@ class Distributed:
         from accelerate.utils import InitProcessGroupKwargs
 
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        if not torch.cuda.is_available():  # torch's CUDA builds log this when torch.compile (inductor) starts
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         if "WORLD_SIZE" not in os.environ:  # no launcher: maybe the tasks of one `srun -n N` step
             os.environ.update(slurm_task_environment())
+        check_asked_for(os.environ)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if cpu and launched > 1 and "OMP_NUM_THREADS" not in os.environ:
             # N ranks on one machine share its cores; accelerate would warn and pick this itself.

@@ -1,10 +1,21 @@
 """The one kind of error a user is owed a single line for: every command turns a `UserError` into
-`error: <message>` on stderr and exit code 2, after nothing (or nothing lasting) was written."""
+`error: <message>` on stderr and exit code 2, after nothing (or nothing lasting) was written.
+
+Under N ranks the project's checks agree (rank 0 decides and tells the others, or every rank
+computes the same), so the line is printed by rank 0 alone. Every rank also records how it ended
+where `cifar-dist launch` (launcher.py) asked, as launchers such as torchrun turn every non-zero
+exit into 1.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+# Set by `cifar-dist launch` for the processes it starts: a folder where each rank writes its exit code.
+OUTCOME_DIR = "CIFAR_DIST_OUTCOME_DIR"
 
 
 class UserError(ValueError):
@@ -16,9 +27,48 @@ class ConfigError(UserError):
 
 
 def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Run a command's main; a UserError becomes its one line on stderr and exit code 2."""
+    """Run a command's main; a UserError becomes its one line on stderr (rank 0) and exit code 2.
+    The exit code is recorded for `cifar-dist launch`: 1 for an exception (130: a second Ctrl-C), which propagates."""
     try:
-        return command(argv)
+        code = command(argv)
     except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's message held
-        return 2
+        if launched_rank() == 0:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's message held
+        code = 2
+    except BaseException as e:
+        record_outcome(130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
+    record_outcome(code)
+    return code
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, accelerate launch, a multi-task
+    srun step), before or after a process group exists; 0 for a lone process."""
+    env = os.environ
+    if "RANK" in env:
+        rank = env["RANK"]
+    elif "SLURM_STEP_ID" in env and env.get("SLURM_STEP_NUM_TASKS", "1") not in ("", "1"):  # a task of `srun -n N`
+        rank = env.get("SLURM_PROCID", "0")
+    else:
+        return 0
+    return int(rank) if rank.isdigit() else 0
+
+
+def record_outcome(code: int) -> None:
+    """Under `cifar-dist launch`: this rank's exit code, in `$CIFAR_DIST_OUTCOME_DIR/rank-<rank>`."""
+    folder = os.environ.get(OUTCOME_DIR)
+    if folder and Path(folder).is_dir():
+        tmp = Path(folder) / f".rank-{launched_rank()}-{os.getpid()}"
+        tmp.write_text(f"{code}\n")
+        tmp.replace(Path(folder) / f"rank-{launched_rank()}")
+
+
+def read_outcomes(folder: Path) -> dict[int, int]:
+    """{rank: exit code} of the ranks that recorded one in `folder`."""
+    out = {}
+    for f in folder.glob("rank-*"):
+        rank, text = f.name.removeprefix("rank-"), f.read_text().strip()
+        if rank.isdigit() and text.lstrip("-").isdigit():
+            out[int(rank)] = int(text)
+    return out

@@ -28,10 +28,28 @@ _INTEGER = re.compile(rf"[+-]?{_DIGITS}")
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `2:00:00` and `90:30` are text, as in YAML 1.2, not YAML
+    1.1's base-60 numbers (7200, 5430): a Slurm time limit written unquoted stays what it says."""
+
+
+# The int and float resolvers, made to skip anything with a colon (their base-60 branch only).
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, re.compile("^(?!.*:)" + regexp.pattern.removeprefix("^"), regexp.flags)
+             if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with `Loader`: every config, spec, profile and command-line value is read so."""
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (Loader is a SafeLoader)
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as e:
         raise ConfigError(f"{what}: cannot read {path} ({e.strerror})") from None
     except yaml.YAMLError as e:
@@ -74,7 +92,7 @@ def set_key(obj: Any, key: str, value: Any, from_text: bool = False, where: str 
     hint = typing.get_type_hints(type(parent))[name]
     if from_text and hint is not str:
         try:
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         except yaml.YAMLError:
             raise ConfigError(f"{full}: cannot parse {value!r}") from None
     setattr(parent, name, convert(full, hint, value, from_text))

@@ -36,7 +36,7 @@ from cifar_dist.finetune import InitWeights, load_init, read_init
 from cifar_dist.metrics import EvalResult, direction, eval_record
 from cifar_dist.models import count_parameters
 from cifar_dist.plots import write_plots
-from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_bf16_warning
+from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_precision_warning
 from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import EMA, Lookahead, make_net, make_optimizer, make_step
 from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
@@ -179,7 +179,7 @@ class Loop:
 
     def run(self) -> EvalResult:
         cfg, dist, pos = self.cfg, self.dist, self.state.position
-        if warning := slow_bf16_warning(cfg.train.precision, dist.device):
+        if warning := slow_precision_warning(cfg.train.precision, dist.device):
             dist.print(warning)
         if cfg.model.compile:
             self.compile_seconds = self.warm_up()
@@ -501,7 +501,7 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG,
     if not args.config:
         base = checkpoint.load_state(args.resume_from / checkpoint.STATE)["config"]
         base["run"] = {}  # a new run: its own dir, id and name
-    return args, load_config(args.config, args.overrides, base=base)
+    return args, load_config(args.config, args.overrides, saved=base)
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:

@@ -1,10 +1,20 @@
 """Slurm sweeps: spec -> validated points -> one submitit job array -> exit.
 
-    python jobs/submit.py SPEC.yaml [--dry-run] [--executor auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
-    python jobs/submit.py status SWEEP_DIR [--json] [--retry-for S]
-    python jobs/submit.py wait SWEEP_DIR [--timeout S] [--poll S] [--retry-for S]
-    python jobs/submit.py cancel SWEEP_DIR [--retry-for S]
-    python jobs/submit.py resubmit SWEEP_DIR --failed | --workers N [--retry-for S]
+    cifar-dist sweep SPEC.yaml [--dry-run] [--executor auto|slurm|local|debug] [--sweep-dir DIR] [--max-points N]
+    cifar-dist sweep --config NAME|PATH [--grid KEY=V1,V2 ...] [key=value ...] [--cluster PROFILE] [--name NAME]
+                     [--print-spec] [--dry-run] ...
+    cifar-dist sweep -m|--multirun --config NAME|PATH KEY=V1,V2 ... [key=value ...] ...
+    cifar-dist sweep status SWEEP_DIR [--json] [--retry-for S]
+    cifar-dist sweep wait SWEEP_DIR [--timeout S] [--poll S] [--retry-for S]
+    cifar-dist sweep cancel SWEEP_DIR [--retry-for S]
+    cifar-dist sweep resubmit SWEEP_DIR --failed | --workers N [--retry-for S]
+
+(`python jobs/submit.py ...` is the same command.) A sweep is a spec file, or the command line's
+spelling of one (`cli_spec`): `--config` is its `base:`, each `--grid KEY=V1,V2` (or, after `-m`
+as Hydra users type it, each `KEY=V1,V2`) a `sweep.grid` key, the other `key=value` items its
+`overrides`, `resources.KEY=VALUE` items its `resources:`, `--cluster` its `cluster:`. Both go
+through `spec.read_spec`, so a command-line sweep is exactly its YAML twin, which `--print-spec`
+prints.
 
 A spec with `search:` instead of `sweep:` runs a study (study.py, worker.py): its "points" are workers that
 take trials from an Optuna study in the sweep dir; `status` shows the trials, `resubmit --workers N`
@@ -14,8 +24,8 @@ The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node s
 loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
 (sbatch), `local` (processes on this machine, no Slurm), `debug` (in this process, one point
 after another), or `auto` (default): Slurm when sbatch and srun are on PATH, else local.
-"cluster" means one thing, the profile (the cluster's facts): `--cluster` is an error that names
-`--executor`.
+"cluster" means one thing, the profile (the cluster's facts): `--cluster` names a command-line
+sweep's profile, and beside a spec file (which names its own) it is an error that names `--executor`.
 
 Exit codes: 0 done; 1 some point did not finish (`wait`), or the scheduler refused (sbatch,
 scancel failed); 2 a mistake in the spec or the command line, or the sweep dir is taken or busy
@@ -38,15 +48,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cifar_dist.errors import UserError
+import yaml
+
+from cifar_dist import schema
+from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.sweep import study
 from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
 from cifar_dist.sweep.points import MAX_POINTS, make_points
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
 from cifar_dist.sweep.record import Entry, PointEntry, Submission, SweepRecord, WorkerEntry, load_record, save_record
-from cifar_dist.sweep.resources import check_fits
-from cifar_dist.sweep.spec import Spec, load_spec
+from cifar_dist.sweep.resources import check_fits, describe
+from cifar_dist.sweep.spec import Spec, load_spec, read_spec
 from cifar_dist.sweep.states import ACTIVE, MISMATCH, RESUBMITTABLE, PointState, foreign, point_states, status_table
 from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled
 from cifar_dist.sweep.task import SearchTask, TrainTask
@@ -65,7 +79,11 @@ BACKOFF_S = (2.0, 60.0)  # the first and the longest pause between tries; doubli
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec) if args.spec else read_spec(args.spec_data, Path.cwd())
+    if args.print_spec:
+        make_points(spec, Path("sweeps") / spec.name, "0" * 6, max_points=args.max_points)  # every point's config is valid
+        print(spec_yaml(args.spec_data), end="")
+        return 0
     profile = load_profile(spec.cluster)
     check_fits(spec.resources, profile)
     kind, note = choose_executor(args.executor)
@@ -87,7 +105,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     executor.connect()
     with changing(sweep_dir, "submit", new=True) as created:
         try:
-            shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
+            if args.spec:
+                shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
+            else:  # a command-line sweep keeps its YAML twin
+                (sweep_dir / "spec.yaml").write_text(spec_yaml(args.spec_data))
             save_record(sweep_dir, record)
             if record.is_study:
                 study.create_study(sweep_dir, record)
@@ -96,7 +117,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if not any(p.job_id for p in record.points):
                 discard(sweep_dir, created)  # nothing half-written: no job exists for it
             raise
-    print_submitted(executor, record, record.points)
+    print_submitted(executor, record, record.points, args.prog)
     executor.finish(jobs)
     return 0
 
@@ -124,13 +145,13 @@ def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) 
     return jobs
 
 
-def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry]) -> None:
+def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry], prog: str) -> None:
     what = "worker(s)" if record.is_study else "point(s)"
     print(f"{record.name}: {len(points)} {what} submitted as {executor.where(len(points))}")
     if record.search:
         print(study.describe_search(record.search))
     print(format_table([[p.name, p.job_id, *_run(p)] for p in points], ["point", "job", "run id", "values"]))
-    print(f"sweep dir: {executor.sweep_dir}\nstatus:    python jobs/submit.py status {executor.sweep_dir}")
+    print(f"sweep dir: {executor.sweep_dir}\nstatus:    {prog} status {executor.sweep_dir}")
 
 
 def _run(entry: Entry) -> tuple[str, str]:
@@ -147,6 +168,7 @@ def dry_run(spec: Spec, executor: Executor, record: SweepRecord) -> int:
         print(study.describe_search(record.search))
     print(format_table([[p.name, *_run(p)] for p in points], ["point", "run id", "values"]))
     print(f"sweep dir: {sweep_dir} (run dirs {sweep_dir / 'runs'}/<point>)")
+    print(describe(spec.resources))
     print(executor.preview(spec.name, spec.resources, len(points)), end="")
     return 0
 
@@ -280,7 +302,7 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
             print("resubmit: no failed, stopped, cancelled or mismatched points")
             return 0
         jobs = submit_points(sweep.executor, sweep.record, points)  # same run dirs: each resumes from its checkpoints
-    print_submitted(sweep.executor, sweep.record, points)
+    print_submitted(sweep.executor, sweep.record, points, args.prog)
     sweep.executor.finish(jobs)
     return 0
 
@@ -288,9 +310,9 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     if argv and argv[0] in COMMANDS:
-        parser = argparse.ArgumentParser(prog=f"python jobs/submit.py {argv[0]}")
+        parser = argparse.ArgumentParser(prog=f"{prog} {argv[0]}")
         parser.add_argument("sweep_dir", metavar="SWEEP_DIR")
         parser.add_argument("--retry-for", type=float, default=RETRY_FOR_S, metavar="S",
                             help=f"ask a scheduler that does not answer again for up to S seconds, then exit 3 "
@@ -306,28 +328,103 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      "run), or a study's workers")
             parser.add_argument("--workers", type=int, default=0, metavar="N", help="a study: N more workers")
         args = parser.parse_args(argv[1:])
-        args.command = argv[0]
+        args.command, args.prog = argv[0], prog
         return args
-    parser = argparse.ArgumentParser(prog="python jobs/submit.py", description=__doc__.split("\n\n")[0],
-                                     epilog="also: status|wait|cancel|resubmit SWEEP_DIR (see the module docstring)")
-    parser.add_argument("spec", metavar="SPEC.yaml", help="the sweep spec")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0] + " A spec file, or the same from the command line.",
+        epilog=f"the sweep dir afterwards: {prog} status|wait|cancel|resubmit SWEEP_DIR ('{prog} status --help')")
+    parser.add_argument("items", nargs="*", metavar="SPEC.yaml | key=value",
+                        help="a sweep spec file; or, with --config, overrides of every point (key=value), "
+                             "resources (resources.KEY=VALUE) and, after -m, swept keys (KEY=V1,V2)")
     parser.add_argument("--dry-run", action="store_true", help="print the points and the sbatch script; submit nothing")
     parser.add_argument("--executor", choices=["auto", *EXECUTORS], default="auto",
                         help="slurm, local (no Slurm), debug (in this process); auto = slurm if sbatch is on PATH")
-    parser.add_argument("--cluster", help=argparse.SUPPRESS)  # an error naming --executor (the spec's cluster: is the profile)
     parser.add_argument("--sweep-dir", help="default: sweeps/<name>")
     parser.add_argument("--max-points", type=int, default=MAX_POINTS, help=f"refuse larger sweeps (default {MAX_POINTS})")
-    args = parser.parse_args(argv)
-    if args.cluster is not None:
-        raise UserError(f"--cluster: renamed --executor (--executor {args.cluster}); the spec's cluster: names the "
-                        "cluster profile")
-    args.command = "submit"
+    cli = parser.add_argument_group("a sweep from the command line (instead of SPEC.yaml)")
+    cli.add_argument("--config", action="append", metavar="NAME|PATH", help="the base config (a spec's base:)")
+    cli.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="sweep KEY over these values (repeat it: the grid is the product, the last key fastest)")
+    cli.add_argument("-m", "--multirun", action="store_true",
+                     help="as in Hydra: every KEY=V1,V2 item is swept like --grid (write a list value as KEY=[a,b])")
+    cli.add_argument("--cluster", metavar="PROFILE", help="the cluster profile (a spec's cluster:; default local)")
+    cli.add_argument("--name", help="the sweep's name (default: the config's name)")
+    cli.add_argument("--print-spec", action="store_true", help="print the spec YAML these arguments make, and exit")
+    args = parser.parse_intermixed_args(argv)
+    args.command, args.prog = "submit", prog
+    files, pairs = [i for i in args.items if "=" not in i], [i for i in args.items if "=" in i]
+    given = [flag for flag, on in (("--config", args.config), ("--grid", args.grid), ("-m", args.multirun),
+                                   ("--name", args.name), ("--print-spec", args.print_spec), ("key=value", pairs)) if on]
+    if len(files) > 1:
+        raise UserError(f"{' '.join(files)}: one spec file per sweep")
+    if files and given:
+        raise UserError(f"{files[0]} and {', '.join(given)}: give a spec file or a sweep on the command line, not both")
+    if files and args.cluster is not None:
+        raise UserError(f"--cluster: the spec names its cluster profile itself (cluster:); where its points run is "
+                        f"--executor (--executor {args.cluster})")
+    if not files and not args.config:
+        raise UserError("give a sweep spec file, or --config NAME with --grid KEY=V1,V2 (or -m KEY=V1,V2 ...)")
+    args.spec = files[0] if files else None
+    args.spec_data = None if files else cli_spec(args.config, args.grid, pairs, args.multirun, args.cluster, args.name)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_spec(configs: list[str], grid_items: list[str], pairs: list[str], multirun: bool, cluster: str | None,
+             name: str | None) -> dict[str, Any]:
+    """The spec mapping a command-line sweep spells: what `read_spec` reads and `--print-spec` prints.
+    Config values are converted to their fields' types here, as a YAML file holds them typed."""
+    if len(configs) > 1:
+        raise UserError(f"--config: a sweep has one base config, got {len(configs)} ({', '.join(configs)}); a config "
+                        "file composes with its own base:")
+    grid: dict[str, list[Any]] = {}
+    overrides: dict[str, Any] = {}
+    resources: dict[str, Any] = {}
+    items = [(item, True) for item in grid_items] + [(item, False) for item in pairs]
+    for item, swept in items:
+        key, _, raw = item.partition("=")
+        if not key:
+            raise UserError(f"{item!r}: expected KEY=VALUE")
+        if key.startswith("resources."):
+            *path, last = key.removeprefix("resources.").split(".")
+            section = resources
+            for part in path:
+                section = section.setdefault(part, {})
+            section[last] = schema.load_yaml(raw) if raw else raw
+            continue
+        if key in grid or key in overrides:
+            raise UserError(f"{key}: given twice on the command line")
+        if swept or (multirun and "," in raw and not raw.startswith("[")):
+            grid[key] = [config_value(key, v) for v in raw.split(",")]
+            continue
+        try:
+            overrides[key] = config_value(key, raw)
+        except ConfigError as e:
+            if "," not in raw or "unknown key" in str(e):
+                raise
+            raise ConfigError(f"{e}; to sweep over these values: --grid {item}, or -m") from None
+    data = {"name": name or Path(configs[0]).stem, "cluster": cluster or "local", "base": configs[0],
+            "overrides": overrides, "sweep": {"grid": grid} if grid else None, "resources": resources}
+    return {k: v for k, v in data.items() if v}
+
+
+def config_value(key: str, text: str) -> Any:
+    """`text` as the value of config key `key`, typed as a YAML file would hold it."""
+    from cifar_dist.config import Config
+
+    cfg = Config()
+    schema.set_key(cfg, key, text, from_text=True)
+    return schema.lookup(cfg, key)[2]
+
+
+def spec_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`prog`: the command as typed (`cifar-dist sweep`), for usage lines and hints; by default this script's."""
+    prog = prog or f"python {sys.argv[0]}"
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(sys.argv[1:] if argv is None else argv, prog)
         command = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel,
                    "resubmit": cmd_resubmit}[args.command]
         return command(args)

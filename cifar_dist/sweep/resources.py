@@ -4,6 +4,13 @@ that keep a value from becoming more than one sbatch option.
     resources: {nodes: 1, gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 1, time_min: 30,
                 sbatch: {gres: "gpu:a100:8", exclude: "node[1-3]"}}
 
+Slurm's and submitit's spellings are read too (`read_resources`, the table SPELLINGS): `mem: 32G`
+or `mem_gb: 32`, `time: "2:00:00"` or `"1-00:00:00"` or `timeout_min: 120`, `ntasks_per_node`,
+`gres`, `exclusive`, `reservation`, submitit's `slurm_` prefix, and sbatch's own option names
+under `sbatch:` (`sbatch: {account: my-lab, mem: 32000}`, a bare number there being Slurm's MB).
+Each becomes one internal form (the `Resources` field, or an entry of `sbatch`), which the dry
+run shows (`describe`); two spellings of one thing are an error.
+
 `resources.sbatch` options reach sbatch as `#SBATCH` lines, each checked against SBATCH_OPTIONS
 and SBATCH_VALUE first. The time limit must leave room for the pre-emption signal's timing
 (EARLY_SIGNAL_S, STARTUP_S), and `check_fits` refuses what the cluster profile cannot give.
@@ -11,10 +18,14 @@ and SBATCH_VALUE first. The time limit must leave room for the pre-emption signa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from cifar_dist import schema
 from cifar_dist.errors import ConfigError
 from cifar_dist.sweep.profiles import Profile
 
@@ -22,8 +33,9 @@ from cifar_dist.sweep.profiles import Profile
 # sbatch's own parser could read as more than one value.
 SLURM_VALUE = re.compile(r"[A-Za-z0-9_.,:|&*\[\]+-]{1,128}")
 # resources.sbatch: the options a spec may pass through to sbatch. Left out: what the sweep sets
-# itself (job name, array, output files, nodes, tasks, CPUs, memory, time limit and signal,
-# requeue) or reads back (the account, partition, qos and constraint are resources keys).
+# itself (job name, array, output files, signal, requeue) and what resources keys hold (nodes,
+# tasks, CPUs, GPUs, memory, time limit, account, partition, qos, constraint), which `sbatch:` may
+# still spell the Slurm way (SBATCH_SPELLINGS) and which are read into those keys.
 SBATCH_OPTIONS = ("begin", "comment", "dependency", "exclude", "exclusive", "gpu-bind", "gres", "gres-flags", "hint",
                   "licenses", "mail-type", "mail-user", "network", "nice", "nodelist", "prefer", "reservation",
                   "switches", "tmp", "wckey")
@@ -59,6 +71,132 @@ class Resources:
         return self.nodes * self.tasks_per_node
 
 
+# ---------------------------------------------------------------------------- spellings
+
+
+def _size_gb(where: str, value: Any, bare_unit: str = "G") -> float:
+    """A memory size in GB: a number (in `bare_unit`, written as people write numbers: schema.convert),
+    or Slurm's `32G`, `500M`, `1.5T`, `32GB`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTkmgt])[Bb]?\s*", value) if isinstance(value, str) else None
+    if m:
+        number, unit = float(m[1]), m[2].upper()
+    else:
+        try:
+            number, unit = schema.convert(where, float, value), bare_unit
+        except ConfigError:
+            raise ConfigError(f"{where}: expected a size such as 32G, 500M or a number of "
+                              f"{'GB' if bare_unit == 'G' else 'MB'}, got {value!r}") from None
+    return number * {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[unit]
+
+
+_DURATION = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def _minutes(where: str, value: Any) -> int:
+    """A time limit in whole minutes from Slurm's forms: minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+    (seconds round up)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _DURATION.fullmatch(str(value).strip()) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(f"{where}: expected minutes or Slurm's [days-]hours:minutes:seconds, got {value!r}")
+    days, a, b, c = (int(x) if x else 0 for x in m.groups())
+    if m[1] is None:  # M, M:S, H:M:S
+        hours, minutes, seconds = (0, a, b) if m[4] is None else (a, b, c)
+    else:  # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = 24 * days + a, b, c
+    return 60 * hours + minutes + math.ceil(seconds / 60)
+
+
+def _minutes_int(where: str, value: Any) -> Any:
+    if isinstance(value, str) and (":" in value or "-" in value.strip()[1:]):
+        raise ConfigError(f"{where}: whole minutes, got {value!r}; Slurm's [days-]hours:minutes:seconds goes in "
+                          "resources.time")
+    return value  # the field's own type check follows (schema.build)
+
+
+def _same(where: str, value: Any) -> Any:
+    return value
+
+
+# Every spelling of a resources key -> (its one internal form, the reader of that spelling's value).
+# Internal forms: a `Resources` field, or "sbatch.<option>" (an sbatch option passed through).
+# Keys are read with - as _ and without submitit's `slurm_` prefix; under `sbatch:` the option's
+# Slurm name counts, with Slurm's units (a bare memory number is MB there).
+Reader = Callable[[str, Any], Any]
+SPELLINGS: dict[str, tuple[str, Reader]] = {
+    **{f.name: (f.name, _same) for f in dataclasses.fields(Resources) if f.name not in ("mem", "time_min", "sbatch")},
+    "mem": ("mem", _size_gb), "mem_gb": ("mem", _size_gb),
+    "time_min": ("time_min", _minutes_int), "timeout_min": ("time_min", _minutes_int), "time": ("time_min", _minutes),
+    "ntasks_per_node": ("tasks_per_node", _same), "max_num_timeout": ("max_timeouts", _same),
+    "gres": ("sbatch.gres", _same), "exclusive": ("sbatch.exclusive", _same), "reservation": ("sbatch.reservation", _same),
+}
+SBATCH_SPELLINGS: dict[str, tuple[str, Reader]] = {
+    "mem": ("mem", lambda where, v: _size_gb(where, v, bare_unit="M")), "time": ("time_min", _minutes),
+    "nodes": ("nodes", _same), "ntasks_per_node": ("tasks_per_node", _same), "cpus_per_task": ("cpus_per_task", _same),
+    "gpus_per_node": ("gpus_per_node", _same), **{k: (k, _same) for k in ("partition", "account", "qos", "constraint")},
+}
+WHAT = {"mem": "the memory per node", "time_min": "the time limit", "tasks_per_node": "the tasks per node",
+        "max_timeouts": "the time-outs allowed"}
+
+
+def read_resources(data: Any) -> Any:
+    """The `resources:` mapping as written -> the same in internal keys (see SPELLINGS), each
+    value in its internal unit; two spellings of one thing are a ConfigError naming both. What
+    is not a mapping, or not a key name, is passed on for schema.build to refuse."""
+    if not isinstance(data, dict):
+        return data
+    out: dict[Any, Any] = {}
+    spelled: dict[str, str] = {}
+
+    def put(internal: str, written: str, value: Any, option: str = "") -> None:
+        """`option`: the sbatch option's name as written, for check_resources's messages."""
+        if internal in spelled:
+            what = WHAT.get(internal, internal.replace("sbatch.", "sbatch's --"))
+            raise ConfigError(f"{spelled[internal]}, {written}: two spellings of {what}; give one")
+        spelled[internal] = written
+        if internal.startswith("sbatch."):
+            out.setdefault("sbatch", {})[option or internal.removeprefix("sbatch.")] = value
+        else:
+            out[internal] = value
+
+    for key, value in data.items():
+        if not isinstance(key, str):
+            out[key] = value
+        elif key != "sbatch":
+            where = f"resources.{key}"
+            internal, read = SPELLINGS.get(key.replace("-", "_").removeprefix("slurm_"), (key, _same))
+            if not (internal == "sbatch.exclusive" and value is False):  # false: nothing to pass
+                put(internal, where, value if value is None else read(where, value))
+    sbatch = data.get("sbatch")
+    if not isinstance(sbatch, dict):
+        if "sbatch" in data:
+            out.setdefault("sbatch", sbatch)
+        return out
+    for key, value in sbatch.items():
+        where = f"resources.sbatch.{key}"
+        internal, read = SBATCH_SPELLINGS.get(str(key).replace("-", "_"), (f"sbatch.{str(key).replace('_', '-')}", _same))
+        put(internal, where, read(where, value), option=key)
+    return out
+
+
+def describe(r: Resources) -> str:
+    """The resources in their internal form, one line (the dry run's): what every spelling was read as."""
+    def time(minutes: int) -> str:
+        d, m = divmod(minutes, 24 * 60)
+        return f"{d}-{m // 60:02d}:{m % 60:02d}:00" if d else f"{m // 60}:{m % 60:02d}:00"
+
+    items = []
+    for f in dataclasses.fields(r):
+        value = getattr(r, f.name)
+        if value is None or f.name == "sbatch":
+            continue
+        items.append(f"{f.name}={value:g} GB" if f.name == "mem" else
+                     f"{f.name}={value} ({time(value)})" if f.name == "time_min" else f"{f.name}={value}")
+    options = [k if v is True else f"{k}={v}" for k, v in sorted(r.sbatch.items())]
+    return f"resources: {' '.join(items)}" + (f"; sbatch: {' '.join(options)}" if options else "")
+
+
 def check_resources(r: Resources) -> None:
     """Refuse impossible numbers, a time limit too short for the signal's timing and Slurm values
     that are not one token; the sbatch options are normalised to sbatch's spelling (mail-type)."""
@@ -85,8 +223,6 @@ def check_resources(r: Resources) -> None:
 
 def _sbatch_option(key: str) -> str:
     name = key.replace("_", "-")
-    if name in PROFILE_KEYS:
-        raise ConfigError(f"resources.sbatch.{key}: use resources.{name} (checked against the cluster profile)")
     if name not in SBATCH_OPTIONS:
         raise ConfigError(f"resources.sbatch.{key}: not an option a spec may pass to sbatch (allowed: "
                           f"{', '.join(SBATCH_OPTIONS)}; the others are set from resources)")

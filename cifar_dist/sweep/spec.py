@@ -8,8 +8,8 @@ configs points.py builds and validates before anything is submitted).
     sweep:
       grid: {train.lr: [0.05, 0.1], seed: [0, 1]}
       random: {n: 4, seed: 0, params: {train.weight_decay: {loguniform: [1.0e-5, 1.0e-3]}}}
-    resources: {nodes: 1, gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 1, time_min: 30,
-                sbatch: {gres: "gpu:a100:8", exclude: "node[1-3]"}}
+    resources: {nodes: 1, gpus_per_node: 0, tasks_per_node: 1, cpus_per_task: 1, time: "0:30:00", mem: 16G,
+                gres: "gpu:a100:8", sbatch: {exclude: "node[1-3]"}}
 
 `grid` is a cartesian product; `random` draws `n` points (seeded); with both, every random point
 is crossed with every grid point; without a `sweep:` block the spec is one point (base +
@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from cifar_dist import schema
+from cifar_dist.config import CONFIG_DIR, resolve_config_path
 from cifar_dist.errors import ConfigError
 from cifar_dist.metrics import DIRECTIONS, direction
-from cifar_dist.sweep.resources import Resources, check_resources
+from cifar_dist.sweep.resources import Resources, check_resources, read_resources
 
 # The name becomes the Slurm job name, the sweep dir's name and part of every run id.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -142,8 +143,16 @@ class Spec:
 
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
-    data = schema.read_yaml_mapping(path, "spec")
-    spec = schema.build(Spec, {k: v for k, v in data.items() if v is not None})  # a key left empty keeps its default
+    return read_spec(schema.read_yaml_mapping(path, "spec"), path.parent)
+
+
+def read_spec(data: dict[str, Any], folder: Path) -> Spec:
+    """A spec from its mapping (a file's, or the command line's: commands.cli_spec); a relative
+    `base:` path is looked for in `folder` first."""
+    data = {k: v for k, v in data.items() if v is not None}  # a key left empty keeps its default
+    if "resources" in data:
+        data["resources"] = read_resources(data["resources"])
+    spec = schema.build(Spec, data)
     _require(spec, ("name", "base"))
     if not NAME.fullmatch(spec.name):
         raise ConfigError(f"name: {spec.name!r} may hold only letters, digits, - _ . (at most 64; it names the Slurm "
@@ -154,7 +163,7 @@ def load_spec(path: str | Path) -> Spec:
         raise ConfigError("sweep, search: give one (sweep: every point trained to the end; search: a study that prunes)")
     if spec.sweep is not None:
         _read_sweep(spec.sweep)
-    spec.base = _resolve_base(spec.base, path)
+    spec.base = _resolve_base(spec.base, folder)
     check_resources(spec.resources)
     spec.overrides = schema.flatten(spec.overrides)
     _check_key_sets(spec)
@@ -167,13 +176,14 @@ def _require(obj: Any, keys: tuple[str, ...], where: str = "") -> None:
             raise ConfigError(f"{where}{key}: missing")
 
 
-def _resolve_base(base: str, spec_path: Path) -> str:
-    """A relative path is relative to the spec file; a bare name is a shipped config."""
-    if not Path(base).is_absolute() and (Path(base).suffix in (".yaml", ".yml") or "/" in base):
-        beside = spec_path.parent / base
-        if beside.is_file():
-            return str(beside)
-    return base
+def _resolve_base(base: str, folder: Path) -> str:
+    """A shipped config's name as it is, or the path of a YAML file: a relative one beside the spec
+    file first, then relative to the current directory (the rule of a training config's `base:`)."""
+    try:
+        path = resolve_config_path(base, folder)
+    except ConfigError as e:
+        raise ConfigError(f"base: {e}") from None
+    return base if path == CONFIG_DIR / f"{base}.yaml" else str(path)
 
 
 def _read_sweep(sweep: Sweep) -> None:

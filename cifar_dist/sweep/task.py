@@ -205,12 +205,12 @@ def one_gpu_per_task(local_rank: int, local_world_size: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank]
 
 
-def limit_threads(cpus: int) -> None:
-    """One compute thread per CPU the task was given. Jobs inherit the submitting shell's
-    environment, whose OMP_NUM_THREADS (or none: every core) oversubscribes a node shared by
-    several points or ranks: OpenMP threads that outnumber the cores spin-wait for each other,
-    and training runs many times slower."""
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus)
+def limit_threads(cpus: int, ranks_per_task: int = 1) -> None:
+    """One compute thread per CPU the task was given (shared by `ranks_per_task` ranks: a launcher's
+    on one task). Jobs inherit the submitting shell's environment, whose OMP_NUM_THREADS (or none:
+    every core) oversubscribes a node shared by several points or ranks: OpenMP threads that
+    outnumber the cores spin-wait for each other, and training runs many times slower."""
+    cpus = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus) // ranks_per_task)
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     import torch
 

@@ -67,3 +67,13 @@ def test_overrides_go_before_or_after_config_and_configs_compose(env, tmp_path):
 def test_help_names_every_shipped_config(env):
     out = run([PY, "-m", "cifar_dist.cli", "train", "--help"], env).stdout
     assert all(name in " ".join(out.split()) for name in shipped_configs())
+
+
+def test_version_names_the_package_and_torch(env):
+    from importlib.metadata import version
+
+    import torch
+
+    proc = run([PY, "-m", "cifar_dist.cli", "--version"], env)
+    assert proc.stdout.startswith(f"cifar-dist {version('cifar-dist')} (torch {torch.__version__.split('+')[0]}")
+    assert proc.stderr == ""

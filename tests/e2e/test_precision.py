@@ -10,6 +10,7 @@ import sys
 
 from cifar_dist import checkpoint
 from cifar_dist.distributed import EXIT_REQUEUE
+from cifar_dist.precision import cpu_has_fp16
 from cifar_dist.rundir import CONFIG, ENV, RunDir
 from tests.helpers import FAULTS, PY, TINY, assert_same_run, run, train_cmd
 
@@ -52,8 +53,9 @@ def test_an_accelerate_config_file_that_contradicts_the_config_is_one_line_and_w
 def test_fp16_trains_with_loss_scaling_and_resumes_exactly(env, tmp_path):
     args = [*TINY, "train.precision=fp16", "checkpoint.every_steps=7"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    run(train_cmd(*args, f"run.dir={whole}"), env)
+    proc = run(train_cmd(*args, f"run.dir={whole}"), env)
     assert RunDir(whole).summary()["precision"] == "fp16"
+    assert ("warning: train.precision=fp16 on a CPU without fp16 instructions" in proc.stdout) == (not cpu_has_fp16())
     proc = run(FAULTS + [*args, f"run.dir={stopped}"], dict(env, CIFAR_DIST_FAULT="signal:1:5"), check=False)
     assert proc.returncode == EXIT_REQUEUE
     saved = checkpoint.load_latest(stopped, warn=print)[1]

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 from cifar_dist.rundir import ENV, SUMMARY, RunDir
+from cifar_dist.sweep.spec import load_spec
 from tests.helpers import ROOT
-from tests.helpers.slurm import record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
+from tests.helpers.slurm import INTERNAL, SPELLINGS, record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
 
@@ -89,3 +91,60 @@ def test_max_points_lifts_the_cap(tmp_path):
     assert capped.returncode == 2 and "1,200 points exceeds the cap of 1,000" in capped.stderr
     lifted = submit([str(spec), "--dry-run", "--executor", "local", "--max-points", "1200"], env, tmp_path)
     assert lifted.returncode == 0 and "1200 point(s)" in lifted.stdout
+
+
+def dry_run_of(tmp_path: Path, resources: dict, name: str = "fast-lr", **fields) -> str:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({"name": name, "cluster": "example-gpu", "base": "fast", **fields,
+                                    "resources": resources}, sort_keys=False))
+    sweep_dir = tmp_path / "sweep"
+    out = submitted([str(spec), "--dry-run", "--executor", "slurm", "--sweep-dir", str(sweep_dir)],
+                    slurm_env(tmp_path / "cache", tmp_path), tmp_path)
+    return normalise(out.stdout, sweep_dir)
+
+
+def test_every_spelling_of_the_resources_makes_the_same_dry_run(tmp_path):
+    """Slurm's names (mem: 400G, time: 4:00:00, ntasks-per-node, gres, exclusive, reservation),
+    submitit's (mem_gb, timeout_min, the slurm_ prefix) and sbatch's own options under `sbatch:` (with
+    Slurm's units: a bare mem is MB) are each read into the one internal form: the dry run, which
+    shows that form and the sbatch script, is the same for all of them, and the Slurm time written
+    unquoted in YAML is read as a time, not YAML 1.1's base-60 number."""
+    expected = dry_run_of(tmp_path, INTERNAL)
+    assert ("resources: nodes=2 gpus_per_node=8 tasks_per_node=8 cpus_per_task=8 mem=400 GB time_min=240 (4:00:00) "
+            "array_parallelism=2 signal_delay_s=120 max_timeouts=3 partition=gpu-preempt account=my-lab qos=high "
+            "constraint=a100&ib; sbatch: exclude=node[1-3] exclusive gres=gpu:a100:8 mail-type=END,FAIL nice=10 "
+            "reservation=maint-x\n") in expected
+    assert "#SBATCH --mem=400GB\n" in expected and "#SBATCH --time=240\n" in expected
+    for spelling, resources in SPELLINGS.items():
+        assert dry_run_of(tmp_path, resources) == expected, spelling
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("name: u\nbase: debug\nresources: {time: 2:00:00, mem: 8G}\n")
+    assert (load_spec(unquoted).resources.time_min, load_spec(unquoted).resources.mem) == (120, 8.0)
+
+
+def test_a_command_line_sweep_submits_what_its_printed_spec_submits(tmp_path):
+    """Through the command: --print-spec's YAML, and the dry runs of the command line and of that
+    file, are the same sweep (run ids aside: each submission draws its own)."""
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    line = ["--config", "debug", "--grid", "train.lr=0.01,0.1", "seed=3", "resources.time=1:00:00", "--executor", "local"]
+    printed = submitted([*line, "--print-spec"], env, tmp_path).stdout
+    assert yaml.safe_load(printed) == {"name": "debug", "cluster": "local", "base": "debug", "overrides": {"seed": 3},
+                                       "sweep": {"grid": {"train.lr": [0.01, 0.1]}}, "resources": {"time": "1:00:00"}}
+    (tmp_path / "debug.yaml").write_text(printed)
+    runs = [submitted([*args, "--dry-run", "--sweep-dir", str(tmp_path / "sw")], env, tmp_path).stdout
+            for args in (line, [str(tmp_path / "debug.yaml"), "--executor", "local"])]
+    same = [re.sub(r"debug-[0-9a-f]{6}-", "debug-<uid>-", text) for text in runs]
+    assert same[0] == same[1] and "train.lr=0.1 seed=3" not in same[0] and "train.lr=0.1" in same[0]
+    assert "time_min=60 (1:00:00)" in same[0]
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_help_names_the_command_as_typed(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    cli = subprocess.run([sys.executable, "-m", "cifar_dist.cli", "sweep", "--help"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout.startswith("usage: cifar-dist sweep ")
+    assert "jobs/submit.py" not in cli.stdout and "docstring" not in cli.stdout
+    assert "cifar-dist sweep status|wait|cancel|resubmit SWEEP_DIR" in " ".join(cli.stdout.split())
+    script = submit(["status", "--help"], env, tmp_path)
+    assert script.returncode == 0 and script.stdout.startswith(f"usage: python {ROOT / 'jobs' / 'submit.py'} status")

@@ -126,8 +126,10 @@ def test_compiled_training_saves_plain_weights_and_reports_compile_time_apart(en
     and its state is rolled back, so the run matches an uncompiled one."""
     args = [*TINY, "train.epochs=1"]
     cold = dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # compile for real, not from a cache
-    run(train_cmd(*args, "model.compile=true", f"run.dir={tmp_path / 'compiled'}"), cold, timeout=600)
-    run(train_cmd(*args, f"run.dir={tmp_path / 'plain'}"), env)
+    trained = [run(train_cmd(*args, "model.compile=true", f"run.dir={tmp_path / 'compiled'}"), cold, timeout=600),
+               run(train_cmd(*args, f"run.dir={tmp_path / 'plain'}"), env),
+               run([PY, "-m", "cifar_dist.evaluate", str(tmp_path / "compiled")], env)]
+    assert [proc.stderr for proc in trained] == ["", "", ""], "no library warnings or log lines in a normal run's output"
     compiled = RunDir(tmp_path / "compiled").summary()
     plain = RunDir(tmp_path / "plain").summary()
     assert compiled["compile_seconds"] > 1 and plain["compile_seconds"] == 0

@@ -69,3 +69,8 @@ def without_timing(records: list[dict]) -> list[dict]:
 def table_rows(text: str) -> list[list[str]]:
     """The cells of a Markdown table's rows (header included), as a benchmark writes them."""
     return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+
+
+def our_frames(stderr: str) -> list[str]:
+    """Traceback frames in the project's own code (a launcher's own traceback has none)."""
+    return [line for line in stderr.splitlines() if line.strip().startswith('File "') and "cifar_dist" in line]

@@ -258,3 +258,28 @@ def task_pids(job_id: str, rank: int) -> list[int]:
         if ids == (raw, index) and e.get("SLURM_PROCID") == str(rank):
             found.append(proc.pid)
     return found
+
+
+# The golden dry run's resources, in the internal form and then in each other spelling a user brings.
+INTERNAL = {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem": 400, "time_min": 240,
+            "signal_delay_s": 120, "array_parallelism": 2, "max_timeouts": 3, "partition": "gpu-preempt",
+            "account": "my-lab", "qos": "high", "constraint": "a100&ib",
+            "sbatch": {"gres": "gpu:a100:8", "exclude": "node[1-3]", "reservation": "maint-x", "mail_type": "END,FAIL",
+                       "exclusive": True, "nice": 10}}
+
+
+SPELLINGS = {
+    "slurm": {"nodes": 2, "gpus-per-node": 8, "ntasks-per-node": 8, "cpus-per-task": 8, "mem": "400G",
+              "time": "4:00:00", "signal_delay_s": 120, "array_parallelism": 2, "partition": "gpu-preempt",
+              "account": "my-lab", "qos": "high", "constraint": "a100&ib", "gres": "gpu:a100:8", "exclusive": True,
+              "reservation": "maint-x", "sbatch": {"exclude": "node[1-3]", "mail-type": "END,FAIL", "nice": 10}},
+    "submitit": {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 8, "mem_gb": 400,
+                 "timeout_min": 240, "slurm_signal_delay_s": 120, "slurm_array_parallelism": 2, "max_num_timeout": 3,
+                 "slurm_partition": "gpu-preempt", "slurm_account": "my-lab", "slurm_qos": "high",
+                 "slurm_constraint": "a100&ib", "slurm_gres": "gpu:a100:8", "slurm_exclusive": True,
+                 "sbatch": {"exclude": "node[1-3]", "reservation": "maint-x", "mail_type": "END,FAIL", "nice": 10}},
+    "sbatch lines": {"signal_delay_s": 120, "array_parallelism": 2, "sbatch": {
+        "nodes": 2, "gpus-per-node": 8, "ntasks-per-node": 8, "cpus-per-task": 8, "mem": "409600", "time": "0-04:00",
+        "partition": "gpu-preempt", "account": "my-lab", "qos": "high", "constraint": "a100&ib", "gres": "gpu:a100:8",
+        "exclude": "node[1-3]", "reservation": "maint-x", "mail-type": "END,FAIL", "exclusive": True, "nice": 10}},
+}

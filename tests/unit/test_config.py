@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cifar_dist.config import ConfigError, config_from_dict, config_hash, load_config, shipped_configs
-from tests.helpers import ROOT
+from tests.helpers import PY, ROOT, run
 
 
 def test_shipped_configs_exist_and_load():
@@ -92,3 +92,53 @@ def test_shipped_configs_keep_the_hash_their_runs_were_made_with():
     golden = json.loads((ROOT / "tests" / "golden" / "config_hashes.json").read_text())
     assert {name: config_hash(load_config(name)) for name in shipped_configs()} == golden
     assert config_hash(load_config("debug", ["train.optimizer=adamw"])) != golden["debug"]  # set: it counts
+
+
+def test_a_config_file_composes_on_one_base(tmp_path, monkeypatch):
+    """`base:` is read first (a shipped name, or a path beside the file, then from the current
+    directory), then the file's own keys, then later files and overrides; bases chain."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("base: medium\ntrain: {epochs: 3, lr: 0.05}\n")
+    (tmp_path / "sub" / "seed4.yaml").write_text("base: mine.yaml  # beside this file\nseed: 4\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("sub/seed4.yaml", ["train.lr=0.2"])
+    medium = load_config("medium")
+    assert (cfg.model.name, cfg.train.batch_size, cfg.data.source) == (medium.model.name, medium.train.batch_size,
+                                                                       medium.data.source)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.seed) == (3, 0.2, 4)  # the file's keys, then the override
+    assert load_config(["sub/seed4.yaml", "debug"]).model.name == load_config("debug").model.name  # later files win
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+     "--config a.yaml -> b.yaml: base: a.yaml is already in the chain of bases (a cycle)"),
+    ({"a.yaml": "base: a.yaml\n"}, "--config a.yaml: base: a.yaml is already in the chain of bases (a cycle)"),
+    ({"a.yaml": "base: mediun\n"}, "--config a.yaml: base: unknown config 'mediun'; shipped: blitz,"),
+    ({"a.yaml": "base: gone.yaml\n"}, "--config a.yaml: base: no such file gone.yaml"),
+    ({"a.yaml": "base: [medium]\n"}, "--config a.yaml: base: expected a config name or a YAML path, got ['medium']"),
+    ({"a.yaml": "defaults: [medium]\n"}, "--config a.yaml: defaults: not read here; name one base config instead"),
+])
+def test_base_mistakes_are_one_line(files, message, env, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    proc = run([PY, "-m", "cifar_dist.cli", "train", "--config", "a.yaml", f"run.dir={tmp_path / 'run'}"], env,
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_comma_list_where_one_value_goes_points_to_the_sweep():
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["train.lr=0.01,0.1"])
+    assert str(e.value).startswith("train.lr: expected a number, got '0.01,0.1'")
+    assert "cifar-dist sweep -m --config ... train.lr=0.01,0.1" in str(e.value)
+    assert load_config("debug", ["tracking.tags=a,b"]).tracking.tags == ["a", "b"], "a list key takes the list"
+
+
+def test_a_slurm_time_in_yaml_stays_text(tmp_path):
+    """YAML 1.1 reads an unquoted 2:00:00 as the base-60 number 7200; the project's loader keeps it text."""
+    (tmp_path / "t.yaml").write_text("run: {name: 2:00:00}\ntrain: {epochs: 1:30}\n")
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer, got '1:30'"):
+        load_config(str(tmp_path / "t.yaml"))
+    (tmp_path / "t.yaml").write_text("run: {name: 2:00:00}\n")
+    assert load_config(str(tmp_path / "t.yaml")).run.name == "2:00:00"

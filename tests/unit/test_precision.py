@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cifar_dist.config import ConfigError, load_config
-from cifar_dist.precision import adopt_launcher_settings, resolve, slow_bf16_warning
+from cifar_dist.precision import adopt_launcher_settings, resolve, slow_precision_warning
 
 
 @pytest.mark.parametrize(("asked", "cpu", "gpu_with_bf16", "older_gpu"), [
@@ -56,10 +56,28 @@ def test_launcher_settings_that_contradict_the_config_are_refused(env, said):
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, native):
     """Emulated bf16 is ~10x slower than fp32 on a CPU without AVX512-BF16/AMX: the run says so.
     The CPU's answer is replaced here, so both cases are checked on any machine."""
+    from cifar_dist.precision import slow_precision_warning
+
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     bf16, fp32 = "bf16", "fp32"
-    warning = slow_bf16_warning(bf16, torch.device("cpu"))
+    warning = slow_precision_warning(bf16, torch.device("cpu"))
     assert (warning is not None) == (not native)
     assert warning is None or "add train.precision=fp32" in warning
-    assert slow_bf16_warning(fp32, torch.device("cpu")) is None
-    assert slow_bf16_warning(bf16, torch.device("cuda")) is None
+    assert slow_precision_warning(fp32, torch.device("cpu")) is None
+    assert slow_precision_warning(bf16, torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fp16_on_a_cpu_without_fp16_instructions_is_warned(monkeypatch, native):
+    """Emulated fp16 (asked for, or from `accelerate launch --mixed_precision fp16`) is several times
+    slower than fp32 on a CPU without AVX512-FP16/AMX-FP16, as emulated bf16 is: the run says so in one
+    line. The CPU's answer is replaced here, so both cases are checked on any machine."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: native)
+    cfg = load_config("debug")
+    adopt_launcher_settings(cfg, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+    warning = slow_precision_warning(cfg.train.precision, torch.device("cpu"))
+    assert (warning is not None) == (not native)
+    assert warning is None or (warning.startswith("warning: train.precision=fp16 on a CPU without fp16 instructions")
+                               and warning.endswith("add train.precision=fp32") and "\n" not in warning)
+    assert slow_precision_warning("fp16", torch.device("cuda")) is None
+    assert slow_precision_warning("fp32", torch.device("cpu")) is None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar_dist.errors import ConfigError
+from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.sweep.points import make_points
 from cifar_dist.sweep.profiles import SHIPPED_PROFILES, ClusterError, load_profile, submit_environment
 from cifar_dist.sweep.record import PointEntry, WorkerEntry, load_record, save_record
@@ -221,9 +221,8 @@ def test_a_spec_without_a_sweep_block_is_one_point(tmp_path):
 
 @pytest.mark.parametrize(("sbatch", "message"), [
     ({"gres": "gpu:a100:8", "exclude": "node[1-3]", "mail_user": "me@lab.org", "exclusive": True, "nice": 5}, None),
-    ({"time": "10"}, "resources.sbatch.time: not an option a spec may pass to sbatch (allowed: begin,"),
+    ({"job_name": "x"}, "resources.sbatch.job_name: not an option a spec may pass to sbatch (allowed: begin,"),
     ({"array": "0-9"}, "resources.sbatch.array: not an option"),
-    ({"qos": "high"}, "resources.sbatch.qos: use resources.qos (checked against the cluster profile)"),
     ({"exclude": "n1 --wrap=x"}, "resources.sbatch.exclude: 'n1 --wrap=x' is not one sbatch value"),
     ({"comment": "$(touch /tmp/x)"}, "is not one sbatch value"),
     ({"reservation": "r\n#SBATCH --time=1"}, "is not one sbatch value"),
@@ -257,15 +256,6 @@ def test_a_time_limit_must_leave_the_early_signal_and_start_up(tmp_path, time_mi
         load_spec(path)
 
 
-def test_cluster_flag_is_renamed_executor(tmp_path):
-    env = slurm_env(tmp_path / "cache", tmp_path)
-    spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
-    proc = submit([str(spec), "--dry-run", "--cluster", "local"], env, tmp_path)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == ("error: --cluster: renamed --executor (--executor local); the spec's cluster: names the "
-                           "cluster profile\n")
-
-
 def test_existing_sweep_dir_is_refused(tmp_path):
     env = slurm_env(tmp_path / "cache", tmp_path)
     spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
@@ -296,3 +286,110 @@ def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, rea
     assert commands.main(["wait", "sweeps/x", "--poll", "1"]) == code
     assert len(seen) == looks
     assert slept.count(commands.SETTLE_SECONDS) == (1 if "failed" in reads else 0)
+
+
+def test_cluster_flag_beside_a_spec_names_executor(tmp_path):
+    """--cluster names a command-line sweep's profile; a spec names its own, so beside one it is an error."""
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}})
+    proc = submit([str(spec), "--dry-run", "--cluster", "local"], env, tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("error: --cluster: the spec names its cluster profile itself (cluster:); where its points "
+                           "run is --executor (--executor local)\n")
+
+
+@pytest.mark.parametrize(("written", "minutes"), [
+    (90, 90), ("90", 90), ("30:30", 31), ("2:00:00", 120), ("1-00:00:00", 1440), ("1-2", 1560), ("1-2:30", 1590),
+    ("0-04:00:30", 241),
+])
+def test_slurm_time_forms(tmp_path, written, minutes):
+    assert load_spec(spec_file(tmp_path, resources={"time": written})).resources.time_min == minutes
+
+
+@pytest.mark.parametrize(("resources", "gb"), [
+    ({"mem": "32G"}, 32), ({"mem": "32GB"}, 32), ({"mem": "1.5T"}, 1536), ({"mem": "512M"}, 0.5), ({"mem": 16}, 16),
+    ({"mem_gb": 16}, 16), ({"sbatch": {"mem": 32768}}, 32), ({"sbatch": {"mem": "16G"}}, 16),
+])
+def test_memory_forms(tmp_path, resources, gb):
+    assert load_spec(spec_file(tmp_path, resources=resources)).resources.mem == gb
+
+
+@pytest.mark.parametrize(("resources", "message"), [
+    ({"mem": "32G", "mem_gb": 32}, "resources.mem, resources.mem_gb: two spellings of the memory per node; give one"),
+    ({"time_min": 60, "time": "1:00:00"}, "resources.time_min, resources.time: two spellings of the time limit"),
+    ({"timeout_min": 60, "sbatch": {"time": 60}}, "resources.timeout_min, resources.sbatch.time: two spellings of the time"),
+    ({"account": "a", "sbatch": {"account": "b"}}, "resources.account, resources.sbatch.account: two spellings of account"),
+    ({"gres": "gpu:1", "sbatch": {"gres": "gpu:1"}}, "resources.gres, resources.sbatch.gres: two spellings of sbatch's --gres"),
+    ({"tasks_per_node": 2, "ntasks-per-node": 2}, "resources.tasks_per_node, resources.ntasks-per-node: two spellings"),
+    ({"partition": "a", "slurm_partition": "a"}, "resources.partition, resources.slurm_partition: two spellings"),
+    ({"time": "2h"}, "resources.time: expected minutes or Slurm's [days-]hours:minutes:seconds, got '2h'"),
+    ({"time_min": "2:00:00"}, "resources.time_min: whole minutes, got '2:00:00'; Slurm's [days-]hours:minutes:seconds "
+                              "goes in resources.time"),
+    ({"mem": "lots"}, "resources.mem: expected a size such as 32G, 500M or a number of GB, got 'lots'"),
+])
+def test_two_spellings_of_one_thing_and_bad_forms_are_one_line(tmp_path, resources, message):
+    with pytest.raises(ConfigError) as e:
+        load_spec(spec_file(tmp_path, resources=resources))
+    assert str(e.value).startswith(message)
+
+
+def test_two_spellings_through_the_command_line_are_one_line_exit_2(tmp_path):
+    env = slurm_env(tmp_path / "cache", tmp_path)
+    spec = write_spec(tmp_path / "x.yaml", "x", {"grid": {"seed": [0]}}, resources={"mem_gb": 4, "mem": "4G"})
+    proc = submit([str(spec), "--dry-run", "--executor", "local"], env, tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: resources.mem_gb, resources.mem: two spellings of the memory per node; give one\n"
+
+
+# ---------------------------------------------------------------------------- sweeps from the command line
+
+
+def the_points(spec) -> list[tuple[dict, str]]:
+    from cifar_dist.config import config_from_dict, config_hash
+
+    return [(p.values, config_hash(config_from_dict(p.config))) for p in make_points(spec, Path("sw"), "abc123")]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "medium", "--grid", "train.lr=0.01,0.1", "--grid", "seed=0,1", "--cluster", "local",
+     "train.epochs=2", "data.source=synthetic"],
+    ["-m", "--config", "medium", "train.lr=0.01,0.1", "seed=0,1", "train.epochs=2", "data.source=synthetic"],
+    ["--multirun", "train.lr=0.01,0.1", "--config", "medium", "seed=0,1", "data.source=synthetic", "train.epochs=2"],
+])
+def test_a_command_line_sweep_is_its_yaml_twin(tmp_path, argv):
+    """The same points with the same config hashes as the spec file a user would write, and as the
+    spec `--print-spec` prints (which reads back to the same sweep)."""
+    from cifar_dist.sweep.commands import cli_spec, parse_args, spec_yaml
+    from cifar_dist.sweep.spec import read_spec
+
+    args = parse_args(argv, "cifar-dist sweep")
+    cli = read_spec(args.spec_data, Path.cwd())
+    twin = tmp_path / "twin.yaml"
+    twin.write_text("name: medium\ncluster: local\nbase: medium\noverrides: {train.epochs: 2, data.source: synthetic}\n"
+                    "sweep:\n  grid: {train.lr: [0.01, 0.1], seed: [0, 1]}\n")
+    assert the_points(cli) == the_points(load_spec(twin))
+    assert [v for v, _ in the_points(cli)] == [{"train.lr": lr, "seed": s} for lr in (0.01, 0.1) for s in (0, 1)]
+    assert len({h for _, h in the_points(cli)}) == 4
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(spec_yaml(args.spec_data))
+    assert the_points(load_spec(printed)) == the_points(cli)
+    assert cli_spec(["medium"], [], ["tracking.tags=[a,b]"], True, None, None)["overrides"] == {"tracking.tags": ["a", "b"]}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["spec.yaml", "--config", "debug"], "spec.yaml and --config: give a spec file or a sweep on the command line"),
+    (["--config", "debug", "--config", "fast", "--grid", "seed=0,1"], "--config: a sweep has one base config, got 2"),
+    (["--config", "debug", "--grid", "train.lrr=1,2"], "train.lrr: unknown key"),
+    (["--config", "debug", "--grid", "seed=0,1", "seed=2"], "seed: given twice on the command line"),
+    (["--grid", "seed=0,1"], "give a sweep spec file, or --config NAME with --grid KEY=V1,V2"),
+    (["--config", "debug", "train.lr=0.01,0.1"], "train.lr: expected a number, got '0.01,0.1' (str); to sweep over "
+                                                 "these values: --grid train.lr=0.01,0.1, or -m"),
+])
+def test_command_line_sweep_mistakes(argv, message, tmp_path):
+    from cifar_dist.sweep import commands
+
+    (tmp_path / "spec.yaml").write_text("name: s\nbase: debug\n")
+    with pytest.raises(UserError) as e:
+        commands.cmd_submit(commands.parse_args([a.replace("spec.yaml", str(tmp_path / "spec.yaml")) for a in argv],
+                                                "cifar-dist sweep"))
+    assert message in str(e.value)
