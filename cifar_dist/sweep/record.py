@@ -52,6 +52,10 @@ ENTRIES: dict[str, type[Entry]] = {"point": PointEntry, "worker": WorkerEntry}
 
 @dataclass
 class Submission:
+    """One submit or resubmit. Saved before the scheduler is asked, without job ids (the intent),
+    and again with them: a submission without job ids was cut short (or is under way), and its
+    jobs, if the scheduler took them, are found in submitit's files (commands.find_jobs)."""
+
     time: str = ""
     points: list[str] = field(default_factory=list)  # the entries' names
     job_ids: list[str] = field(default_factory=list)
@@ -83,6 +87,10 @@ class SweepRecord:
     def job_ids(self) -> list[str]:
         """The newest job id of every entry that has one."""
         return [p.job_id for p in self.points if p.job_id]
+
+    def cut_short(self) -> list[Submission]:
+        """The submissions whose job ids were never recorded."""
+        return [s for s in self.submissions if not s.job_ids]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
