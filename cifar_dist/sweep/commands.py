@@ -296,7 +296,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
         if not any(s.state in ACTIVE for s in states):
             if seen_over or all(s.state in ("done", "cancelled") for s in states):
                 print(status_table(states))
-                done = all(s.state == "done" for s in states) or study.all_ended(sweep.dir, sweep.record)
+                # A study: its trials, whatever became of a worker whose trial was retried by another.
+                done = study.all_ended(sweep.dir, sweep.record) if sweep.record.is_study else all(
+                    s.state == "done" for s in states)
                 return 0 if done else EXIT_FAILED
             seen_over = True
             time.sleep(SETTLE_SECONDS)
@@ -316,7 +318,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if not active:
             print("cancel: nothing queued or running")
             return 0
-        mark_cancelled(sweep.dir, active)  # first: the tasks' SIGTERM handler must see it
+        try:
+            mark_cancelled(sweep.dir, active)  # first: the tasks' SIGTERM handler must see it
+        except OSError as e:  # a full disk: the jobs are stopped all the same
+            print(f"cancel: the cancel list could not be written ({e.strerror or e}); cancelling anyway",
+                  file=sys.stderr)
         sweep.executor.cancel(active)
     print(f"cancel: {len(active)} job(s): {' '.join(active)}")
     return 0

@@ -27,8 +27,8 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError
 from cifar_dist.rundir import CONFIG, RunDir, read_json
-from cifar_dist.sweep.optuna_compat import SUSPENDED, WORKER
-from cifar_dist.sweep.record import SweepRecord, load_trial
+from cifar_dist.sweep.optuna_compat import RETRIED_FROM, SUSPENDED, WORKER
+from cifar_dist.sweep.record import SweepRecord, TrialRecord, load_trial
 from cifar_dist.sweep.spec import Distribution, Search
 from cifar_dist.sweep.study import JOURNAL, WORKERS, open_storage, trial_dir, trials_on_disk
 from cifar_dist.sweep.worker import CURRENT
@@ -50,7 +50,7 @@ def rebuild(sweep_dir: Path, record: SweepRecord) -> str:
         held = old[number] if number < len(old) else None
         ended = load_trial(trial_dir(sweep_dir, number))
         if ended is not None and (held is None or not held.state.is_finished()):
-            study.add_trial(_ended_trial(sweep_dir, number, search, ended.state, ended.value, ended.params, held))
+            study.add_trial(_ended_trial(sweep_dir, number, search, ended, held))
             counts["from their trial.json"] += 1
         elif held is not None:
             study.add_trial(held)
@@ -90,13 +90,14 @@ def readable_trials(sweep_dir: Path, record: SweepRecord) -> list[FrozenTrial]:
             return []
 
 
-def _ended_trial(sweep_dir: Path, number: int, search: Search, state: str, value: float | None,
-                 params: dict[str, Any], held: FrozenTrial | None) -> FrozenTrial:
-    state_ = TrialState[state.upper()]
-    return create_trial(state=state_, value=value if state_ == TrialState.COMPLETE else None, params=params,
-                        distributions=_distributions(search, params),
+def _ended_trial(sweep_dir: Path, number: int, search: Search, ended: TrialRecord, held: FrozenTrial | None) -> FrozenTrial:
+    state = TrialState[ended.state.upper()]
+    attrs = held.system_attrs if held else {WORKER: ended.worker, **({} if ended.retry_of is None else
+                                                                       {RETRIED_FROM: ended.retry_of})}
+    return create_trial(state=state, value=ended.value if state == TrialState.COMPLETE else None, params=ended.params,
+                        distributions=_distributions(search, ended.params),
                         intermediate_values=held.intermediate_values if held else _evaluations(sweep_dir, number, search),
-                        system_attrs=held.system_attrs if held else {})
+                        system_attrs=attrs)
 
 
 def _unrecorded_trial(sweep_dir: Path, number: int, search: Search, worker: str | None) -> FrozenTrial:

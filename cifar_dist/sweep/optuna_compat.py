@@ -46,6 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 HEARTBEAT = "cifar_dist:heartbeat"  # system attr: "<writer>:<count>", new at each beat of the trial's worker
 SUSPENDED = "cifar_dist:suspended"  # system attr: true while the trial's worker waits for its requeue
 WORKER = "cifar_dist:worker"  # system attr: the name of the worker that runs the trial
+RETRIED_FROM = "failed_trial"  # system attr (Optuna's retry callback's): the number of the failed trial a retry retries
 
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
@@ -189,4 +190,4 @@ def fail_stale_trials(study: optuna.Study) -> None:
 
 def retried_from(trial: FrozenTrial) -> int | None:
     """The number of the failed trial this one retries, if it is a retry."""
-    return trial.system_attrs.get("failed_trial")
+    return trial.system_attrs.get(RETRIED_FROM)

@@ -108,6 +108,8 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)  # the trial's values
     note: str = ""  # why it was pruned or failed
     label: str = ""  # the values as text
+    worker: str = ""  # the worker that trained it
+    retry_of: int | None = None  # the failed trial it retried, if a retry
 
 
 def load_record(sweep_dir: Path) -> SweepRecord:

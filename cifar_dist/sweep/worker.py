@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from cifar_dist.config import config_from_dict
 from cifar_dist.rundir import PRUNED, RunDir, read_json, write_atomic
-from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, fail_stale_trials, is_suspended, running_trial
+from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, fail_stale_trials, is_suspended, retried_from, running_trial
 from cifar_dist.sweep.points import describe, point_config
 from cifar_dist.sweep.record import TrialRecord, load_record, save_trial
 from cifar_dist.sweep.states import DONE
@@ -209,7 +209,8 @@ class Worker:
         run_dir = trial_dir(self.sweep_dir, self.trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_trial(run_dir, TrialRecord(number=frozen.number, state=state, value=frozen.value, metric=self.search.metric,
-                                        params=frozen.params, note=note, label=describe(frozen.params)))
+                                        params=frozen.params, note=note, label=describe(frozen.params), worker=self.name,
+                                        retry_of=retried_from(frozen)))
         self._set_current(None)
         self.trial = None
 
