@@ -91,16 +91,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if note:
         print(note)
     executor.connect()
-    with changing(sweep_dir, "submit", new=True) as created:
-        try:
-            shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
-            if record.is_study:
-                study.create_study(sweep_dir, record)
-            jobs = submit_points(executor, record, record.points)
-        except BaseException:
-            if not any(p.job_id for p in record.points):
-                discard(sweep_dir, created)  # nothing half-written: no job exists for it
-            raise
+    try:
+        with changing(sweep_dir, "submit", new=True) as created:
+            try:
+                shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
+                if record.is_study:
+                    study.create_study(sweep_dir, record)
+                jobs = submit_points(executor, record, record.points)
+            except BaseException:
+                if not any(p.job_id for p in record.points):
+                    discard(sweep_dir, created)  # nothing half-written: no job exists for it
+                raise
+    except OSError as e:  # before the scheduler was asked (submit_points says what happens after)
+        raise ClusterError(f"{sweep_dir}: cannot write ({e.strerror or e}); nothing submitted") from None
     print_submitted(executor, record, record.points)
     executor.finish(jobs)
     return 0

@@ -17,7 +17,8 @@ from PIL import Image
 
 from cifar_dist.compare import CURVES_PNG, PARAM_PANEL, PARAMS_PNG, compare_main, load_runs
 from cifar_dist.rundir import CONFIG, PRUNED, SUMMARY, TRIAL, RunDir, read_json
-from tests.helpers import PY, ROOT, write_image_tree
+from tests.helpers import PY, ROOT
+from tests.helpers.data import write_image_tree
 from tests.helpers.search import (
     GOOD_THEN_HOPELESS,
     ONE_THEN_HOPELESS,
