@@ -102,7 +102,7 @@ def submitted_tasks(folder: Path) -> dict[str, Any]:
     for path in sorted(folder.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime):
         try:
             found[path.name.removesuffix("_submitted.pkl")] = DelayedSubmission.load(path).function
-        except Exception:  # noqa: BLE001 - a pickle being rewritten (a requeue) or unreadable: not one of these
+        except Exception:  # a pickle being rewritten (a requeue) or unreadable: not one of these
             continue
     return found
 

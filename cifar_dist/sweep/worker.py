@@ -18,6 +18,7 @@ from its heartbeat, stops that trial at its next evaluation (trial.json: fail) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -72,7 +73,7 @@ class Heartbeat:
                               f"(grace_s); it stops at its next evaluation", file=sys.stderr, flush=True)
                         taken.set()
                     return
-                except Exception as e:  # noqa: BLE001 - the next beat may get through: never end silently
+                except Exception as e:  # the next beat may get through: never end silently
                     print(f"heartbeat: trial {name}'s heartbeat not written ({type(e).__name__}: {e}); trying again "
                           f"in {self.every_s} s", file=sys.stderr, flush=True)
 
@@ -218,7 +219,8 @@ class Worker:
         """Stopped for a requeue (checkpoint written): the trial waits for this worker, never called stale."""
         self.heartbeat.stop()
         if self.trial is not None:
-            self.storage.suspend(self.trial)
+            with contextlib.suppress(UpdateFinishedTrialError):  # failed as stale meanwhile: its retry is another's
+                self.storage.suspend(self.trial)
 
     # ---- the worker's own file
 
