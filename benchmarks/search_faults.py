@@ -121,9 +121,11 @@ def run_study(index: int, fault: SearchFault, work: Path, config: list[str], ref
 
 def _read_only(journal: Path, length_s: float) -> str:
     """The journal file read-only for `length_s` (a read-only bind mount of it over itself)."""
-    subprocess.run(["mount", "--bind", str(journal), str(journal)], check=True, timeout=30)
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(journal), str(journal)], capture_output=True, text=True,
+                             timeout=30)
+    if mounted.returncode != 0:
+        raise RuntimeError(f"mount --bind -o ro {journal}: {mounted.stderr.strip()}")
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(journal)], check=True, timeout=30)
         time.sleep(length_s)
     finally:
         subprocess.run(["umount", "--lazy", str(journal)], check=True, timeout=30)

@@ -102,9 +102,19 @@ def open_storage(sweep_dir: Path, search: Search, name: str = JOURNAL) -> Heartb
                                    max_retries=search.max_retries)
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its `study.stop()` once the last grid point is told: that
+    works only inside `study.optimize` (a RuntimeError in a worker, which asks and tells), and the
+    workers' own count of trials already ends the study."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
+                    values: Any) -> None:
+        return None
+
+
 def _sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
     if search.sampler == "grid":
-        return optuna.samplers.GridSampler({k: d.args for k, d in search.distributions.items()}, seed=seed)
+        return _GridSampler({k: d.args for k, d in search.distributions.items()}, seed=seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # Optuna's default of 10 random start-up trials, fewer in a small study; constant_liar: trials

@@ -100,9 +100,9 @@ def test_a_journal_that_cannot_be_written_for_seconds_fails_no_trial(tmp_path, c
                str(sweep_dir)], env, tmp_path)
     wait_for(lambda: trial_in_training(sweep_dir, "w0", 5), 240, "w0 inside its trial", sweep_dir, poll=0.05)
     journal = str(sweep_dir / JOURNAL)
-    subprocess.run(["mount", "--bind", journal, journal], check=True, timeout=30)
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", journal, journal], capture_output=True, text=True, timeout=30)
+    assert mounted.returncode == 0, mounted.stderr
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", journal], check=True, timeout=30)
         time.sleep(3)  # the fault's length: three heartbeats
     finally:
         subprocess.run(["umount", "--lazy", journal], check=True, timeout=30)

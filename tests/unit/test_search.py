@@ -200,10 +200,13 @@ def test_a_failed_append_leaves_the_journal_as_it_was(tmp_path):
 
 
 @pytest.fixture
-def one_worker(tmp_path, monkeypatch):
+def one_worker(tmp_path):
     """A study of two trials in a sweep dir, as submit leaves it, and its worker w0 (rank 0's side)."""
-    spec = load_spec(search_spec(tmp_path / "s.yaml", "taken", {"trials": 2, "sampler": "random", "heartbeat_s": 1,
-                                                               "grace_s": 5, "pruner": "none"}))
+    return made_study(tmp_path, {"trials": 2, "sampler": "random", "heartbeat_s": 1, "grace_s": 5, "pruner": "none"})
+
+
+def made_study(tmp_path, search: dict) -> tuple:
+    spec = load_spec(search_spec(tmp_path / "s.yaml", "taken", search))
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     record = SweepRecord(name="taken", uid="abc123", profile="local", executor="local", resources=spec.resources,
@@ -249,3 +252,15 @@ def test_a_tell_that_meets_a_failed_trial_records_it_as_failed(one_worker):
     worker.told({"test_accuracy": 0.7})
     assert read_json(sweep_dir / "runs" / "000" / TRIAL)["state"] == "fail"
     assert optuna.load_study(study_name="taken", storage=worker.storage).trials[0].state == TrialState.FAIL
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_grid_study_tells_its_last_grid_point(tmp_path):
+    """Optuna's grid sampler stops the study once its grid is told, which works only inside
+    study.optimize: the worker (ask and tell) would die on the last trial, before its trial.json."""
+    sweep_dir, worker = made_study(tmp_path, {"trials": 1, "sampler": "grid", "pruner": "none",
+                                              "params": {"train.lr": {"choice": [0.05]}}})
+    assert worker.next()["number"] == 0
+    worker.told({"test_accuracy": 0.5})
+    assert read_json(sweep_dir / "runs" / "000" / TRIAL)["state"] == "complete"
+    assert worker.next() is None
