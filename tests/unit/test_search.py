@@ -14,13 +14,14 @@ import time
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from cifar_dist.config import load_config
 from cifar_dist.rundir import PRUNED, SUMMARY, TRIAL, RunDir, read_json
-from cifar_dist.sweep import commands, optuna_compat, study
+from cifar_dist.sweep import commands, journal, optuna_compat, study
 from cifar_dist.sweep.optuna_compat import HEARTBEAT, HeartbeatJournalStorage, fail_stale_trials, trial_id
-from cifar_dist.sweep.record import SweepRecord, save_record
+from cifar_dist.sweep.record import SweepRecord, load_record, save_record
 from cifar_dist.sweep.spec import load_spec
 from cifar_dist.sweep.worker import STALE, Worker
 from cifar_dist.train import train
@@ -264,3 +265,26 @@ def test_a_grid_study_tells_its_last_grid_point(tmp_path):
     worker.told({"test_accuracy": 0.5})
     assert read_json(sweep_dir / "runs" / "000" / TRIAL)["state"] == "complete"
     assert worker.next() is None
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_rebuilt_journal_gives_a_trial_known_by_its_run_dir_back_to_its_worker(tmp_path):
+    """The journal emptied while w0 trained trial 000 (its run dir holds its config, no trial.json):
+    the rebuilt journal holds that trial suspended for w0, with its values, and w0, restarted,
+    resumes it rather than asking a new one."""
+    sweep_dir, worker = made_study(tmp_path, {"trials": 2, "sampler": "random", "pruner": "none"})
+    order = worker.next()
+    worker.heartbeat.stop()
+    run_dir = sweep_dir / "runs" / "000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(order["config"]))
+    (sweep_dir / study.JOURNAL).write_bytes(b"")
+    record = load_record(sweep_dir)
+    with pytest.raises(study.JournalError, match="damaged, no readable study in it"):
+        study.load_study(sweep_dir, record)
+    assert journal.rebuild(sweep_dir, record).startswith("study.journal rebuilt with 1 trial(s) (1 from their run dir alone)")
+    [trial] = study.load_study(sweep_dir, record).trials
+    assert trial.state == TrialState.RUNNING and trial.params == {"train.lr": order["config"]["train"]["lr"]}
+    assert optuna_compat.is_suspended(trial) and optuna_compat.worker_of(trial) == "w0"
+    again = Worker(sweep_dir, "w0").next()
+    assert again["number"] == 0 and again["config"] == order["config"]
