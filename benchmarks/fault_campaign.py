@@ -5,6 +5,9 @@ each run restarted until it finishes, then compared with the uninterrupted run.
     python benchmarks/fault_campaign.py --trials 120 --seed 0 [--kinds step eval ...] [--jobs 2] [--slurm]
     python benchmarks/fault_campaign.py --seed 0 --only 17       # rerun trial 17 of that campaign
 
+--search adds the search kinds (search_faults.py, as root): a two-trial study whose workers'
+clocks disagree (clock_skew), or whose journal cannot be written for seconds (journal_errors).
+
 --slurm adds the kinds that need the dev cluster (slurm/dev-cluster.sh, started and stopped here,
 as root): a one-point sweep on it is pre-empted (`scancel --signal=USR2`, Slurm's time-limit and
 pre-emption signal), requeued by an administrator (`scontrol requeue`), or cancelled (`cifar-dist
@@ -44,7 +47,9 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import search_faults  # noqa: E402
 from common import PY, ROOT, append_table, train_launcher  # noqa: E402
+from search_faults import SEARCH_KINDS  # noqa: E402
 
 from cifar_dist import checkpoint  # noqa: E402
 from cifar_dist.rundir import MODEL, RunDir, load_weights  # noqa: E402
@@ -100,6 +105,9 @@ class Trial:
 
 def draw(kind: str, rng: random.Random) -> Fault:
     """The fault of one trial: its moment and signal drawn from `rng`."""
+    if kind in SEARCH_KINDS:  # drawn first: run_trial draws the same again from a fresh `rng`
+        f = search_faults.draw(kind, rng, TOTAL)
+        return Fault(kind, f.spec, f.reached)
     sig = rng.choice(SIGNALS)
     if kind == "step":  # the signal lands while batch s is fetched: s steps are done
         s = rng.randrange(TOTAL)
@@ -122,11 +130,11 @@ def draw(kind: str, rng: random.Random) -> Fault:
     if kind in SLURM_KINDS:  # sent once the point has trained s steps, in its first 80%
         s = rng.randrange(10, SLURM_EPOCHS * STEPS_PER_EPOCH * 4 // 5)
         return Fault(kind, f"{kind.removeprefix('slurm_')} after step {s}", s)
-    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS + SLURM_KINDS)}")
+    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS + SLURM_KINDS + SEARCH_KINDS)}")
 
 
 def reference_key(kind: str) -> str:
-    return "slurm" if kind in SLURM_KINDS else "2" if kind == "rank_kill" else "1"
+    return "slurm" if kind in SLURM_KINDS else "search" if kind in SEARCH_KINDS else "2" if kind == "rank_kill" else "1"
 
 
 def campaign_env(cache: Path) -> dict[str, str]:
@@ -149,6 +157,8 @@ def command(ranks: int, faulted: bool) -> list[str]:
 
 def reference(key: str, work: Path, env: dict[str, str]) -> Path:
     """The uninterrupted run: on 1 or 2 ranks, or of the Slurm kinds' config on 1."""
+    if key == "search":
+        return search_faults.references(work, CONFIG, lambda cmd: execute(cmd, env), command(1, False))
     run_dir = work / f"reference_{key}"
     config = SLURM_CONFIG if key == "slurm" else CONFIG
     proc = execute([*command(2 if key == "2" else 1, False), *config, f"run.dir={run_dir}"], env)
@@ -163,6 +173,11 @@ def run_trial(index: int, seed: int, kinds: Sequence[str], work: Path, reference
     fault = draw(kinds[index % len(kinds)], random.Random(f"{seed}:{index}"))
     if fault.kind in SLURM_KINDS:
         return run_slurm_trial(index, fault, work, references["slurm"], env)
+    if fault.kind in SEARCH_KINDS:
+        drawn = search_faults.draw(fault.kind, random.Random(f"{seed}:{index}"), TOTAL)
+        happened, redone, problems = search_faults.run_study(index, drawn, work, CONFIG, references["search"], env,
+                                                             SWEEP, compare)
+        return Trial(index, fault, happened, redone, problems)
     run_dir = work / f"trial_{index:04d}"
     args = [*CONFIG, f"run.dir={run_dir}"]
     if fault.kind == "decode":  # an empty cache of its own, so the data really is decoded
@@ -374,14 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kinds", nargs="+", choices=KINDS + SLURM_KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS + SLURM_KINDS + SEARCH_KINDS, default=list(KINDS))
     parser.add_argument("--slurm", action="store_true", help=f"add {', '.join(SLURM_KINDS)} (the dev cluster, as root)")
+    parser.add_argument("--search", action="store_true", help=f"add {', '.join(SEARCH_KINDS)} (studies, as root)")
     parser.add_argument("--only", type=int, nargs="+", help="rerun these trials of the campaign (no table appended)")
     parser.add_argument("--jobs", type=int, default=1, help="trials at a time")
     parser.add_argument("--work", type=Path, help="keep the run dirs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.slurm:
         args.kinds += [k for k in SLURM_KINDS if k not in args.kinds]
+    if args.search:
+        args.kinds += [k for k in SEARCH_KINDS if k not in args.kinds]
     indices = args.only or list(range(args.trials))
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fault-campaign-") as tmp:
@@ -402,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                  *([f"Slurm kinds: a one-point sweep on the dev cluster (`cluster: local`) of {' '.join(SLURM_CONFIG)} "
                     f"({SLURM_EPOCHS * STEPS_PER_EPOCH} steps); their 'exit codes' are the point's state after the stop"]
                    if any(k in SLURM_KINDS for k in args.kinds) else []),
+                 *([f"search kinds: a two-trial study on the local executor (grid over train.lr {search_faults.LRS}, no "
+                    f"pruner, heartbeat_s {search_faults.HEARTBEAT_S}, grace_s {search_faults.GRACE_S}) of the same "
+                    "config; identical: every trial complete, none failed or retried, `wait` 0, each trial bit-identical "
+                    "to a plain run of its config; their 'exit codes' say what happened"]
+                   if any(k in SEARCH_KINDS for k in args.kinds) else []),
                  "identical: bit-identical test_loss, confusion matrix and weights, metrics.jsonl equal to the "
                  "uninterrupted run's (every step once), every resume from a checkpoint valid at that moment, "
                  "every invalid one named in a warning",

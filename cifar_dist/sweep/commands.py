@@ -8,6 +8,7 @@
     cifar-dist sweep wait SWEEP_DIR [--timeout S] [--poll S] [--retry-for S]
     cifar-dist sweep cancel SWEEP_DIR [--retry-for S]
     cifar-dist sweep resubmit SWEEP_DIR --failed | --workers N [--retry-for S]
+    cifar-dist sweep repair SWEEP_DIR [--retry-for S]
 
 (`python jobs/submit.py ...` is the same command.) A sweep is a spec file, or the command line's
 spelling of one (`cli_spec`): `--config` is its `base:`, each `--grid KEY=V1,V2` (or, after `-m`
@@ -18,7 +19,9 @@ prints.
 
 A spec with `search:` instead of `sweep:` runs a study (study.py, worker.py): its "points" are workers that
 take trials from an Optuna study in the sweep dir; `status` shows the trials, `resubmit --workers N`
-adds workers to the same study.
+adds workers to the same study. `repair` records the job ids of a submission cut short (the
+record could not be saved after the scheduler took the jobs: status, wait and cancel find them
+anyway), and rebuilds a study journal that cannot be read or lost trials from the trials' records.
 
 The spec's `cluster:` names a cluster *profile* (profiles.py: partitions, node sizes, module
 loads, task environment). `--executor` picks the submitit *executor* (executors.py): `slurm`
@@ -27,8 +30,9 @@ after another), or `auto` (default): Slurm when sbatch and srun are on PATH, els
 "cluster" means one thing, the profile (the cluster's facts): `--cluster` names a command-line
 sweep's profile, and beside a spec file (which names its own) it is an error that names `--executor`.
 
-Exit codes: 0 done; 1 some point did not finish (`wait`), or the scheduler refused (sbatch,
-scancel failed); 2 a mistake in the spec or the command line, or the sweep dir is taken or busy
+Exit codes: 0 done (a study: its trials all ended, whatever became of a worker); 1 some point did
+not finish (`wait`), the scheduler refused (sbatch, scancel failed), or the record of jobs it took
+could not be saved; 2 a mistake in the spec or the command line, or the sweep dir is taken or busy
 (another submit, resubmit or cancel holds it), reported in one line before anything is submitted
 or written; 3 the scheduler could not be reached (squeue kept failing for --retry-for seconds,
 default 600, while status, wait, cancel and resubmit asked again with backoff); 124 `wait --timeout`
@@ -54,19 +58,21 @@ import yaml
 
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError, UserError
-from cifar_dist.sweep import study
-from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
+from cifar_dist.rundir import write_atomic
+from cifar_dist.sweep import journal, study
+from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, SubmitError, choose_executor
 from cifar_dist.sweep.points import MAX_POINTS, make_points
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
-from cifar_dist.sweep.record import Entry, PointEntry, Submission, SweepRecord, WorkerEntry, load_record, save_record
+from cifar_dist.sweep.record import RECORD, Entry, PointEntry, Submission, SweepRecord, WorkerEntry, load_record, save_record
 from cifar_dist.sweep.resources import check_fits, describe
 from cifar_dist.sweep.spec import Spec, load_spec, read_spec
 from cifar_dist.sweep.states import ACTIVE, MISMATCH, RESUBMITTABLE, PointState, foreign, point_states, status_table
-from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled
-from cifar_dist.sweep.task import SearchTask, TrainTask
+from cifar_dist.sweep.submitit_compat import submitted_tasks
+from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled, submitit_folder
+from cifar_dist.sweep.task import SearchTask, SweepTask, TrainTask
 from cifar_dist.tables import format_table
 
-COMMANDS = ("status", "wait", "cancel", "resubmit")
+COMMANDS = ("status", "wait", "cancel", "resubmit", "repair")
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 124
 # How long status, wait, cancel and resubmit keep asking a scheduler that does not answer (squeue
 # failing: a controller restarting or failing over) before exit 3: a restart takes seconds to a
@@ -103,20 +109,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if note:
         print(note)
     executor.connect()
-    with changing(sweep_dir, "submit", new=True) as created:
-        try:
-            if args.spec:
-                shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
-            else:  # a command-line sweep keeps its YAML twin
-                (sweep_dir / "spec.yaml").write_text(spec_yaml(args.spec_data))
-            save_record(sweep_dir, record)
-            if record.is_study:
-                study.create_study(sweep_dir, record)
-            jobs = submit_points(executor, record, record.points)
-        except BaseException:
-            if not any(p.job_id for p in record.points):
-                discard(sweep_dir, created)  # nothing half-written: no job exists for it
-            raise
+    try:
+        with changing(sweep_dir, "submit", new=True) as created:
+            try:
+                if args.spec:
+                    shutil.copyfile(args.spec, sweep_dir / "spec.yaml")
+                else:  # a command-line sweep keeps its YAML twin
+                    (sweep_dir / "spec.yaml").write_text(spec_yaml(args.spec_data))
+                if record.is_study:
+                    study.create_study(sweep_dir, record)
+                jobs = submit_points(executor, record, record.points)
+            except BaseException:
+                if not any(p.job_id for p in record.points):
+                    discard(sweep_dir, created)  # nothing half-written: no job exists for it
+                raise
+    except OSError as e:  # before the scheduler was asked (submit_points says what happens after)
+        raise ClusterError(f"{sweep_dir}: cannot write ({e.strerror or e}); nothing submitted") from None
     print_submitted(executor, record, record.points, args.prog)
     executor.finish(jobs)
     return 0
@@ -130,19 +138,71 @@ def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> Sw
 
 
 def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) -> list:
-    """Submit `points` (entries of the record) as one array and record their job ids; the jobs."""
+    """Submit `points` (entries of the record) as one array; the jobs. The record is saved first
+    with the submission's intent (its points, no job ids), then with the job ids: whatever fails in
+    between, status, wait and cancel find the jobs from the intent (`find_jobs`)."""
     r = record.resources
     task = {"env": dict(executor.profile.env), "cpus": r.cpus_per_task, "sweep_dir": str(executor.sweep_dir),
             "local_slots": executor.run_slots(r), "signal_delay_s": r.signal_delay_s}
     tasks = [SearchTask(p.name, **task) if isinstance(p, WorkerEntry) else TrainTask(p.config, **task) for p in points]
-    jobs = executor.submit(record.name, r, tasks)
-    for point, job in zip(points, jobs):
-        point.job_id = str(job.job_id)
-        point.job_ids.append(str(job.job_id))
-    record.submissions.append(Submission(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), points=[p.name for p in points],
-                                         job_ids=[str(j.job_id) for j in jobs]))
-    save_record(executor.sweep_dir, record)
+    path = executor.sweep_dir / RECORD
+    before = path.read_bytes() if path.exists() else None
+    submission = Submission(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), points=[p.name for p in points])
+    record.submissions.append(submission)
+    save_record(executor.sweep_dir, record)  # if this fails, nothing was submitted
+    try:
+        jobs = executor.submit(record.name, r, tasks)
+    except SubmitError as e:
+        if found := find_jobs(executor.sweep_dir, record):  # the scheduler took them before submitit failed
+            _save_found(executor.sweep_dir, record, found)
+            raise SubmitError(f"{e}, after the scheduler took job(s) {' '.join(found)}: status, wait and cancel "
+                              "act on them") from None
+        if before is not None:  # as it was: no job exists for this submission
+            write_atomic(path, before)
+        raise
+    ids = [str(j.job_id) for j in jobs]
+    for point, job_id in zip(points, ids):
+        point.job_id = job_id
+        point.job_ids.append(job_id)
+    submission.job_ids = ids
+    try:
+        save_record(executor.sweep_dir, record)
+    except OSError as e:
+        raise ClusterError(f"{len(ids)} job(s) submitted ({' '.join(ids)}), but {path} could not be updated "
+                           f"({e.strerror or e}): status, wait and cancel find them from their submitit files; cancel, "
+                           "resubmit and repair record them") from None
     return jobs
+
+
+def find_jobs(sweep_dir: Path, record: SweepRecord) -> list[str]:
+    """The jobs of submissions cut short (their ids never saved: a full disk, a killed submit),
+    found in submitit's files and put in `record` (in memory) as their submission would have; their ids."""
+    cut = record.cut_short()
+    if not cut:
+        return []
+    known = {j for p in record.points for j in p.job_ids}
+    entries = {p.name: p for p in record.points}
+    taken: list[dict[str, str]] = [{} for _ in cut]  # per submission cut short: entry name -> job id found
+    for job_id, task in submitted_tasks(submitit_folder(sweep_dir)).items():  # oldest first
+        name = Path(task.run_dir).name if isinstance(task, SweepTask) else ""
+        k = next((k for k, sub in enumerate(cut) if name in sub.points and name not in taken[k]), None)
+        if job_id in known or k is None:
+            continue
+        taken[k][name] = job_id
+        entries[name].job_id = job_id
+        entries[name].job_ids.append(job_id)
+    for sub, ids in zip(cut, taken):
+        sub.job_ids = [ids[name] for name in sub.points if name in ids]
+    return [job_id for ids in taken for job_id in ids.values()]
+
+
+def _save_found(sweep_dir: Path, record: SweepRecord, found: list[str]) -> None:
+    """Record the job ids `find_jobs` found; where the record still cannot be written, say so and go on."""
+    try:
+        save_record(sweep_dir, record)
+    except OSError as e:
+        print(f"{sweep_dir / RECORD}: not updated ({e.strerror or e}); job(s) {' '.join(found) or '(none)'} are found "
+              "again next time", file=sys.stderr)
 
 
 def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry], prog: str) -> None:
@@ -185,12 +245,22 @@ class Sweep:
     executor: Executor
 
 
-def open_sweep(path: str) -> Sweep:
+def open_sweep(path: str, record_found: bool = False) -> Sweep:
+    """The sweep, with the jobs of a submission cut short found (`find_jobs`), and recorded where
+    `record_found` (a command holding the sweep dir: cancel, resubmit, repair)."""
     sweep_dir = Path(path).absolute()
     record = load_record(sweep_dir)
     profile = load_profile(record.profile, record.profile_path)
     executor = EXECUTORS[record.executor](sweep_dir, profile)
     executor.connect()
+    if found := find_jobs(sweep_dir, record):
+        print(f"{sweep_dir / RECORD}: a submission's job ids were never recorded; found in submitit's files: "
+              f"{' '.join(found)}" + ("" if record_found else " (cancel, resubmit or repair records them)"),
+              file=sys.stderr)
+    if record_found and (found or record.cut_short()):
+        # This command holds the dir, so no submit is under way: an intent still without jobs came to nothing.
+        record.submissions = [s for s in record.submissions if s.job_ids]
+        _save_found(sweep_dir, record, found)
     return Sweep(sweep_dir, record, executor)
 
 
@@ -251,7 +321,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
         if not any(s.state in ACTIVE for s in states):
             if seen_over or all(s.state in ("done", "cancelled") for s in states):
                 print(status_table(states))
-                return 0 if all(s.state == "done" for s in states) else EXIT_FAILED
+                # A study: its trials, whatever became of a worker whose trial was retried by another.
+                done = study.all_ended(sweep.dir, sweep.record) if sweep.record.is_study else all(
+                    s.state == "done" for s in states)
+                return 0 if done else EXIT_FAILED
             seen_over = True
             time.sleep(SETTLE_SECONDS)
             continue
@@ -265,12 +338,16 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with changing(Path(args.sweep_dir).absolute(), "cancel"):
-        sweep = open_sweep(args.sweep_dir)
+        sweep = open_sweep(args.sweep_dir, record_found=True)
         active = [s.job_id for s in sweep_states(sweep, args.retry_for) if s.state in ACTIVE]
         if not active:
             print("cancel: nothing queued or running")
             return 0
-        mark_cancelled(sweep.dir, active)  # first: the tasks' SIGTERM handler must see it
+        try:
+            mark_cancelled(sweep.dir, active)  # first: the tasks' SIGTERM handler must see it
+        except OSError as e:  # a full disk: the jobs are stopped all the same
+            print(f"cancel: the cancel list could not be written ({e.strerror or e}); cancelling anyway",
+                  file=sys.stderr)
         sweep.executor.cancel(active)
     print(f"cancel: {len(active)} job(s): {' '.join(active)}")
     return 0
@@ -283,7 +360,7 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
         raise UserError("resubmit: say which: --failed (the failed, stopped, cancelled and mismatched points, or a "
                         "study's workers) or --workers N (N more workers for a study)")
     with changing(Path(args.sweep_dir).absolute(), "resubmit"):
-        sweep = open_sweep(args.sweep_dir)
+        sweep = open_sweep(args.sweep_dir, record_found=True)
         if args.workers and not sweep.record.is_study:
             raise UserError("--workers: this sweep dir holds a grid/random sweep, not a study")
         points = []
@@ -304,6 +381,28 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
         jobs = submit_points(sweep.executor, sweep.record, points)  # same run dirs: each resumes from its checkpoints
     print_submitted(sweep.executor, sweep.record, points, args.prog)
     sweep.executor.finish(jobs)
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    with changing(Path(args.sweep_dir).absolute(), "repair"):
+        sweep = open_sweep(args.sweep_dir, record_found=True)
+        if not sweep.record.is_study:
+            print("repair: the record holds every job id; nothing else to repair in a grid/random sweep")
+            return 0
+        try:
+            study.checked_trials(sweep.dir, study.load_study(sweep.dir, sweep.record))
+        except study.JournalError as e:
+            problem = e.problem
+        else:
+            print(f"repair: {study.JOURNAL} holds every trial its run dirs show; nothing to rebuild")
+            return 0
+        if active := [s.name for s in sweep_states(sweep, args.retry_for) if s.state in ACTIVE]:
+            raise UserError(f"repair: worker(s) {' '.join(active)} still queued or running (they write the journal): "
+                            f"cancel them first; then repair, and `resubmit --failed` goes on with the study")
+        print(f"repair: {study.JOURNAL}: {problem}")
+        print(f"repair: {journal.rebuild(sweep.dir, sweep.record)}; `{args.prog} resubmit {sweep.dir} --failed` "
+              "goes on with the study")
     return 0
 
 
@@ -332,7 +431,7 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         return args
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0] + " A spec file, or the same from the command line.",
-        epilog=f"the sweep dir afterwards: {prog} status|wait|cancel|resubmit SWEEP_DIR ('{prog} status --help')")
+        epilog=f"the sweep dir afterwards: {prog} status|wait|cancel|resubmit|repair SWEEP_DIR ('{prog} status --help')")
     parser.add_argument("items", nargs="*", metavar="SPEC.yaml | key=value",
                         help="a sweep spec file; or, with --config, overrides of every point (key=value), "
                              "resources (resources.KEY=VALUE) and, after -m, swept keys (KEY=V1,V2)")
@@ -426,7 +525,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, prog)
         command = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel,
-                   "resubmit": cmd_resubmit}[args.command]
+                   "resubmit": cmd_resubmit, "repair": cmd_repair}[args.command]
         return command(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

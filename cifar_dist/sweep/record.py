@@ -52,6 +52,10 @@ ENTRIES: dict[str, type[Entry]] = {"point": PointEntry, "worker": WorkerEntry}
 
 @dataclass
 class Submission:
+    """One submit or resubmit. Saved before the scheduler is asked, without job ids (the intent),
+    and again with them: a submission without job ids was cut short (or is under way), and its
+    jobs, if the scheduler took them, are found in submitit's files (commands.find_jobs)."""
+
     time: str = ""
     points: list[str] = field(default_factory=list)  # the entries' names
     job_ids: list[str] = field(default_factory=list)
@@ -84,6 +88,10 @@ class SweepRecord:
         """The newest job id of every entry that has one."""
         return [p.job_id for p in self.points if p.job_id]
 
+    def cut_short(self) -> list[Submission]:
+        """The submissions whose job ids were never recorded."""
+        return [s for s in self.submissions if not s.job_ids]
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         return data if self.is_study else {k: v for k, v in data.items() if k not in ("search", "base_config")}
@@ -100,6 +108,8 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)  # the trial's values
     note: str = ""  # why it was pruned or failed
     label: str = ""  # the values as text
+    worker: str = ""  # the worker that trained it
+    retry_of: int | None = None  # the failed trial it retried, if a retry
 
 
 def load_record(sweep_dir: Path) -> SweepRecord:

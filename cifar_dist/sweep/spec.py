@@ -104,7 +104,7 @@ class Search:
     min_epochs: int = 1  # epochs every trial trains before it may be pruned
     reduction_factor: int = 3  # asha, hyperband: 1 in this many trials goes on at each rung
     heartbeat_s: int = 60  # a running trial's worker says it is alive this often
-    grace_s: int = 600  # a trial not heard of for this long (its worker killed) is failed and retried
+    grace_s: int = 600  # a trial whose heartbeat another worker saw stand still this long is failed and retried
     max_retries: int = 3  # retries of one trial after such failures
     params: dict[str, Any] | None = None  # dotted key -> {choice|uniform|loguniform|int: args} (required)
 

@@ -51,8 +51,13 @@ class PointState:
 def point_states(sweep_dir: Path, record: SweepRecord, queue: dict[str, str]) -> list[PointState]:
     """Every point's state; `queue` is the executor's {job id: state} for the jobs still queued."""
     cancelled = cancelled_ids(sweep_dir)
-    return [_worker_state(sweep_dir, p, queue, cancelled) if isinstance(p, WorkerEntry) else
-            _point_state(sweep_dir, p, queue, cancelled) for p in record.points]
+    states = [_worker_state(sweep_dir, p, queue, cancelled) if isinstance(p, WorkerEntry) else
+              _point_state(sweep_dir, p, queue, cancelled) for p in record.points]
+    cut_short = {name for s in record.cut_short() for name in s.points}
+    for state in states:
+        if not state.job_id and state.name in cut_short:
+            state.note = "its submission ended before the scheduler took a job (or is under way); resubmit --failed submits it"
+    return states
 
 
 def _worker_state(sweep_dir: Path, worker: WorkerEntry, queue: dict[str, str], cancelled: set[str]) -> PointState:

@@ -9,7 +9,8 @@
                                     worker asking a trial, so that the study never overshoots `trials`
 
 This module makes the study at submit time, opens it with its sampler and pruner, and reads it
-back for `status`: every trial's state, epochs and result, and the best trial.
+back for `status`: every trial's state, epochs and result, and the best trial. A journal that cannot
+be read, or that lost trials its run dirs show (journal.py), is one line naming `repair`.
 """
 
 from __future__ import annotations
@@ -22,19 +23,29 @@ from typing import Any
 import optuna
 
 from cifar_dist.config import Config
-from cifar_dist.rundir import RunDir
+from cifar_dist.errors import UserError
+from cifar_dist.rundir import TRIAL, RunDir
 from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, is_suspended, retried_from, worker_of
 from cifar_dist.sweep.points import base_config, describe, point_config
 from cifar_dist.sweep.record import SweepRecord, WorkerEntry, load_trial
 from cifar_dist.sweep.spec import Search, Spec
 from cifar_dist.sweep.states import ACTIVE, PointState
-from cifar_dist.sweep.sweepdir import run_dir
+from cifar_dist.sweep.sweepdir import RUNS, run_dir
 from cifar_dist.tables import format_table
 
 JOURNAL = "study.journal"
 WORKERS = "workers"
 BUDGET = "budget"  # Optuna's JournalFileSymlinkLock adds ".lock"
 optuna.logging.set_verbosity(logging.WARNING)  # not a line per trial: the workers' logs say more
+
+
+class JournalError(UserError):
+    """The study journal cannot be read, or holds fewer trials than the trials' own records show."""
+
+    def __init__(self, sweep_dir: Path, problem: str):
+        self.problem = problem
+        super().__init__(f"{sweep_dir / JOURNAL}: {problem}; `python jobs/submit.py repair {sweep_dir}` rebuilds it "
+                         "from the trials' records")
 
 
 # ---------------------------------------------------------------------------- submit time
@@ -86,14 +97,24 @@ def describe_search(s: Search) -> str:
 # ---------------------------------------------------------------------------- the study
 
 
-def open_storage(sweep_dir: Path, search: Search) -> HeartbeatJournalStorage:
-    return HeartbeatJournalStorage(str(sweep_dir / JOURNAL), heartbeat_s=search.heartbeat_s, grace_s=search.grace_s,
+def open_storage(sweep_dir: Path, search: Search, name: str = JOURNAL) -> HeartbeatJournalStorage:
+    return HeartbeatJournalStorage(str(sweep_dir / name), heartbeat_s=search.heartbeat_s, grace_s=search.grace_s,
                                    max_retries=search.max_retries)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its `study.stop()` once the last grid point is told: that
+    works only inside `study.optimize` (a RuntimeError in a worker, which asks and tells), and the
+    workers' own count of trials already ends the study."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
+                    values: Any) -> None:
+        return None
 
 
 def _sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
     if search.sampler == "grid":
-        return optuna.samplers.GridSampler({k: d.args for k, d in search.distributions.items()}, seed=seed)
+        return _GridSampler({k: d.args for k, d in search.distributions.items()}, seed=seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # Optuna's default of 10 random start-up trials, fewer in a small study; constant_liar: trials
@@ -118,8 +139,48 @@ def load_study(sweep_dir: Path, record: SweepRecord, *, storage: HeartbeatJourna
     """The study with its sampler (seeded with `seed`) and pruner; `storage`: an open one to share."""
     search, base = record.search, record.base_config
     assert search is not None and base is not None, "not a study's record"
-    return optuna.load_study(study_name=record.name, storage=storage or open_storage(sweep_dir, search),
-                             sampler=_sampler(search, seed), pruner=_pruner(search, base.train.epochs))
+    try:
+        return optuna.load_study(study_name=record.name, storage=storage or open_storage(sweep_dir, search),
+                                 sampler=_sampler(search, seed), pruner=_pruner(search, base.train.epochs))
+    except (KeyError, ValueError) as e:  # empty (no study in it), or a line that is not JSON
+        raise JournalError(sweep_dir, f"damaged, no readable study in it ({type(e).__name__}: {e})") from None
+
+
+def trials_on_disk(sweep_dir: Path) -> list[int]:
+    """The numbers of the trials that have a run dir (made once the trial was asked)."""
+    runs = sweep_dir / RUNS
+    return sorted(int(d.name) for d in runs.iterdir() if d.name.isdigit()) if runs.is_dir() else []
+
+
+def checked_trials(sweep_dir: Path, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, checked against their run dirs: a run dir the journal does not know, or
+    a trial.json of a trial it shows unfinished, means the journal lost lines (JournalError). The
+    run dirs are read first: a worker writes the journal before either."""
+    numbers = trials_on_disk(sweep_dir)
+    ended = {n: t.state for n in numbers if (t := load_trial(trial_dir(sweep_dir, n)))}
+    trials = study.get_trials(deepcopy=False)
+    if unknown := [n for n in numbers if n >= len(trials)]:
+        raise JournalError(sweep_dir, f"truncated: it holds {len(trials)} trial(s), but runs/ holds trial(s) "
+                                      f"{_some(unknown)}")
+    if untold := [t for t in trials if t.number in ended and not t.state.is_finished()]:
+        t = untold[0]
+        raise JournalError(sweep_dir, f"truncated: trial {trial_name(t.number)} ended ({ended[t.number]}, its "
+                                      f"{TRIAL}) but the journal still has it {t.state.name.lower()}")
+    return trials
+
+
+def all_ended(sweep_dir: Path, record: SweepRecord) -> bool:
+    """Whether a study has its trials: `trials` of them complete or pruned (a worker killed on the
+    way, whose trial was retried by another, lost nothing of it)."""
+    if record.search is None:
+        return False
+    trials = checked_trials(sweep_dir, load_study(sweep_dir, record))
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) >= record.search.trials
+
+
+def _some(numbers: list[int], shown: int = 3) -> str:
+    names = ", ".join(trial_name(n) for n in numbers[:shown])
+    return names + (f" and {len(numbers) - shown} more" if len(numbers) > shown else "")
 
 
 def suggest(trial: optuna.Trial, search: Search) -> None:
@@ -142,7 +203,7 @@ def trial_table(sweep_dir: Path, record: SweepRecord, workers: list[PointState])
     metric = record.search.metric
     ended = {w.name: w.state for w in workers if w.state not in ACTIVE}
     rows = []
-    for t in load_study(sweep_dir, record).get_trials(deepcopy=False):
+    for t in checked_trials(sweep_dir, load_study(sweep_dir, record)):
         state, note = _trial_state(sweep_dir, t, ended)
         rows.append({"trial": trial_name(t.number), "state": state, "epochs": _epochs(sweep_dir, t.number),
                      metric: t.value if t.state.name == "COMPLETE" else _last(t), "worker": worker_of(t),

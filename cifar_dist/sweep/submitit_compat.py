@@ -94,6 +94,19 @@ def task_result(folder: Path, job_id: str) -> tuple[str, Any] | None:
         return "error", f"unreadable result {path}: {e}"
 
 
+def submitted_tasks(folder: Path) -> dict[str, Any]:
+    """{job id: its task} for every job submitted from `folder`: submitit pickles each task before
+    it asks the scheduler and names the pickle `<job id>_submitted.pkl` once the scheduler has
+    answered, so these are the jobs the scheduler took, whatever was recorded after."""
+    found = {}
+    for path in sorted(folder.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime):
+        try:
+            found[path.name.removesuffix("_submitted.pkl")] = DelayedSubmission.load(path).function
+        except Exception:  # a pickle being rewritten (a requeue) or unreadable: not one of these
+            continue
+    return found
+
+
 def save_result(job: submitit.Job, value: Any) -> None:
     """Write `value` as the job's task 0 result pickle, as a Slurm or local job's own process does
     (`task_result` reads it back): the debug executor runs its jobs in this process and keeps

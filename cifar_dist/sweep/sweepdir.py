@@ -60,6 +60,10 @@ def changing(sweep_dir: Path, command: str, new: bool = False) -> Iterator[bool]
         other = (sweep_dir / LOCK).read_text().strip() or "another command"
         raise UserError(f"{sweep_dir}: busy, {other} is changing this sweep; nothing done, "
                         "run it again when that has finished") from None
+    except OSError:  # the holder's name could not be written (a full disk): a new dir is taken back
+        if new:
+            discard(sweep_dir, created)
+        raise
     try:
         yield created
     finally:

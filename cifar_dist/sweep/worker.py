@@ -3,20 +3,24 @@ the study (study.py) needs no more.
 
 It loops on rank 0's decision:
 1. its own unfinished trial first (a requeued worker resumes it exactly, from its checkpoints);
-2. else, under a lock, Optuna fails the trials of dead workers (no heartbeat for `grace_s`) and
-   queues their retries; the worker takes a queued retry, or asks a new trial while fewer than
-   `trials` are complete, pruned, running or queued;
+2. else, under a lock, Optuna fails the trials of dead workers (their heartbeat seen unchanged for
+   `grace_s` by this worker's own clock) and queues their retries; the worker takes a queued retry,
+   or asks a new trial while fewer than `trials` are complete, pruned, running or queued;
 3. else, while another worker's trial is alive, it waits (that trial may still need a retry);
    otherwise the study needs nothing more and the worker ends.
 It trains the trial with `train(cfg, on_eval)`: every evaluation is reported, and a pruned
 trial stops at that step boundary (pruned.json says at which step and why). Then it tells the
 study and asks again. A pre-emption checkpoints, marks the trial suspended (never called stale)
 and requeues the worker; `cancel` leaves trials suspended, `resubmit --failed` resumes them.
+A worker that stalled past `grace_s` (its trial failed and retried by another meanwhile) learns it
+from its heartbeat, stops that trial at its next evaluation (trial.json: fail) and asks for another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import threading
 import time
 import warnings
@@ -30,11 +34,11 @@ from optuna.trial import TrialState
 
 from cifar_dist.config import config_from_dict
 from cifar_dist.rundir import PRUNED, RunDir, read_json, write_atomic
-from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, fail_stale_trials, is_suspended, running_trial
+from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, fail_stale_trials, is_suspended, retried_from, running_trial
 from cifar_dist.sweep.points import describe, point_config
 from cifar_dist.sweep.record import TrialRecord, load_record, save_trial
 from cifar_dist.sweep.states import DONE
-from cifar_dist.sweep.study import BUDGET, load_study, open_storage, suggest, trial_dir, trial_name, worker_dir
+from cifar_dist.sweep.study import BUDGET, checked_trials, load_study, open_storage, suggest, trial_dir, trial_name, worker_dir
 
 CURRENT = "current.json"  # in a worker's folder: {"trial": number or null}
 WAIT = "wait"  # rank 0's answer while other workers' trials are still alive
@@ -42,22 +46,36 @@ STALE = "failed by the study: no heartbeat for grace_s (a stalled worker); retri
 
 
 class Heartbeat:
-    """A thread that says the worker of one trial at a time is alive, every `every_s` seconds."""
+    """A thread that says the worker of one trial at a time is alive, every `every_s` seconds. A
+    beat the journal would not take (its own retries ran out) is said in one line and tried again
+    at the next; the thread ends only when stopped, or when the study has failed its trial meanwhile
+    (this worker was not heard of for grace_s: a stall): then `taken` is set, and the worker stops
+    the trial at its next evaluation and asks for another."""
 
     def __init__(self, storage: HeartbeatJournalStorage, every_s: int):
         self.storage, self.every_s = storage, every_s
         self._stop: threading.Event | None = None
+        self.taken = threading.Event()
 
     def start(self, trial: optuna.Trial) -> None:
         self.stop()
         stop = self._stop = threading.Event()
+        taken = self.taken = threading.Event()
+        name = trial_name(trial.number)
 
         def beat() -> None:
             while not stop.wait(self.every_s):
                 try:
                     self.storage.beat(trial)
-                except Exception:  # the trial was failed as stale meanwhile (a long stall): nothing left to keep alive
+                except UpdateFinishedTrialError:
+                    if not stop.is_set():  # not told by this worker: failed as stale
+                        print(f"heartbeat: trial {name} was failed by the study while this worker was not heard of "
+                              f"(grace_s); it stops at its next evaluation", file=sys.stderr, flush=True)
+                        taken.set()
                     return
+                except Exception as e:  # the next beat may get through: never end silently
+                    print(f"heartbeat: trial {name}'s heartbeat not written ({type(e).__name__}: {e}); trying again "
+                          f"in {self.every_s} s", file=sys.stderr, flush=True)
 
         threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}").start()
 
@@ -94,7 +112,7 @@ class Worker:
         try:
             study = load_study(self.sweep_dir, self.record, storage=self.storage)
             fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
+            trials = checked_trials(self.sweep_dir, study)  # a journal that lost trials would hand out their numbers again
             taken = sum(t.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING") for t in trials)
             if taken < self.search.trials or any(t.state.name == "WAITING" for t in trials):
                 # A fresh sampler seed per ask: every worker's sampler would otherwise draw the same values.
@@ -152,6 +170,8 @@ class Worker:
     def report(self, record: dict[str, Any]) -> str | None:
         """train's EvalHook: report the evaluation; the reason to stop when the pruner says so."""
         assert self.trial is not None
+        if self.heartbeat.taken.is_set():
+            return STALE
         value, epoch = record[self.search.metric], int(round(record["epoch"]))
         try:
             with warnings.catch_warnings():
@@ -177,10 +197,11 @@ class Worker:
     def _tell(self, state: TrialState, note: str, value: float | None = None) -> None:
         assert self.trial is not None
         self.heartbeat.stop()
-        try:
-            self.trial.study.tell(self.trial, value, state=state)
-        except UpdateFinishedTrialError:  # this worker stalled past grace_s: the study failed the trial and retried it
-            state, note = TrialState.FAIL, STALE
+        # skip_if_finished: this worker stalled past grace_s and the study failed the trial (and
+        # retried it) meanwhile; Optuna would raise ValueError ("Cannot tell a FAIL trial").
+        frozen = self.trial.study.tell(self.trial, value, state=state, skip_if_finished=True)
+        if frozen.state != state:
+            state, note = frozen.state, STALE
         self._finish(state.name.lower(), note)
 
     def _finish(self, state: str, note: str) -> None:
@@ -189,7 +210,8 @@ class Worker:
         run_dir = trial_dir(self.sweep_dir, self.trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_trial(run_dir, TrialRecord(number=frozen.number, state=state, value=frozen.value, metric=self.search.metric,
-                                        params=frozen.params, note=note, label=describe(frozen.params)))
+                                        params=frozen.params, note=note, label=describe(frozen.params), worker=self.name,
+                                        retry_of=retried_from(frozen)))
         self._set_current(None)
         self.trial = None
 
@@ -197,7 +219,8 @@ class Worker:
         """Stopped for a requeue (checkpoint written): the trial waits for this worker, never called stale."""
         self.heartbeat.stop()
         if self.trial is not None:
-            self.storage.suspend(self.trial)
+            with contextlib.suppress(UpdateFinishedTrialError):  # failed as stale meanwhile: its retry is another's
+                self.storage.suspend(self.trial)
 
     # ---- the worker's own file
 

@@ -4,7 +4,7 @@ Python traceback, and the case's whole sandbox (run dirs, the data cache, sweep 
 byte-identical before and after, unless the case documents what it (re)writes.
 
 Each case gets a copy of one prepared sandbox: a finished tiny run, the decoded data cache for
-it, image folders, and a spec file."""
+it, image folders, a spec file, and a finished two-trial study (its sweep dir)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cifar_dist.rundir import CONFIG, LOCK, METRICS, SUMMARY
 from tests.helpers import PY, ROOT, TINY
@@ -54,6 +55,13 @@ def sandbox_template(root: Path) -> Path:
     (box / "spec.yaml").write_text(json.dumps({
         "name": "cat", "cluster": "local", "base": "debug", "overrides": {"train.epochs": 1},
         "sweep": {"grid": {"seed": [0, 1]}}, "resources": {"time_min": 30}}))
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in TINY)}
+    (root / "study.yaml").write_text(json.dumps({
+        "name": "cst", "cluster": "local", "base": "debug", "overrides": {**overrides, "train.epochs": 1},
+        "search": {"trials": 2, "sampler": "random", "pruner": "none", "params": {"train.lr": {"choice": [0.05, 0.1]}}},
+        "resources": {"time_min": 30}}))
+    subprocess.run([*SUBMIT, str(root / "study.yaml"), "--executor", "debug", "--sweep-dir", str(box / "study")], env=env,
+                   cwd=root, check=True, capture_output=True, timeout=300)
     return box
 
 
@@ -102,6 +110,15 @@ def not_a_tar(box: Path) -> None:
 def tar_without_test(box: Path) -> None:
     with tarfile.open(box / "half.tar.gz", "w:gz") as tar:
         tar.add(box / "images" / "train", arcname="data/train")
+
+
+def cut_before_last_trial(rel: str) -> Callable[[Path], None]:
+    """A study journal as a restore from an older copy leaves it: its last trial's lines gone."""
+    def setup(box: Path) -> None:
+        lines = (box / rel).read_bytes().splitlines(keepends=True)
+        last = max(i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4)  # Optuna's CREATE_TRIAL
+        (box / rel).write_bytes(b"".join(lines[:last]))
+    return setup
 
 
 def new_run(box: Path) -> str:
@@ -230,6 +247,18 @@ CASES = [
     Case("status of what is not a sweep", lambda b: [*SUBMIT, "status", str(b / "images")], 2, "not a sweep dir"),
     Case("status of a damaged sweep.json", lambda b: [*SUBMIT, "status", str(b / "sw")], 2, "damaged, not a sweep record",
          write("sw/sweep.json", '{"name": "cat", "poi')),
+    Case("submit with no room to write", lambda b: ["prlimit", "--fsize=0", *SUBMIT, str(b / "spec.yaml"), "--executor",
+                                                    "local", "--sweep-dir", str(b / "sw")], 1,
+         "cannot write (File too large); nothing submitted"),  # RLIMIT_FSIZE: the kernel refuses every write, as a full disk
+    # ---- a study's journal
+    Case("status of a study with an empty journal", lambda b: [*SUBMIT, "status", str(b / "study")], 2,
+         "study.journal: damaged, no readable study in it", write("study/study.journal", "")),
+    Case("status of a study with a damaged journal", lambda b: [*SUBMIT, "status", str(b / "study")], 2,
+         "study.journal: damaged, no readable study in it",
+         lambda b: (b / "study/study.journal").write_bytes(b"\x00\xff\n" + (b / "study/study.journal").read_bytes())),
+    Case("status of a study whose journal lost its tail", lambda b: [*SUBMIT, "status", str(b / "study")], 2,
+         "study.journal: truncated: it holds 1 trial(s), but runs/ holds trial(s) 001",
+         cut_before_last_trial("study/study.journal")),
 ]
 
 

@@ -1,10 +1,12 @@
 """The sweep command as a user runs it, without a cluster: the dry run's exact sbatch script against a
-golden file, the point cap and --max-points, and the fallbacks that need no Slurm (the local and debug
-executors train their points). Specs, profiles and the command's refusals: tests/unit/test_sweeps.py."""
+golden file, the point cap and --max-points, the fallbacks that need no Slurm (the local and debug
+executors train their points), and a disk that fills right after a submit. Specs, profiles and the
+command's refusals: tests/unit/test_sweeps.py."""
 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,10 +14,14 @@ import sys
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from cifar_dist.rundir import ENV, SUMMARY, RunDir
+from cifar_dist.sweep.executors import SLOTS, LocalExecutor
 from cifar_dist.sweep.spec import load_spec
 from tests.helpers import ROOT
+from tests.helpers.full_disk import fill, small_disk
+from tests.helpers.search import succeeded, sweep_command
 from tests.helpers.slurm import INTERNAL, SPELLINGS, record, slurm_env, status, submit, submitted, wait_done, wait_for, write_spec
 
 GOLDEN = ROOT / "tests" / "golden" / "dryrun_example_gpu.txt"
@@ -145,6 +151,52 @@ def test_help_names_the_command_as_typed(tmp_path):
                          text=True, timeout=60)
     assert cli.returncode == 0 and cli.stdout.startswith("usage: cifar-dist sweep ")
     assert "jobs/submit.py" not in cli.stdout and "docstring" not in cli.stdout
-    assert "cifar-dist sweep status|wait|cancel|resubmit SWEEP_DIR" in " ".join(cli.stdout.split())
+    assert "cifar-dist sweep status|wait|cancel|resubmit|repair SWEEP_DIR" in " ".join(cli.stdout.split())
     script = submit(["status", "--help"], env, tmp_path)
     assert script.returncode == 0 and script.stdout.startswith(f"usage: python {ROOT / 'jobs' / 'submit.py'} status")
+
+
+def test_a_disk_that_fills_right_after_the_submit_loses_no_job(tmp_path, cache_dir, monkeypatch):
+    """The sweep dir's disk (a real tmpfs) fills the moment the jobs are started, before their ids are
+    saved: submit says so in one line (exit 1, the ids, no traceback) and sweep.json keeps the
+    submission's intent; status and cancel find the jobs (waiting for the run slot this test holds)
+    from their submitit files, on the full disk; once there is room, resubmit records them and
+    trains both points to the end."""
+    env = slurm_env(cache_dir, tmp_path)
+    spec = write_spec(tmp_path / "full.yaml", "full", {"grid": {"seed": [0, 1]}}, resources={"array_parallelism": 1})
+    with small_disk(tmp_path / "disk") as disk:
+        sweep_dir = disk / "sweep"
+        slot, ballast = FileLock(sweep_dir / SLOTS / "slot-0"), []
+        start_jobs = LocalExecutor.submit
+
+        def submit_then_fill(self, *args):
+            (sweep_dir / SLOTS).mkdir()
+            slot.acquire()  # the points wait for it: they stay queued until cancelled
+            jobs = start_jobs(self, *args)
+            ballast.append(fill(disk))
+            return jobs
+
+        monkeypatch.setattr(LocalExecutor, "submit", submit_then_fill)
+        proc = sweep_command([str(spec), "--executor", "local", "--sweep-dir", str(sweep_dir)], env)
+        monkeypatch.undo()
+        said = re.fullmatch(r"error: 2 job\(s\) submitted \((\d+) (\d+)\), but \S+/sweep.json could not be updated \(No "
+                            r"space left on device\): status, wait and cancel find them [^\n]*\n", proc.stderr)
+        assert proc.returncode == 1 and said, proc.stderr
+        ids = list(said.groups())
+        saved = record(sweep_dir)
+        assert [p["job_id"] for p in saved["points"]] == [None, None] and saved["submissions"][-1]["job_ids"] == []
+
+        shown = succeeded(["status", str(sweep_dir), "--json"], env)
+        assert [(s["job_id"], s["state"]) for s in json.loads(shown.stdout)] == [(ids[0], "pending"), (ids[1], "pending")]
+        assert f"found in submitit's files: {' '.join(ids)}" in shown.stderr
+        assert ids[0] in succeeded(["cancel", str(sweep_dir)], env).stdout
+        wait_for(lambda: all(s["state"] not in ("pending", "running") for s in status(sweep_dir, env)), 60,
+                 "the cancelled jobs to end", sweep_dir)
+
+        ballast[0].unlink()
+        slot.release()
+        succeeded(["resubmit", str(sweep_dir), "--failed"], env)
+        wait_done(sweep_dir, env, timeout=240)
+        saved = record(sweep_dir)
+        assert [p["job_ids"][0] for p in saved["points"]] == ids, "the first jobs recorded, then their resubmission"
+        assert [s["job_ids"][:2] for s in saved["submissions"]][0] == ids

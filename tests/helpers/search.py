@@ -10,10 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import psutil
 import yaml
 
+from cifar_dist.rundir import read_json
 from cifar_dist.sweep import commands
-from tests.helpers.slurm import TINY_OVERRIDES
+from tests.helpers.slurm import TINY_OVERRIDES, newest_step
 
 STEPS_PER_EPOCH = 20  # TINY: 1,280 synthetic images in steps of 64
 # A range with hopeless ends: 1e-4 barely moves in a few epochs; 0.5 is too high for this tiny run.
@@ -61,3 +63,18 @@ def succeeded(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 
 def status(sweep_dir: Path, env: dict) -> dict:
     return json.loads(succeeded(["status", str(sweep_dir), "--json"], env).stdout)
+
+
+def trial_in_training(sweep_dir: Path, worker: str, steps: int) -> str | None:
+    """The worker's current trial ("000", ...) once it has trained at least `steps` steps of it."""
+    current = (read_json(sweep_dir / "workers" / worker / "current.json") or {}).get("trial")
+    if current is None:
+        return None
+    name = f"{current:03d}"
+    return name if newest_step(sweep_dir / "runs" / name) >= steps else None
+
+
+def local_task_pid(job_id: str) -> int:
+    """The task process of a local executor's job (its job id is the pid of the controller that started it)."""
+    [task] = [p for p in psutil.Process(int(job_id)).children() if "submitit.core._submit" in p.cmdline()]
+    return task.pid

@@ -222,25 +222,43 @@ def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout:
 
 def start_requeued(job_id: str, env: dict[str, str], until: Callable[[], Any], timeout: float, what: str,
                    sweep_dir: Path | None = None) -> None:
-    """Keep starting a requeued job now, rather than after Slurm's two-minute hold, until `until()`.
-    One `scontrol update StartTime=now` may not be enough: on a loaded machine the dev cluster can
-    set the hold just after the job shows PENDING (while its last life is still completing), undoing
-    an early release, so release while it is pending (idempotent); and it can put a requeued job
-    back to FAILED just after showing it PENDING, where it stays, so requeue it again. A requeue that
-    never runs fails here, at the time-out."""
+    """Start a requeued job now, rather than after Slurm's two-minute hold, and wait until `until()`.
+    Slurm holds a requeued job (PENDING, Reason=BeginTime) until its nodes can no longer confuse its
+    old life with its new one: a node revokes the old life's job credential when it ends it, and
+    refuses a launch whose credential is not newer than that revocation (whole seconds: "Job
+    credential revoked", and the job ends FAILED). So the job is released once Slurm holds it, no
+    step of its old life is left on any node (its slurmstepd gone: the revocation is done), and the
+    clock has passed that second; once only. A job that then ends without `until()` fails here."""
+
+    def held() -> float | None:
+        fields = job_fields(job_id, env)
+        if (fields.get("JobState"), fields.get("Reason")) != ("PENDING", "BeginTime") or steps_on_nodes(fields["JobId"]):
+            return None
+        return time.time()
+
+    old_life_gone = wait_for(held, timeout, f"requeued job {job_id} held by Slurm, its old life gone", sweep_dir, poll=0.2)
+    wait_for(lambda: int(time.time()) > int(old_life_gone), 5, "the next second", poll=0.05)
+    scontrol(["update", f"JobId={job_id}", "StartTime=now"], env)
 
     def ready() -> Any:
         if value := until():
             return value
-        state = job_state(job_id, env)
-        # Answers not checked: the job may have moved on between reading its state and acting on it.
-        if state == "PENDING":
-            scontrol(["update", f"JobId={job_id}", "StartTime=now"], env, check=False)
-        elif state in ENDED:
-            scontrol(["requeue", job_id], env, check=False)
+        fields = job_fields(job_id, env)
+        assert fields.get("JobState") not in ENDED, f"{what}: the released job ended instead: {fields}\n" + (
+            logs(sweep_dir) if sweep_dir else "")
         return False
 
     wait_for(ready, timeout, what, sweep_dir, poll=1)
+
+
+def steps_on_nodes(raw_job_id: str) -> list[int]:
+    """The pids of the slurmstepd processes of job `raw_job_id` (Slurm's JobId, not an array's id) on
+    this machine, where every dev-cluster node runs: each is named `slurmstepd: [<job id>.<step>]`."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "slurmstepd" and f"[{raw_job_id}." in " ".join(proc.info["cmdline"] or []):
+            found.append(proc.pid)
+    return found
 
 
 def task_pids(job_id: str, rank: int) -> list[int]:

@@ -116,9 +116,6 @@ def test_sbatch_template_runs_on_two_nodes(two_node_run, menv, tmp_path):
     assert_same_training(two_node_run, run_dir, exact=True)
 
 
-# The dev cluster's requeue quirks are handled in restart_requeued; one rerun guards against any it
-# does not cover (the subject here is the job's end and the resume, not the dev cluster's timing).
-@pytest.mark.flaky(reruns=1)
 def test_rank_death_on_second_node_ends_job_and_requeue_resumes(two_node_run, menv, tmp_path):
     spec = write_spec(tmp_path / "mnf.yaml", "mnf", {"grid": {"seed": [0]}}, cluster="local2", overrides=CONFIG,
                       resources=TWO_NODES)

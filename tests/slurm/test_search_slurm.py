@@ -23,15 +23,13 @@ from cifar_dist.train import train
 from tests.helpers import read_jsonl, without_timing
 from tests.helpers.search import GOOD_THEN_HOPELESS, HOPELESS_LR, search_spec, status, succeeded
 from tests.helpers.slurm import (
-    ENDED,
     dev_cluster,
     job_ids,
-    job_state,
     logs,
     newest_step,
-    scontrol,
     slurm_env,
     squeue,
+    start_requeued,
     submitted,
     task_pids,
     wait_for,
@@ -58,21 +56,6 @@ def trial_mid_epoch(sweep_dir, worker: str) -> str | None:
     return name if 5 <= newest_step(sweep_dir / "runs" / name) % STEPS_PER_EPOCH <= 25 else None
 
 
-def release(job_id: str, env: dict, until, sweep_dir) -> None:
-    """Start a requeued job now, not after Slurm's two-minute hold (released while pending; requeued
-    again when the dev cluster drops it to an ended state, as restart_requeued in slurm_fixtures does)."""
-
-    def started() -> bool:
-        state = job_state(job_id, env)
-        if state == "PENDING":
-            scontrol(["update", f"JobId={job_id}", "StartTime=now"], env, check=False)
-        elif state in ENDED:
-            scontrol(["requeue", job_id], env, check=False)
-        return until()
-
-    wait_for(started, 240, f"requeued worker {job_id} to resume", sweep_dir, poll=1)
-
-
 def test_study_survives_a_preempted_and_a_killed_worker(tmp_path, cluster, cache_dir):
     env = slurm_env(cache_dir, tmp_path)
     # Trials 0 and 1 start together and draw good rates; whatever else is asked (trial 2 or 3)
@@ -97,7 +80,7 @@ def test_study_survives_a_preempted_and_a_killed_worker(tmp_path, cluster, cache
     wait_for(lambda: any(t["trial"] == preempted and t["state"] == "suspended" for t in status(sweep_dir, env)["trials"]),
              60, f"trial {preempted} suspended", sweep_dir)
     log = sweep_dir / "submitit" / f"{w0}_0_log.out"
-    release(w0, env, lambda: "resumed from" in log.read_text(), sweep_dir)
+    start_requeued(w0, env, lambda: "resumed from" in log.read_text(), 240, f"requeued worker {w0} to resume", sweep_dir)
     assert f"resumed from {sweep_dir / 'runs' / preempted / 'checkpoints'}/step_" in log.read_text(), logs(sweep_dir)
 
     # 3. w0 fails the silent trial once grace_s has passed, retries it, and ends the study.

@@ -1,9 +1,9 @@
 """Sweeps on a real one-node Slurm (slurm/dev-cluster.sh up): `python jobs/submit.py` submits
 one job array and returns; points train as real Slurm tasks (gloo ranks); a pre-empted point is
-requeued and resumes exactly, also pre-empted again and again under a short time limit; cancel
-(plain scancel too) and resubmit; concurrent submits and resubmits into one sweep dir; `wait`
-across a controller restart; slurm/train.sbatch with 2 ranks stopped, requeued and resumed; bad
-specs submit nothing."""
+requeued and resumes exactly, also pre-empted again and again under a short time limit; a disk
+that fills right after sbatch; cancel (plain scancel too) and resubmit; concurrent submits and
+resubmits into one sweep dir; `wait` across a controller restart; slurm/train.sbatch with 2 ranks
+stopped, requeued and resumed; bad specs submit nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ import yaml
 from submitit.core.utils import pickle_load
 
 from cifar_dist.rundir import CHECKPOINTS, CONFIG, ENV, METRICS, SUMMARY, RunDir
+from cifar_dist.sweep.executors import SlurmExecutor
 from tests.helpers import PY, ROOT, TINY, assert_same_run, read_jsonl
+from tests.helpers.full_disk import fill, small_disk
+from tests.helpers.search import succeeded, sweep_command
 from tests.helpers.slurm import (
     SLURM_CONF,
     dev_cluster,
@@ -116,10 +119,6 @@ def test_one_point_as_two_slurm_tasks_is_two_gloo_ranks(tmp_path, senv):
     assert len(list((run_dir / CHECKPOINTS).glob("step_*"))) == 1, "rank 0 alone writes"
 
 
-# One rerun: on a loaded machine the dev cluster's requeue can misbehave in ways restart_requeued
-# may not cover (point 000 read as "ended without a result" after its early release); the
-# subject here is the task's requeue and exact resume, not the dev cluster's timing.
-@pytest.mark.flaky(reruns=1)
 def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
     # Two points that train identically (checkpoint.keep does not change training): 000 is
     # pre-empted with Slurm's own signal, 001 runs through; they must end the same.
@@ -142,6 +141,41 @@ def test_preempted_point_is_requeued_and_resumes_exactly(tmp_path, senv):
     assert f"resumed from {run0 / 'checkpoints' / stops[-1]}" in log, logs(sweep_dir)
     assert_same_run(run0, run1)
     assert job_ids(sweep_dir)[0] == target, "requeued, not resubmitted: same job id"
+
+
+def test_a_disk_that_fills_right_after_sbatch_loses_no_job(tmp_path, senv, monkeypatch):
+    """The sweep dir's disk (a real tmpfs) fills the moment sbatch has taken the array, before its
+    ids are saved: submit says so in one line (exit 1), status and cancel find the jobs (held by
+    their begin time: pending) from their submitit files, on the full disk; once there is room,
+    repair records their ids in sweep.json."""
+    spec = write_spec(tmp_path / "full.yaml", "full", {"grid": {"seed": [0, 1]}},
+                      resources={"sbatch": {"begin": "now+1hour"}})
+    with small_disk(tmp_path / "disk") as disk:
+        sweep_dir, ballast = disk / "sweep", []
+        sbatch_then_fill = SlurmExecutor.submit
+
+        def submit_then_fill(self, *args):
+            jobs = sbatch_then_fill(self, *args)
+            ballast.append(fill(disk))
+            return jobs
+
+        monkeypatch.setattr(SlurmExecutor, "submit", submit_then_fill)
+        proc = sweep_command([str(spec), "--sweep-dir", str(sweep_dir)], senv)
+        monkeypatch.undo()
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "job(s) submitted (" in proc.stderr and "(No space left on device)" in proc.stderr, proc.stderr
+        queued = sorted(line.split()[0] for line in squeue(senv))
+        assert len(queued) == 2 and [p["job_id"] for p in record(sweep_dir)["points"]] == [None, None]
+
+        assert [(s["job_id"], s["state"]) for s in status(sweep_dir, senv)] == [(j, "pending") for j in queued]
+        assert " ".join(queued) in succeeded(["cancel", str(sweep_dir)], senv).stdout
+        wait_for(lambda: squeue(senv) == [], 60, "the cancelled array to leave the queue", sweep_dir)
+
+        ballast[0].unlink()
+        succeeded(["repair", str(sweep_dir)], senv)
+        assert [p["job_ids"] for p in record(sweep_dir)["points"]] == [[j] for j in queued]
+        # Not "cancelled": the cancel list could not be written on the full disk (cancel said so).
+        assert {s["state"] for s in status(sweep_dir, senv)} <= {"cancelled", "failed"}, "resubmit --failed takes them"
 
 
 def test_cancel_stops_without_requeue_and_resubmit_resumes(tmp_path, senv):

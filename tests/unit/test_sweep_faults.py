@@ -204,7 +204,7 @@ def clock(monkeypatch):
 def test_status_and_wait_ride_out_a_scheduler_outage(monkeypatch, capsys, clock, tmp_path, command):
     sweep_dir, point = finished_point(tmp_path)
     sweep = commands.Sweep(sweep_dir, SweepRecord(points=[point], name="s", executor="silent", profile="local"), Silent(5))
-    monkeypatch.setattr(commands, "open_sweep", lambda d: sweep)
+    monkeypatch.setattr(commands, "open_sweep", lambda d, record_found=False: sweep)
     assert commands.main([command, str(sweep_dir)]) == 0
     assert clock == [2, 4, 8, 16, 32], "backoff, doubling"
     err = capsys.readouterr().err.splitlines()
@@ -217,7 +217,7 @@ def test_a_scheduler_silent_for_too_long_is_exit_3_not_a_failed_point(monkeypatc
     sweep_dir, point = finished_point(tmp_path)
     save_record(sweep_dir, SweepRecord(points=[point]))
     sweep = commands.Sweep(sweep_dir, SweepRecord(points=[point]), Silent(10**6))
-    monkeypatch.setattr(commands, "open_sweep", lambda d: sweep)
+    monkeypatch.setattr(commands, "open_sweep", lambda d, record_found=False: sweep)
     assert commands.main([command, str(sweep_dir), "--retry-for", "300"]) == 3
     assert sum(clock) == 300 and max(clock) == 60
     err = capsys.readouterr().err.splitlines()

@@ -275,11 +275,12 @@ def test_wait_looks_twice_before_calling_a_point_failed(monkeypatch, capsys, rea
     """`wait`'s logic alone, on a scripted sequence of point states (the race it guards against, a
     requeued job between its two lives, cannot be produced on demand on the real Slurm)."""
     from cifar_dist.sweep import commands
+    from cifar_dist.sweep.record import SweepRecord
     from cifar_dist.sweep.states import PointState
 
     script = iter(reads)
     seen, slept = [], []
-    monkeypatch.setattr(commands, "open_sweep", lambda d: None)
+    monkeypatch.setattr(commands, "open_sweep", lambda d: commands.Sweep(Path(d), SweepRecord(), None))
     monkeypatch.setattr(commands, "sweep_states", lambda sweep, retry_for: seen.append(1) or [
         PointState("000", "1_0", next(script), None, None, "", "lr=0.1")])
     monkeypatch.setattr(commands.time, "sleep", slept.append)
