@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable
 
@@ -17,8 +18,17 @@ class ConfigError(UserError):
 
 def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a command's main; a UserError becomes its one line on stderr and exit code 2."""
+    tolerant_output()
     try:
         return command(argv)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's message held
         return 2
+
+
+def tolerant_output() -> None:
+    """Text the output's encoding cannot show (a class named "café" on an ASCII stdout: LC_ALL=C
+    without Python's UTF-8 mode) is printed escaped (caf\\xe9) rather than ending the command."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")

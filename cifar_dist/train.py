@@ -35,7 +35,7 @@ from cifar_dist.plots import write_plots
 from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_bf16_warning
 from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import Lookahead, make_net, make_optimizer, make_step
-from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
+from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json, writing
 from cifar_dist.runs import abandon, open_run, record_start
 from cifar_dist.state import TrainState
 from cifar_dist.trackers import Records, RunInfo, open_records
@@ -55,6 +55,10 @@ class NonFiniteLoss(UserError):
     """Training diverged (a NaN or infinite loss); the run stops without writing the bad state."""
 
 
+class OutOfMemory(UserError):
+    """The run does not fit in memory (host or device); a start that failed so leaves no run dir behind."""
+
+
 def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None = None) -> dict[str, Any]:
     """The summary; for a run that `on_eval` stopped, the summary with a "pruned" entry (also in
     pruned.json; no summary.json). `dist`: a process group kept open by a caller that trains
@@ -64,6 +68,11 @@ def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None
     dist = dist or Distributed(cfg.train.device)
     try:
         return _train(cfg, dist, on_eval)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        said = " ".join(str(e).split())[:160] or type(e).__name__
+        raise OutOfMemory(f"out of memory on {dist.device.type} ({said}): lower train.batch_size (now "
+                          f"{cfg.train.batch_size}) or eval.batch_size (now {cfg.eval.batch_size} a rank), or "
+                          "choose a smaller model.name").with_traceback(e.__traceback__) from None
     finally:
         if own:
             dist.close()
@@ -85,26 +94,31 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> d
         if dist.stop_requested():  # during start-up: nothing trained, nothing to save
             dist.print("stop signal during start-up; exiting for requeue")
             raise Stopped(str(run.path))
+        record_start(run, cfg, dist)
     except BaseException:
         abandon(run, dist)
         raise
-    record_start(run, cfg, dist)
     if state.position.step >= cfg.train.epochs * batches.steps_per_epoch and (summary := run.summary()):
         dist.print(f"run {run.path} already finished at step {state.position.step}: "
                    f"test accuracy {summary['test_accuracy']:.2%}")
         return summary
 
     info = RunInfo(run, cfg.run.name or run.path.name, cfg.to_dict(), data.classes, data.test_x, cfg.train.batch_size)
-    records = open_records(info, cfg.tracking, keep=state.position.records, on_this_rank=dist.is_main)
-    loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
-                pending=pending, on_eval=on_eval)
-    result = loop.run()
+    try:
+        records = open_records(info, cfg.tracking, keep=state.position.records, on_this_rank=dist.is_main)
+        loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
+                    pending=pending, on_eval=on_eval)
+        result = loop.run()
+    except BaseException:
+        if state.position.step == 0:  # the start failed (out of memory at the first batch, ...): no trace of it
+            abandon(run, dist)
+        raise
     summary = make_summary(loop, result)
     if loop.stop_reason:
         pos = state.position
         summary["pruned"] = {"step": pos.step, "epoch": pos.epoch, "reason": loop.stop_reason}
         dist.print(f"stopped early at step {pos.step} (epoch {pos.epoch}): {loop.stop_reason}")
-        dist.main_only(lambda: (write_json(run / PRUNED, summary), records.finish(summary)))
+        dist.main_only(lambda: (run.ensure_present(), write_json(run / PRUNED, summary), records.finish(summary)))
         return summary
     dist.main_only(lambda: finish_run(loop, summary))
     loop.console.finish(summary)
@@ -251,7 +265,8 @@ class Loop:
         state = {**self.state.state_dict(), "ranks": per_rank, "world_size": dist.world, "config_hash": config_hash(cfg),
                  "config": cfg.to_dict(), "classes": self.data.classes, "run_id": cfg.run.id,
                  "mean": self.data.stats.mean, "std": self.data.stats.std}  # for predict from a checkpoint
-        dist.main_only(lambda: checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, test_accuracy))
+        dist.main_only(lambda: (self.run_dir.ensure_present(),
+                                checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, test_accuracy)))
         self.last_save = time.monotonic()
 
     def warm_up(self) -> float:
@@ -338,12 +353,17 @@ def make_summary(loop: Loop, result: EvalResult) -> dict[str, Any]:
 
 
 def finish_run(loop: Loop, summary: dict[str, Any]) -> None:
-    """Rank 0: final weights for `predict`, summary.json (last: the run is done), plots, the tracker's summary."""
+    """Rank 0: final weights for `predict`, plots, the tracker's summary, and summary.json last: a run
+    is finished once every output is written. A failure before it (a full disk) leaves the run
+    unfinished, and the same command completes it from the last checkpoint."""
     run, data = loop.run_dir, loop.data
-    save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.state.net.state_dict(), data.stats.mean, data.stats.std)
-    write_json(run / SUMMARY, summary)
-    loop.records.finish(summary)
-    write_plots(run)
+    run.ensure_present()
+    with writing():
+        save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.state.net.state_dict(), data.stats.mean,
+                   data.stats.std)
+        write_plots(run, summary)
+        loop.records.finish(summary)
+        write_json(run / SUMMARY, summary)
 
 
 # ---------------------------------------------------------------------------- command line
