@@ -68,14 +68,23 @@ def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None
     dist = dist or Distributed(cfg.train.device)
     try:
         return _train(cfg, dist, on_eval)
-    except (torch.OutOfMemoryError, MemoryError) as e:
-        said = " ".join(str(e).split())[:160] or type(e).__name__
-        raise OutOfMemory(f"out of memory on {dist.device.type} ({said}): lower train.batch_size (now "
-                          f"{cfg.train.batch_size}) or eval.batch_size (now {cfg.eval.batch_size} a rank), or "
-                          "choose a smaller model.name").with_traceback(e.__traceback__) from None
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        said = " ".join(str(e).split())
+        said = said[said.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in said else said  # not torch's C++ frame
+        raise OutOfMemory(f"out of memory on {dist.device.type} ({said[:160] or type(e).__name__}): lower "
+                          f"train.batch_size (now {cfg.train.batch_size}) or eval.batch_size (now {cfg.eval.batch_size} "
+                          "a rank), or choose a smaller model.name").with_traceback(e.__traceback__) from None
     finally:
         if own:
             dist.close()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says memory ran out: a device's (torch.OutOfMemoryError), Python's (MemoryError),
+    or torch's CPU allocator's, which raises a plain RuntimeError naming itself."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(e)
 
 
 def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ must hit a precise moment (a real signal at an epoch boundary, a kill during a c
                                                again empty) while batch STEP of EPOCH is fetched
     CIFAR_DIST_FAULT=fill_disk:EPOCH:STEP:FILE  FILE (on the run dir's file system) grows until that file
                                                system is full, while batch STEP of EPOCH is fetched
+    CIFAR_DIST_FAULT=mkdir:EPOCH:STEP:NAME     a folder NAME made in the run dir then (where a file of that name goes)
     CIFAR_DIST_FAULT=deny_writes:EPOCH:STEP    the run dir and its checkpoints folder made read-only
                                                (mode 555) then; run it without root's override
                                                (`setpriv --bounding-set -dac_override`)
@@ -68,6 +69,8 @@ def main() -> int:
         at_batch(int(args[0]), int(args[1]), lambda: remove_run_dir(replace=args[2:] == ["replace"]))
     elif kind == "fill_disk":
         at_batch(int(args[0]), int(args[1]), lambda: fill(Path(args[2])))
+    elif kind == "mkdir":
+        at_batch(int(args[0]), int(args[1]), lambda: (run_dir() / args[2]).mkdir())
     elif kind == "deny_writes":
         at_batch(int(args[0]), int(args[1]), lambda: [d.chmod(0o555) for d in (run_dir(), run_dir() / "checkpoints")
                                                       if d.is_dir()])
