@@ -3,10 +3,20 @@ moments of a tiny training run (real signals and kills, injected by tests/helper
 each run restarted until it finishes, then compared with the uninterrupted run.
 
     python benchmarks/fault_campaign.py --trials 120 --seed 0 [--kinds step eval ...] [--jobs 2] [--slurm]
+    python benchmarks/fault_campaign.py --trials 30 --seed 0 --kinds run_dir_removed disk_full no_permission
     python benchmarks/fault_campaign.py --seed 0 --only 17       # rerun trial 17 of that campaign
 
 --search adds the search kinds (search_faults.py, as root): a two-trial study whose workers'
 clocks disagree (clock_skew), or whose journal cannot be written for seconds (journal_errors).
+
+The storage kinds (as root) take the run's files away from it at a drawn step: `run_dir_removed`
+deletes the run dir (and half the time makes it again, empty: replaced); `disk_full` fills the
+small tmpfs the run dir lives on (`mount -t tmpfs`, one per trial); `no_permission` makes the run
+dir and its checkpoints folder read-only while the run trains without root's right to override
+that (`setpriv --bounding-set -dac_override`). The faulted run must stop with exit 2, one `error:`
+line naming the cause and no traceback, leaving no temporary file; then the fault is undone (the
+filler deleted, the permissions given back; a removed run dir stays removed) and the same command
+run until it finishes identical to the uninterrupted run.
 
 --slurm adds the kinds that need the dev cluster (slurm/dev-cluster.sh, started and stopped here,
 as root): a one-point sweep on it is pre-empted (`scancel --signal=USR2`, Slurm's time-limit and
@@ -57,6 +67,12 @@ from cifar_dist.sweep.record import load_record  # noqa: E402
 
 KINDS = ("step", "eval", "checkpoint", "decode", "damaged", "rank_kill")
 SLURM_KINDS = ("slurm_preempt", "slurm_requeue", "slurm_cancel")  # --slurm: a sweep point on the dev cluster
+STORAGE_KINDS = ("run_dir_removed", "disk_full", "no_permission")  # as root: the run's files taken away from it
+# What the one `error:` line of a storage kind's faulted run must say.
+REFUSALS = {"run_dir_removed": "was removed or replaced while the run was writing in it",
+            "disk_full": "(No space left on device)", "no_permission": "(Permission denied)"}
+TMPFS_SIZE = "24m"  # disk_full: the run dir's file system; the run needs ~6 MB (3 checkpoints of 1.3 MB, model.pt, plots)
+NO_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  # root, but bound by file permissions
 SIGNALS = ("KILL", "TERM", "USR1")
 DAMAGES = ("flip", "truncate", "no_marker")
 EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 20, 7  # 1,280 images / 64 per step; a checkpoint every 7 steps
@@ -127,13 +143,19 @@ def draw(kind: str, rng: random.Random) -> Fault:
     if kind == "rank_kill":
         s, rank = rng.randrange(TOTAL), rng.randrange(2)
         return Fault(kind, f"signal_at:KILL:{s // STEPS_PER_EPOCH}:{s % STEPS_PER_EPOCH}:{rank}", s, ranks=2)
+    if kind in STORAGE_KINDS:  # while batch s is fetched: s steps done, the last checkpoint before them kept
+        s = rng.randrange(TOTAL)
+        at = f"{s // STEPS_PER_EPOCH}:{s % STEPS_PER_EPOCH}"
+        spec = {"run_dir_removed": f"remove_dir:{at}" + rng.choice(("", ":replace")),
+                "disk_full": f"fill_disk:{at}:FILLER", "no_permission": f"deny_writes:{at}"}[kind]
+        return Fault(kind, spec, s)
     if kind in SLURM_KINDS:  # sent once the point has trained s steps, in its first 80%
         s = rng.randrange(10, SLURM_EPOCHS * STEPS_PER_EPOCH * 4 // 5)
         return Fault(kind, f"{kind.removeprefix('slurm_')} after step {s}", s)
-    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS + SLURM_KINDS + SEARCH_KINDS)}")
+    raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS + SLURM_KINDS + SEARCH_KINDS + STORAGE_KINDS)}")
 
 
-def reference_key(kind: str) -> str:
+def reference_key(kind: str) -> str:  # STORAGE_KINDS: the plain run's
     return "slurm" if kind in SLURM_KINDS else "search" if kind in SEARCH_KINDS else "2" if kind == "rank_kill" else "1"
 
 
@@ -182,6 +204,8 @@ def run_trial(index: int, seed: int, kinds: Sequence[str], work: Path, reference
     args = [*CONFIG, f"run.dir={run_dir}"]
     if fault.kind == "decode":  # an empty cache of its own, so the data really is decoded
         env = {**env, "CIFAR_DIST_CACHE": str(work / f"cache_{index:04d}")}
+    if fault.kind in STORAGE_KINDS:
+        return run_storage_trial(index, fault, work, references["1"], env)
     first = execute([*command(fault.ranks, True), *args], {**env, "CIFAR_DIST_FAULT": fault.spec})
     trial = Trial(index, fault, [first.returncode], 0)
     reached = fault.reached
@@ -199,6 +223,64 @@ def run_trial(index: int, seed: int, kinds: Sequence[str], work: Path, reference
         trial.redone = max(0, reached - (resumed_at[0] if resumed_at else 0))
     trial.problems += compare(references[reference_key(fault.kind)], run_dir)
     return trial
+
+
+def run_storage_trial(index: int, fault: Fault, work: Path, reference: Path, env: dict[str, str]) -> Trial:
+    """The run's files taken away at a drawn step (STORAGE_KINDS); the faulted run must refuse in
+    one line, leaving nothing half-written; with the fault undone, restarts must end identical."""
+    with storage(fault.kind, work / f"trial_{index:04d}") as root:
+        run_dir, filler = root / "run", root / "filler"
+        args = [*CONFIG, f"run.dir={run_dir}"]
+        cmd = [*NO_OVERRIDE, *command(1, True)] if fault.kind == "no_permission" else command(1, True)
+        first = execute([*cmd, *args], {**env, "CIFAR_DIST_FAULT": fault.spec.replace("FILLER", str(filler))})
+        trial = Trial(index, fault, [first.returncode], 0)
+        trial.problems += refusal_problems(fault.kind, first, run_dir)
+        filler.unlink(missing_ok=True)  # the fault undone: space freed, permissions given back
+        for d in (run_dir, run_dir / checkpoint.CHECKPOINTS):
+            if d.is_dir():
+                d.chmod(0o755)
+        resumed_at: list[int] = []
+        for _ in range(MAX_RESTARTS):
+            if RunDir(run_dir).summary():
+                break
+            resumed_at += restart(run_dir, [*command(1, False), *args], env, trial)
+        else:
+            trial.problems.append(f"not finished after {MAX_RESTARTS} restarts")
+        trial.redone = max(0, fault.reached - (resumed_at[0] if resumed_at else 0))
+        trial.problems += compare(reference, run_dir)
+    return trial
+
+
+@contextlib.contextmanager
+def storage(kind: str, root: Path) -> Iterator[Path]:
+    """The folder a storage trial's run dir goes in: for `disk_full`, a tmpfs of its own, unmounted after."""
+    root.mkdir(parents=True)
+    if kind != "disk_full":
+        yield root
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(root)], check=True,
+                   capture_output=True, timeout=60)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", str(root)], check=True, capture_output=True, timeout=60)
+
+
+def refusal_problems(kind: str, proc: subprocess.CompletedProcess, run_dir: Path) -> list[str]:
+    """How the faulted run of a storage kind failed to refuse in one line, leaving nothing half-written."""
+    problems = []
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 2:
+        problems.append(f"the faulted run exited {proc.returncode}, not 2")
+    if "Traceback" in proc.stderr:
+        problems.append("a traceback: " + " | ".join(lines[-2:])[-300:])
+    if not lines or not lines[-1].startswith("error:") or REFUSALS[kind] not in lines[-1]:
+        problems.append(f"its last line is not the refusal: {lines[-1:]}")
+    leftovers = [str(p) for p in run_dir.rglob(".*tmp*")] if run_dir.is_dir() else []
+    problems += [f"left behind: {p}" for p in leftovers]
+    if kind == "run_dir_removed" and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        problems.append(f"wrote into the replaced run dir: {sorted(p.name for p in run_dir.iterdir())}")
+    return problems
 
 
 def run_slurm_trial(index: int, fault: Fault, work: Path, reference: Path, env: dict[str, str]) -> Trial:
@@ -389,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kinds", nargs="+", choices=KINDS + SLURM_KINDS + SEARCH_KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS + SLURM_KINDS + SEARCH_KINDS + STORAGE_KINDS,
+                        default=list(KINDS))
     parser.add_argument("--slurm", action="store_true", help=f"add {', '.join(SLURM_KINDS)} (the dev cluster, as root)")
     parser.add_argument("--search", action="store_true", help=f"add {', '.join(SEARCH_KINDS)} (studies, as root)")
     parser.add_argument("--only", type=int, nargs="+", help="rerun these trials of the campaign (no table appended)")
@@ -400,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         args.kinds += [k for k in SLURM_KINDS if k not in args.kinds]
     if args.search:
         args.kinds += [k for k in SEARCH_KINDS if k not in args.kinds]
+    if set(args.kinds) & set(STORAGE_KINDS) and os.geteuid() != 0:
+        parser.error(f"{', '.join(STORAGE_KINDS)} mount a tmpfs and drop root's rights: run as root")
     indices = args.only or list(range(args.trials))
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fault-campaign-") as tmp:

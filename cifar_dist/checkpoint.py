@@ -30,7 +30,7 @@ import torch
 
 from cifar_dist.errors import UserError
 from cifar_dist.metrics import direction
-from cifar_dist.rundir import CHECKPOINTS, MODEL, fsync_dir, load_weights, write_atomic
+from cifar_dist.rundir import CHECKPOINTS, MODEL, fsync_dir, load_weights, torch_bytes, write_atomic, writing
 
 MARKER = "COMPLETE"
 STATE = "state.pt"
@@ -51,26 +51,40 @@ def checkpoint_dir(run_dir: Path) -> Path:
 def save(run_dir: Path, step: int, state: dict[str, Any], keep: int, test_accuracy: float | None = None, *,
          test_loss: float | None = None, best_by: str = "test_accuracy") -> Path:
     """Write `state` as the checkpoint of `step`: temp dir, fsync, rename, marker last; then prune,
-    keeping the newest `keep` and the best by `best_by` (a metric the markers hold)."""
+    keeping the newest `keep` and the best by `best_by` (a metric the markers hold). A write that
+    fails (disk full, no permission) is a one-line WriteError naming the checkpoint and the cause,
+    and leaves no part of it behind (a retry needs the space again); older checkpoints stay."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     if (final / MARKER).exists() and _problem(final, verify=True) is None:
         return final  # already written and whole (a resume that saves the step it resumed from)
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    with writing(f"checkpoint {final}"):
+        root.mkdir(exist_ok=True)  # not its parents: a run dir that is gone is not made again
+        try:
+            _write(tmp, final, torch_bytes(state))
+            marker = {"step": step, "size": (final / STATE).stat().st_size, "sha256": file_sha256(final / STATE),
+                      "test_accuracy": test_accuracy, "test_loss": test_loss, "saved_at": time.time()}
+            write_atomic(final / MARKER, json.dumps(marker))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / MARKER).exists():
+                shutil.rmtree(final, ignore_errors=True)
+            raise
+    prune(run_dir, keep, best_by)
+    return final
+
+
+def _write(tmp: Path, final: Path, state: bytes | memoryview) -> None:
+    """The state file in a temporary folder, then the folder renamed to `final`, each durably."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(state, tmp / STATE)
+    (tmp / STATE).write_bytes(state)
     _fsync(tmp / STATE)
     if final.exists():
         shutil.rmtree(final)  # a marker-less leftover of a killed write
     os.rename(tmp, final)
-    fsync_dir(root)
-    marker = {"step": step, "size": (final / STATE).stat().st_size, "sha256": file_sha256(final / STATE),
-              "test_accuracy": test_accuracy, "test_loss": test_loss, "saved_at": time.time()}
-    write_atomic(final / MARKER, json.dumps(marker))
-    prune(run_dir, keep, best_by)
-    return final
+    fsync_dir(final.parent)
 
 
 def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[Checkpoint, dict[str, Any]] | None:

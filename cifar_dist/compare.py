@@ -341,7 +341,11 @@ def _compare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     runs = load_runs(find_runs(args.paths))
     out = args.out or next((p for p in args.paths if not RunDir(p).is_run()), Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a file on the way, no permission
+        why = "a file of that name is there" if out.is_file() else e.strerror
+        raise UserError(f"--out: cannot make the folder {out} ({why}); name a folder for the plots") from None
     print(compare_tables(runs))
     study = any(r.trial for r in runs)
     if study:

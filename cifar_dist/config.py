@@ -295,7 +295,7 @@ def validate(cfg: Config) -> None:
 
     def need(ok: bool, key: str, problem: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}: {problem}, got {_get(cfg, key)!r}")
+            raise ConfigError(f"{key}: {problem}, got {schema.shown(_get(cfg, key))}")
 
     def one_of(key: str, allowed: tuple[str, ...]) -> None:
         need(_get(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")

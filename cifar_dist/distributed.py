@@ -94,6 +94,21 @@ def check_asked_for(env: Mapping[str, str]) -> None:
             f"would train alone: start it as `srun python -m cifar_dist.train ...` (one task per rank), or ask for one task")
 
 
+def launched_world_size(env: Mapping[str, str]) -> int:
+    """The number of processes a launcher started (WORLD_SIZE; 1 without one). A WORLD_SIZE that is
+    no number, or above 1 without the variables every launcher sets beside it (a value left over in a
+    shell, a job script that exports it by hand), is refused: the process group could never form."""
+    raw = env.get("WORLD_SIZE", "1")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise DistributedError(f"WORLD_SIZE={raw[:40]!r} is not a number of processes; unset it, or start the ranks "
+                               "with torchrun or accelerate launch, which set it")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if int(raw) > 1 and missing:
+        raise DistributedError(f"WORLD_SIZE={int(raw)} is set but {', '.join(missing)} not: no launcher started this "
+                               "process; start the ranks with torchrun, accelerate launch or srun, or unset WORLD_SIZE")
+    return int(raw)
+
+
 def _expand_counts(counts: str) -> list[int]:
     out: list[int] = []
     for item in counts.split(","):
@@ -134,7 +149,7 @@ class Distributed:
         if "WORLD_SIZE" not in os.environ:  # no launcher: maybe the tasks of one `srun -n N` step
             os.environ.update(slurm_task_environment())
         check_asked_for(os.environ)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = launched_world_size(os.environ)
         if cpu and launched > 1 and "OMP_NUM_THREADS" not in os.environ:
             # N ranks on one machine share its cores; accelerate would warn and pick this itself.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", launched))

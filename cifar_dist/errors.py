@@ -9,6 +9,7 @@ exit into 1.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class ConfigError(UserError):
 def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a command's main; a UserError becomes its one line on stderr (rank 0) and exit code 2.
     The exit code is recorded for `cifar-dist launch`: 1 for an exception (130: a second Ctrl-C), which propagates."""
+    tolerant_output()
     try:
         code = command(argv)
     except UserError as e:
@@ -72,3 +74,11 @@ def read_outcomes(folder: Path) -> dict[int, int]:
         if rank.isdigit() and text.lstrip("-").isdigit():
             out[int(rank)] = int(text)
     return out
+
+
+def tolerant_output() -> None:
+    """Text the output's encoding cannot show (a class named "café" on an ASCII stdout: LC_ALL=C
+    without Python's UTF-8 mode) is printed escaped (caf\\xe9) rather than ending the command."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.json and not args.json.parent.is_dir():
         raise UserError(f"--json: folder {args.json.parent} does not exist")
+    if args.json and args.json.is_dir():  # told now, not after the evaluation
+        raise UserError(f"--json: {args.json} is a folder; name the file to write")
     # The run's config: beside model.pt, or two levels up from checkpoints/step_N/state.pt.
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     saved = next((p for p in (run_dir / CONFIG, run_dir.parent.parent / CONFIG) if p.is_file()), None)

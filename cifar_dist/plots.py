@@ -4,29 +4,40 @@ draws. Matplotlib is imported by `pyplot()` when a plot is drawn, not with this 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 from cifar_dist.metrics import MANY_CLASSES
-from cifar_dist.rundir import CLASS_PLOT, LOSS_PLOT, RunDir
+from cifar_dist.rundir import CLASS_PLOT, LOSS_PLOT, RunDir, write_atomic
 
 INCHES_PER_CLASS = 0.16  # width of a class on a per-class axis once there are many (7-point labels fit)
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display on cluster nodes), imported on first use."""
+    """matplotlib.pyplot on the file-only Agg backend (no display on cluster nodes), imported on first
+    use. Text is drawn as written: a class or run named with `$` signs is a name, not TeX to parse."""
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def write_plots(run: RunDir) -> None:
-    """The plots the trainer leaves in a finished run's directory."""
+def save_png(fig: Any, path: Path) -> None:
+    """`fig` as a PNG at `path`, atomically (a full disk leaves no half picture), and closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    write_atomic(path, buffer.getbuffer())
+
+
+def write_plots(run: RunDir, summary: dict[str, Any]) -> None:
+    """The plots the trainer leaves in a run's directory before its summary.json (`summary`)."""
     plot_loss(run)
-    plot_class_accuracy(run)
+    plot_class_accuracy(run, summary)
 
 
 def plot_loss(run: RunDir) -> None:
@@ -42,16 +53,14 @@ def plot_loss(run: RunDir) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run / LOSS_PLOT)
-    plt.close(fig)
+    save_png(fig, run / LOSS_PLOT)
 
 
-def plot_class_accuracy(run: RunDir) -> None:
+def plot_class_accuracy(run: RunDir, summary: dict[str, Any]) -> None:
     """per_class_accuracy.png: the final test accuracy of each class, the overall one dashed across;
     past MANY_CLASSES classes, best first (the spread reads at a glance, a class is found by its rank)
     on a figure that widens with the classes."""
     plt = pyplot()
-    summary = run.summary()
     per_class = summary["per_class_accuracy"]
     many = len(per_class) > MANY_CLASSES
     if many:
@@ -64,8 +73,7 @@ def plot_class_accuracy(run: RunDir) -> None:
     ax.set_xlim(-0.7, len(per_class) - 0.3)
     ax.tick_params(axis="x", rotation=90 if many else 45, labelsize=7 if many else None)
     fig.tight_layout()
-    fig.savefig(run / CLASS_PLOT)
-    plt.close(fig)
+    save_png(fig, run / CLASS_PLOT)
 
 
 GRID_IMAGE = 0.64  # inches per 32-pixel image at 100 dpi: exactly 2x, no resampling blur
@@ -96,5 +104,4 @@ def plot_image_grid(images: Any, classes: list[str], title: str, out: Path) -> N
         ax.imshow(strip, interpolation="nearest", aspect="auto")
         ax.set_axis_off()
         ax.set_title(classes[c], fontsize=8, loc="left", pad=2)
-    fig.savefig(out)
-    plt.close(fig)
+    save_png(fig, out)

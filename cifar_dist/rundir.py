@@ -16,8 +16,11 @@
     <run dir>/profile/         trace.json and ops.txt of `profile.steps` (debug/profiler.py)
 
 Every whole-file write is atomic and durable (`write_atomic`: temporary file, fsync, rename,
-fsync of the folder), so a kill or a power cut leaves the old file or the new one. metrics.jsonl
-is appended a line at a time; `read_jsonl` is its one reader, tolerant of a last line torn by a kill.
+fsync of the folder), so a kill or a power cut leaves the old file or the new one; a write that fails
+(a full disk, a quota, no permission) leaves the old file and no temporary one, and `writing` turns
+its OSError into one line naming the file and the cause. metrics.jsonl is appended a line at a time;
+`read_jsonl` is its one reader, tolerant of a last line torn by a kill. A run notices when its
+directory is removed or replaced under it (`RunDir.ensure_present`, `MetricsFile.append`) and stops.
 `.lock` is an fcntl.flock of our own, not filelock's: a refused start reads the holder's name back from
 the file, which filelock (up to 3.29.7) truncates on every attempt that fails to take the lock.
 """
@@ -27,11 +30,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,13 +64,27 @@ class RunDirError(UserError):
     """The run directory cannot be used; nothing was written."""
 
 
+class WriteError(RunDirError):
+    """A write into the run directory failed (disk full, quota, no permission, read-only); what was
+    written before it stands, and nothing half-written is left."""
+
+
+class RunDirGone(RunDirError):
+    """The run directory was removed or replaced while the run was writing in it."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"run.dir: {path} was removed or replaced while the run was writing in it; stopped without "
+                         "writing anything more (run the same command to start the run again)")
+
+
 class RunDir:
     """A run directory and the files in it."""
 
-    def __init__(self, path: Path | str, run_id: str = "", created: bool = False):
+    def __init__(self, path: Path | str, run_id: str = "", created: bool = False, fresh: bool = False):
         self.path = Path(path)
         self.run_id = run_id
         self.created = created  # this process made the directory (a failed start removes it)
+        self.fresh = fresh  # it held no run when this process took it (a failed start empties it again)
         self._lock: Any = None  # the open, flocked .lock file while this process holds the run
 
     def __truediv__(self, name: str) -> Path:
@@ -118,23 +136,60 @@ class RunDir:
             self._lock.close()
             self._lock = None
 
+    def is_present(self) -> bool:
+        """Whether the directory at `path` is still the one this process locked (not removed, not
+        replaced by another); true where this process holds no lock (ranks > 0). The held lock file's
+        inode cannot be reused while it is open, so finding it at `path/.lock` is proof."""
+        return self._lock is None or still_linked(self.path / LOCK, self._lock)
+
+    def ensure_present(self) -> None:
+        """Raise RunDirGone when the directory is no longer the one this process locked."""
+        if not self.is_present():
+            raise RunDirGone(self.path)
+
 
 # ---------------------------------------------------------------------------- writing
 
 
+@contextlib.contextmanager
+def writing(what: str | Path | None = None) -> Iterator[None]:
+    """An OSError inside (no space left, a quota, no permission, a read-only file system) becomes a
+    one-line WriteError naming `what` (by default the file the error names) and the cause."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"cannot write {what or e.filename or 'into the run dir'} ({e.strerror or e}); everything "
+                         "written before stays: free space (or fix the permissions) and run the same command to go on "
+                         "from the last checkpoint") from None
+
+
+def still_linked(path: Path, f: Any) -> bool:
+    """Whether the open file `f` is still the file at `path` (not deleted, its folder not removed or replaced)."""
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    held = os.fstat(f.fileno())
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Replace `path` with `data` all at once, durably: a reader never sees half a file."""
-    _replace(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
+    _replace(path, data.encode() if isinstance(data, str) else data)
 
 
-def _replace(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write` a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
+def _replace(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the
+    folder. A failure (an OSError naming `path`) leaves `path` as it was and no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None  # the file meant, not its temporary name
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -162,17 +217,27 @@ class MetricsFile:
         self.path = path
         self.previous = read_jsonl(path)  # every whole record a previous process wrote
         kept = self.previous[:keep]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        with writing(path):
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._file = open(path, "a")  # noqa: SIM115 - closed in close()
         self.records = list(kept)
-        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
 
     @property
     def lines(self) -> int:
         return len(self.records)
 
     def append(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """One record, flushed; RunDirGone when the file is no longer in the run dir (it was removed)."""
+        if not still_linked(self.path, self._file):
+            raise RunDirGone(self.path.parent)
+        try:
+            with writing(self.path):
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+        except WriteError:
+            with contextlib.suppress(OSError):  # closed now: its unwritten buffer must not fail again at exit
+                self._file.close()
+            raise
         self.records.append(record)
 
     def close(self) -> None:
@@ -251,9 +316,17 @@ def content_digest(contents: dict[str, Any]) -> str:
 
 def torch_save_atomic(path: Path, obj: Any) -> None:
     """`torch.save` with `write_atomic`'s promise: the old file or the whole new one, durably."""
+    _replace(path, torch_bytes(obj))
+
+
+def torch_bytes(obj: Any) -> memoryview:
+    """`torch.save`'s file, made in memory: written by Python, a full disk is an OSError that says so
+    (torch's own file writer reports it as a RuntimeError, "unexpected pos")."""
     import torch
 
-    _replace(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
 
 
 def load_weights(path: Path) -> Any:

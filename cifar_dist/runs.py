@@ -23,7 +23,7 @@ from cifar_dist.config import Config, config_from_dict, result_keys
 from cifar_dist.distributed import Distributed
 from cifar_dist.errors import ConfigError
 from cifar_dist.precision import resolve as resolve_precision
-from cifar_dist.rundir import CONFIG, ENV, LOCK, RunDir, RunDirError, write_atomic, write_json
+from cifar_dist.rundir import CONFIG, ENV, LOCK, RunDir, RunDirError, write_atomic, write_json, writing
 
 
 def open_run(cfg: Config, dist: Distributed) -> RunDir:
@@ -43,15 +43,15 @@ def _claim(cfg: Config) -> RunDir | str:
     """Rank 0: the run dir, locked by this process; or the one-line reason it cannot be used."""
     run_id = cfg.run.id or uuid.uuid4().hex[:8]
     path = Path(cfg.run.dir or f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
-    if path.exists() and not path.is_dir():
-        return f"run.dir: {path} exists and is not a directory"
-    created = not path.exists()
-    try:
+    try:  # a name longer than the file system allows fails even the look (ENAMETOOLONG)
+        if path.exists() and not path.is_dir():
+            return f"run.dir: {path} exists and is not a directory"
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"run.dir: cannot create {path} ({e.strerror})"
     had_lock = (path / LOCK).exists()
-    run = RunDir(path, created=created)
+    run = RunDir(path, created=created, fresh=not (path / CONFIG).exists())
     try:
         run.lock()
         run.run_id = _check_existing(cfg, path, run_id)  # under the lock: no other run changes it meanwhile
@@ -98,18 +98,29 @@ def _take_back(path: Path, created: bool, had_lock: bool) -> None:
 
 
 def abandon(run: RunDir, dist: Distributed) -> None:
-    """A start that failed before `record_start`: leave no trace (rank 0)."""
+    """A start that failed (before its first step): leave no trace of it (rank 0). A new run's
+    directory goes, or is emptied when it was there before (it then held nothing but a lock file);
+    a run that was resumed keeps everything it had."""
     if dist.is_main:
+        ours = run.is_present()  # a directory removed or replaced meanwhile is not this run's to clean
         run.unlock()
-        _take_back(run.path, run.created, had_lock=True)
+        if ours and run.fresh and not run.created:
+            for entry in run.path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.name != LOCK:
+                    entry.unlink()
+        if ours:
+            _take_back(run.path, run.created, had_lock=True)
 
 
 def record_start(run: RunDir, cfg: Config, dist: Distributed) -> None:
     """config.yaml (resolved) and env.json, by rank 0; the others wait for them."""
     def write() -> None:
         run.name_holder()
-        write_atomic(run / CONFIG, cfg.to_yaml())
-        write_json(run / ENV, environment(cfg, dist))
+        with writing():
+            write_atomic(run / CONFIG, cfg.to_yaml())
+            write_json(run / ENV, environment(cfg, dist))
 
     dist.main_only(write)
 

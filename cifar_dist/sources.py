@@ -32,8 +32,10 @@ from cifar_dist.errors import UserError
 
 IMAGE_SIZE = 32  # pixels; other sizes are resized on decode
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-# Greyscale modes Pillow opens 16-bit images in ("I": older Pillow's 16-bit PNG); its convert("RGB") clips them at 255.
-WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+# Greyscale modes of more than 8 bits ("I": 32-bit TIFF, older Pillow's 16-bit PNG; "F": 32-bit float TIFF); Pillow's
+# convert("RGB") clips them at 255 (wide_to_8bit reads them instead).
+WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+IMAGE_READER = 2  # bump when read_image decodes some file differently (2: modes "I" and "F" by their range)
 STATS_DECIMALS = 4  # plenty for normalising, and short enough to read in model.pt and `data prepare`
 # Statistics within this of CIFAR-10's constants, each of the six, are CIFAR-10's (the original: 4e-5 off;
 # the JPEG archive: 0.0018 off) and keep the constants: its runs keep their results. CIFAR-100 (published) is 0.02 off.
@@ -265,8 +267,14 @@ def _download(root: Path, layout: PickleLayout) -> None:
 
 
 def _imagefolder_files(o: SourceOptions) -> list:
+    """The files the reader reads, found as it finds them: a class folder that is a symbolic link is
+    followed by both (rglob would skip it, and images added to it would leave a stale cache)."""
     root = Path(o.path).resolve()
-    return files_identity([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()))
+    if root.is_file():
+        return [IMAGE_READER, *files_identity([root])]
+    members = _folder_members(root)
+    return [IMAGE_READER, *files_identity([src for by_class in members.values() for items in by_class.values()
+                                           for _, src in items])]
 
 
 @register("imagefolder", identity=_imagefolder_files)
@@ -305,8 +313,15 @@ def _folder_members(root: Path) -> Members:
         out[split] = {}
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            out[split][class_dir.name] = [(str(p), p) for p in images]
+            out[split][class_name(class_dir.name)] = [(str(p), p) for p in images]
     return out
+
+
+def class_name(name: str) -> str:
+    """A class's name from its folder's name, decoded as UTF-8 whatever the locale: under LC_ALL=C
+    without Python's UTF-8 mode a file name's non-ASCII bytes arrive as lone surrogates, which no
+    plot or JSON reader shows, and the same data would get other names in another locale."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
 
 
 def _tar_members(path: Path) -> Members:
@@ -318,11 +333,11 @@ def _tar_members(path: Path) -> Members:
                 # Any leading folder is accepted: .../train/<class>/<file>, .../test/<class>/<file>.
                 parts = Path(m.name).parts
                 if m.isdir() and len(parts) >= 2 and parts[-2] in ("train", "test"):
-                    out.setdefault(parts[-2], {}).setdefault(parts[-1], [])
+                    out.setdefault(parts[-2], {}).setdefault(class_name(parts[-1]), [])
                 elif (m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test")
                       and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
                     data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                    out.setdefault(parts[-3], {}).setdefault(parts[-2], []).append((f"{path}:{m.name}", data))
+                    out.setdefault(parts[-3], {}).setdefault(class_name(parts[-2]), []).append((f"{path}:{m.name}", data))
             end = tar.offset  # where the member headers stopped
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable tar archive ({e})") from None
@@ -374,12 +389,33 @@ def _decode_image(name: str, src: bytes | Path) -> np.ndarray:
 def read_image(src: bytes | Path) -> np.ndarray:
     """An image file's bytes or path as RGB uint8 (32, 32, 3), whatever its size, mode or bit depth."""
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        if im.mode in WIDE_MODES:  # 16-bit greyscale: keep the high byte, as Pillow does for 16-bit RGB
-            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+        if im.mode in WIDE_MODES:
+            im = Image.fromarray(wide_to_8bit(np.asarray(im), im.mode))
         im = im.convert("RGB")
         if im.size != (IMAGE_SIZE, IMAGE_SIZE):
             im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
+
+
+def wide_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """A greyscale image of more than 8 bits as uint8 (Pillow's convert clips such values at 255).
+    16-bit modes keep their high byte, as Pillow does for 16-bit RGB. Modes "I" (32-bit integers) and
+    "F" (32-bit floats) say nothing of the range their values use, so the image's own values decide:
+    the smallest of [0, 1] (floats only), [0, 255] and [0, 65535] that holds them is full scale, so
+    a 32-bit TIFF of 8-bit values stays as bright as it is, not black. Values that are negative, not
+    finite or beyond 16 bits are refused: no full scale can be read from them."""
+    if mode.startswith("I;16"):
+        return (pixels.astype(np.int64) >> 8).astype(np.uint8)
+    values = pixels.astype(np.float64)
+    if not np.isfinite(values).all() or values.min() < 0:
+        raise DataError(f"mode {mode} pixels from {values.min():g} to {values.max():g}: negative or not finite, "
+                        "no brightness to read from them")
+    if mode == "F" and values.max() <= 1:
+        return np.rint(values * 255).astype(np.uint8)
+    bits = next((b for b in (8, 16) if values.max() < 2**b), None)
+    if bits is None:  # a 32-bit range: which part of it the image meant to use is anyone's guess
+        raise DataError(f"mode {mode} pixels up to {values.max():g}, beyond 16 bits: save it with 8 or 16 bits a pixel")
+    return (values.astype(np.int64) >> (bits - 8)).astype(np.uint8)  # the high byte, as for 16 bits
 
 
 # ---- synthetic: learnable, made here, for tests and demos

@@ -39,7 +39,7 @@ from cifar_dist.plots import write_plots
 from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_precision_warning
 from cifar_dist.precision import resolve as resolve_precision
 from cifar_dist.recipe import EMA, Lookahead, make_net, make_optimizer, make_step
-from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json
+from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json, writing
 from cifar_dist.runs import abandon, diff_result_keys, open_run, record_start
 from cifar_dist.state import TrainState
 from cifar_dist.trackers import Records, RunInfo, open_records
@@ -59,6 +59,10 @@ class NonFiniteLoss(UserError):
     """Training diverged (a NaN or infinite loss); the run stops without writing the bad state."""
 
 
+class OutOfMemory(UserError):
+    """The run does not fit in memory (host or device); a start that failed so leaves no run dir behind."""
+
+
 def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None = None, *,
           resume_from: Path | None = None) -> dict[str, Any]:
     """The summary; for a run that `on_eval` stopped, the summary with a "pruned" entry (also in
@@ -71,9 +75,23 @@ def train(cfg: Config, on_eval: EvalHook | None = None, dist: Distributed | None
     dist = dist or Distributed(cfg.train.device)
     try:
         return _train(cfg, dist, on_eval, resume_from)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        said = " ".join(str(e).split())
+        said = said[said.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in said else said  # not torch's C++ frame
+        raise OutOfMemory(f"out of memory on {dist.device.type} ({said[:160] or type(e).__name__}): lower "
+                          f"train.batch_size (now {cfg.train.batch_size}) or eval.batch_size (now {cfg.eval.batch_size} "
+                          "a rank), or choose a smaller model.name").with_traceback(e.__traceback__) from None
     finally:
         if own:
             dist.close()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says memory ran out: a device's (torch.OutOfMemoryError), Python's (MemoryError),
+    or torch's CPU allocator's, which raises a plain RuntimeError naming itself."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(e)
 
 
 def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None, resume_from: Path | None = None,
@@ -96,10 +114,10 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None, resu
         if dist.stop_requested():  # during start-up: nothing trained, nothing to save
             dist.print("stop signal during start-up; exiting for requeue")
             raise Stopped(str(run.path))
+        record_start(run, cfg, dist)
     except BaseException:
         abandon(run, dist)
         raise
-    record_start(run, cfg, dist)
     pos = state.position
     if (summary := run.summary()) and (pos.step >= cfg.train.epochs * batches.steps_per_epoch or "early_stop" in summary):
         early = f" (stopped early: {summary['early_stop']['reason']})" if "early_stop" in summary else ""
@@ -107,16 +125,21 @@ def _train(cfg: Config, dist: Distributed, on_eval: EvalHook | None = None, resu
         return summary
 
     info = RunInfo(run, cfg.run.name or run.path.name, cfg.to_dict(), data.classes, data.test_x, cfg.train.batch_size)
-    records = open_records(info, cfg.tracking, keep=pos.records, on_this_rank=dist.is_main)
-    loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
-                resumed=resumed, init_from=started, on_eval=on_eval)
-    result = loop.run()
+    try:
+        records = open_records(info, cfg.tracking, keep=pos.records, on_this_rank=dist.is_main)
+        loop = Loop(cfg, dist, run=run, data=data, batches=batches, state=state, model=model, records=records,
+                    resumed=resumed, init_from=started, on_eval=on_eval)
+        result = loop.run()
+    except BaseException:
+        if state.position.step == 0:  # the start failed (out of memory at the first batch, ...): no trace of it
+            abandon(run, dist)
+        raise
     summary = make_summary(loop, result)
     if loop.stop_reason:
         pos = state.position
         summary["pruned"] = {"step": pos.step, "epoch": pos.epoch, "reason": loop.stop_reason}
         dist.print(f"stopped early at step {pos.step} (epoch {pos.epoch}): {loop.stop_reason}")
-        dist.main_only(lambda: (write_json(run / PRUNED, summary), records.finish(summary)))
+        dist.main_only(lambda: (run.ensure_present(), write_json(run / PRUNED, summary), records.finish(summary)))
         return summary
     dist.main_only(lambda: finish_run(loop, summary))
     loop.console.finish(summary)
@@ -338,8 +361,9 @@ class Loop:
                  "started_from": self.started_from}
         scores = {"test_accuracy": result.accuracy, "test_loss": result.loss} if result is not None else {}
         best_by = cfg.train.early_stop.metric or "test_accuracy"
-        dist.main_only(lambda: checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, **scores,
-                                               best_by=best_by))
+        dist.main_only(lambda: (self.run_dir.ensure_present(),
+                                checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, **scores,
+                                                best_by=best_by)))
         self.last_save = time.monotonic()
 
     def warm_up(self) -> float:
@@ -463,13 +487,17 @@ def early_stop_summary(loop: Loop) -> dict[str, Any]:
 
 
 def finish_run(loop: Loop, summary: dict[str, Any]) -> None:
-    """Rank 0: the evaluated weights for `predict`, summary.json (last: the run is done), plots, the trackers' summary."""
+    """Rank 0: the evaluated weights for `predict`, plots, the trackers' summary, and summary.json
+    last: a run is finished once every output is written. A failure before it (a full disk) leaves
+    the run unfinished, and the same command completes it from the last checkpoint."""
     run, data = loop.run_dir, loop.data
-    save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.evaluated.state_dict(), data.stats.mean,
-               data.stats.std, weights=summary["weights"])
-    write_json(run / SUMMARY, summary)
-    loop.records.finish(summary)
-    write_plots(run)
+    run.ensure_present()
+    with writing():
+        save_model(run / MODEL, loop.cfg.model.name, data.classes, loop.evaluated.state_dict(), data.stats.mean,
+                   data.stats.std, weights=summary["weights"])
+        write_plots(run, summary)
+        loop.records.finish(summary)
+        write_json(run / SUMMARY, summary)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -21,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from cifar_dist.rundir import CONFIG, LOCK, METRICS, SUMMARY
-from tests.helpers import PY, ROOT, TINY
+from tests.helpers import FAULT_SCRIPT, PY, ROOT, TINY
 from tests.helpers.data import write_image_tree
 
 CLI = [PY, "-m", "cifar_dist.cli"]
@@ -43,6 +46,7 @@ class Case:
     said: str  # what the last line of stderr says
     setup: Callable[[Path], None] = lambda box: None
     changes: set[str] = field(default_factory=set)  # sandbox paths (glob patterns) the documented answer (re)writes
+    env: dict[str, str] = field(default_factory=dict)  # set for the command (a fault to inject, a stray variable)
 
 
 def sandbox_template(root: Path) -> Path:
@@ -125,6 +129,30 @@ def new_run(box: Path) -> str:
     return f"run.dir={box / 'new'}"
 
 
+FAULTED = [PY, str(ROOT / FAULT_SCRIPT), *TINY]  # a run with CIFAR_DIST_FAULT injected (tests/helpers/run_with_faults.py)
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join(['lol'] * 10)}]\n" for i in range(9))
+
+
+@functools.cache
+def memory_limit_kb() -> int:
+    """Virtual memory (ulimit -v) in which a run starts but a batch of 8,192 images through the medium
+    net (~5 GB of activations) cannot fit: what importing the trainer maps (torch's libraries: GBs of
+    address space) plus 1.5 GB."""
+    probe = ("import accelerate, cifar_dist.cli, cifar_dist.train; "
+             "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])")
+    return int(subprocess.run([PY, "-c", probe], capture_output=True, text=True, check=True).stdout) + 1_500_000
+
+
+def in_memory_limit(box: Path) -> list[str]:
+    return ["sh", "-c", f'ulimit -v {memory_limit_kb()} && exec "$@"', "sh", *TRAIN, "model.name=medium",
+            "data.synthetic_train=8192", "train.batch_size=8192", "train.device=cpu", new_run(box)]
+
+
+def wide_tiff(box: Path) -> None:
+    values = np.arange(32 * 32, dtype=np.int32).reshape(32, 32) * 1000  # up to ~10^6: beyond 16 bits
+    Image.fromarray(values, mode="I").save(box / "images" / "train" / "dog" / "0001.tif")
+
+
 CASES = [
     # ---- the config
     Case("unknown key", lambda b: [*TRAIN, "bogus=1", new_run(b)], 2, "error: bogus: unknown key"),
@@ -158,6 +186,16 @@ CASES = [
          "must hold a mapping", write("list.yaml", "- 1\n- 2\n")),
     Case("config file with a typo", lambda b: [*CLI, "train", "--config", str(b / "typo.yaml"), new_run(b)], 2,
          "train.lrr: unknown key", write("typo.yaml", "train: {lrr: 0.1}\n")),
+    Case("a config key given twice", lambda b: [*CLI, "train", "--config", str(b / "twice.yaml"), new_run(b)], 2,
+         "train is given twice (lines 1 and 3)", write("twice.yaml", "train: {lr: 0.1}\nseed: 1\ntrain: {epochs: 1}\n")),
+    Case("a config key in both spellings", lambda b: [*CLI, "train", "--config", str(b / "both.yaml"), new_run(b)], 2,
+         "train.lr is given twice (lines 1 and 3)", write("both.yaml", "train.lr: 0.1\ntrain:\n  lr: 0.2\n")),
+    Case("a billion laughs", lambda b: [*CLI, "train", "--config", str(b / "laughs.yaml"), new_run(b)], 2,
+         "aliases expand it to more than 10,000 nodes", write("laughs.yaml", LAUGHS + "run: {name: *l8}\n")),
+    Case("a config file that is not UTF-8", lambda b: [*CLI, "train", "--config", str(b / "latin1.yaml"), new_run(b)], 2,
+         "is not UTF-8 text (byte 0xe9 at offset 15)", write("latin1.yaml", "run: {name: caf\u00e9}\n".encode("latin-1"))),
+    Case("a config nested too deeply", lambda b: [*CLI, "train", "--config", str(b / "deep.yaml"), new_run(b)], 2,
+         "is nested too deeply", write("deep.yaml", "a: " + "[" * 3000 + "]" * 3000 + "\n")),
     # ---- data
     Case("an archive that is not one", lambda b: [*TRAIN, "data.source=imagefolder", f"data.path={b / 'junk.tar.gz'}",
                                                   new_run(b)], 2, "not a readable tar archive", not_a_tar, DECODES),
@@ -178,9 +216,21 @@ CASES = [
          changes=DECODES),
     Case("a batch larger than the data", lambda b: [*TRAIN, "train.batch_size=5000", new_run(b)], 2,
          "train.batch_size=5000 is larger than the training set"),
+    Case("an image of 32-bit values", lambda b: [*TRAIN, "data.source=imagefolder", f"data.path={b / 'images'}",
+                                                 new_run(b)], 2, "0001.tif: not a readable image", wide_tiff, DECODES),
+    Case("a batch that does not fit in memory", in_memory_limit, 2, "out of memory on cpu",
+         changes={"cache/synthetic-*"}),  # its data, valid, is decoded into the cache first
+    Case("WORLD_SIZE with no launcher", lambda b: [*TRAIN, new_run(b)], 2, "WORLD_SIZE=2 is set but",
+         env={"WORLD_SIZE": "2"}),
     # ---- the run directory
     Case("run.dir is a file", lambda b: [*TRAIN, f"run.dir={b / 'photo.png'}"], 2, "exists and is not a directory"),
     Case("run.dir under a file", lambda b: [*TRAIN, f"run.dir={b / 'photo.png' / 'run'}"], 2, "run.dir: cannot create"),
+    Case("a run.dir name too long", lambda b: [*TRAIN, f"run.dir={b / ('a' * 300)}"], 2,
+         "run.dir: cannot create"),
+    Case("the run dir removed mid-run", lambda b: [*FAULTED, new_run(b)], 2, "was removed or replaced while the run",
+         env={"CIFAR_DIST_FAULT": "remove_dir:0:7"}),
+    Case("the run dir replaced mid-run", lambda b: [*FAULTED, new_run(b)], 2, "was removed or replaced while the run",
+         changes={"new"}, env={"CIFAR_DIST_FAULT": "remove_dir:1:2:replace"}),
     Case("run.dir holds something else", lambda b: [*TRAIN, f"run.dir={b / 'images'}"], 2, "holds no cifar-dist run"),
     Case("run.dir holds another config", lambda b: [*TRAIN, "seed=9", f"run.dir={b / 'run'}"], 2,
          "holds a run with a different config (seed: 0 -> 9)"),
@@ -204,6 +254,8 @@ CASES = [
          changes={"cache/imagefolder-*"}),  # valid data is decoded into the cache before the classes are compared
     Case("evaluate with a bad override", lambda b: [*CLI, "evaluate", str(b / "run"), "eval.batch_size=0"], 2,
          "eval.batch_size: must be >= 1"),
+    Case("evaluate --json naming a folder", lambda b: [*CLI, "evaluate", str(b / "run"), "--json", str(b / "images")],
+         2, "is a folder; name the file to write"),
     # ---- predict
     Case("predict from nothing", lambda b: [*CLI, "predict", "--checkpoint", str(b / "none.pt"), str(b / "photo.png")],
          2, "no such checkpoint file"),
@@ -218,6 +270,8 @@ CASES = [
     # ---- compare
     Case("compare what is not a folder", lambda b: [*CLI, "compare", str(b / "photo.png")], 2, "not a directory"),
     Case("compare a folder without runs", lambda b: [*CLI, "compare", str(b / "images")], 2, "holds no run directory"),
+    Case("compare --out naming a file", lambda b: [*CLI, "compare", str(b / "run"), "--out", str(b / "photo.png")], 2,
+         "--out: cannot make the folder"),
     Case("compare an empty summary.json", lambda b: [*CLI, "compare", str(b / "run"), "--out", str(b / "plots")], 2,
          "summary.json: damaged", write(f"run/{SUMMARY}", "")),
     Case("compare a torn metrics.jsonl", lambda b: [*CLI, "compare", str(b / "run"), "--out", str(b / "plots")], 0, "",
@@ -230,6 +284,10 @@ CASES = [
          "name: 'a b' may hold only", spec_with(name="a b")),
     Case("spec with an unknown base", lambda b: [*SUBMIT, str(b / "spec.yaml"), "--sweep-dir", str(b / "sw")], 2,
          "base: unknown config 'nope'", spec_with(base="nope")),
+    Case("spec sweeping a key in both spellings", lambda b: [*SUBMIT, str(b / "twice.yaml"), "--sweep-dir", str(b / "sw")],
+         2, "sweep.grid.train.lr is given twice (lines 6 and 7)",
+         write("twice.yaml", "name: cat\ncluster: local\nbase: debug\nsweep:\n  grid:\n    train.lr: [0.1]\n"
+                             "    train: {lr: [0.2]}\nresources: {time_min: 30}\n")),
     Case("spec sweeping an unknown key", lambda b: [*SUBMIT, str(b / "spec.yaml"), "--sweep-dir", str(b / "sw")], 2,
          "train.lrr: unknown key", spec_with(sweep={"grid": {"train.lrr": [0.1]}})),
     Case("spec asking more nodes than the cluster has", lambda b: [*SUBMIT, str(b / "spec.yaml"), "--sweep-dir",
@@ -273,7 +331,7 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path):
     shutil.copytree(template, box, symlinks=True)
     case.setup(box)
     before = snapshot(box)
-    env = dict(os.environ, CIFAR_DIST_CACHE=str(box / "cache"), WANDB_MODE="offline")
+    env = dict(os.environ, CIFAR_DIST_CACHE=str(box / "cache"), WANDB_MODE="offline", **case.env)
     env.pop("SLURM_CONF", None)
     held = open(box / "run" / LOCK, "a") if case.name == "a busy run dir" else None  # noqa: SIM115
     if held:

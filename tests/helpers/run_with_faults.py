@@ -12,15 +12,27 @@ must hit a precise moment (a real signal at an epoch boundary, a kill during a c
     CIFAR_DIST_FAULT=signal_save:SIG:STEP:WHERE  SIG inside the checkpoint write of STEP, WHERE is
                                                before_rename (state written, not yet renamed into
                                                place) or before_marker (renamed, marker not written)
-The fault goes through the product's real code paths: a real signal, a real partial write.
+    CIFAR_DIST_FAULT=remove_dir:EPOCH:STEP[:replace]  the run dir is deleted (and, with `replace`, made
+                                               again empty) while batch STEP of EPOCH is fetched
+    CIFAR_DIST_FAULT=fill_disk:EPOCH:STEP:FILE  FILE (on the run dir's file system) grows until that file
+                                               system is full, while batch STEP of EPOCH is fetched
+    CIFAR_DIST_FAULT=mkdir:EPOCH:STEP:NAME     a folder NAME made in the run dir then (where a file of that name goes)
+    CIFAR_DIST_FAULT=deny_writes:EPOCH:STEP    the run dir and its checkpoints folder made read-only
+                                               (mode 555) then; run it without root's override
+                                               (`setpriv --bounding-set -dac_override`)
+The fault goes through the product's real code paths: a real signal, a real partial write, a real
+deletion, a really full file system.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 from cifar_dist import checkpoint, data, train
 from cifar_dist.errors import run_command
@@ -53,6 +65,15 @@ def main() -> int:
             return original_decode(cfg)
 
         data.decode = decode
+    elif kind == "remove_dir":
+        at_batch(int(args[0]), int(args[1]), lambda: remove_run_dir(replace=args[2:] == ["replace"]))
+    elif kind == "fill_disk":
+        at_batch(int(args[0]), int(args[1]), lambda: fill(Path(args[2])))
+    elif kind == "mkdir":
+        at_batch(int(args[0]), int(args[1]), lambda: (run_dir() / args[2]).mkdir())
+    elif kind == "deny_writes":
+        at_batch(int(args[0]), int(args[1]), lambda: [d.chmod(0o555) for d in (run_dir(), run_dir() / "checkpoints")
+                                                      if d.is_dir()])
     elif kind == "slow_save":
         target = int(args[0])
         original_write = checkpoint.write_atomic
@@ -82,6 +103,40 @@ def signal_at_batch(sig: signal.Signals, epoch: str, step: str, rank: str | None
         return original(self, e, s)
 
     data.TrainBatches.batch = batch
+
+
+def at_batch(epoch: int, step: int, act) -> None:
+    """`act()` while batch `step` of `epoch` is fetched (the first time only: a resumed run fetches it again)."""
+    original, done = data.TrainBatches.batch, []
+
+    def batch(self, e, s):
+        if (e, s) == (epoch, step) and not done:
+            done.append(1)
+            act()
+        return original(self, e, s)
+
+    data.TrainBatches.batch = batch
+
+
+def run_dir() -> Path:
+    """This command's run dir (its run.dir=... argument)."""
+    return Path(next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("run.dir=")))
+
+
+def remove_run_dir(replace: bool) -> None:
+    """The run dir deleted, as `rm -rf` would; made again, empty, with `replace`."""
+    shutil.rmtree(run_dir())
+    if replace:
+        run_dir().mkdir()
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its file system has no space left."""
+    block = bytes(1 << 16)
+    # Unbuffered: each write takes what still fits, the next one fails.
+    with open(path, "ab", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(block)
 
 
 def signal_in_save(sig: signal.Signals, step: int, where: str) -> None:

@@ -5,11 +5,13 @@ code 2, nothing written): tests/e2e/test_config.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 
 from cifar_dist.config import ConfigError, config_from_dict, config_hash, load_config, shipped_configs
+from cifar_dist.schema import load_yaml, shown
 from tests.helpers import PY, ROOT, run
 
 
@@ -142,3 +144,74 @@ def test_a_slurm_time_in_yaml_stays_text(tmp_path):
         load_config(str(tmp_path / "t.yaml"))
     (tmp_path / "t.yaml").write_text("run: {name: 2:00:00}\n")
     assert load_config(str(tmp_path / "t.yaml")).run.name == "2:00:00"
+
+
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join(['lol'] * 10)}]\n" for i in range(9))
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("train: {lr: 0.1}\nseed: 1\ntrain: {momentum: 0.5}\n", "train is given twice (lines 1 and 3)"),
+        ("train.lr: 0.1\ntrain:\n  lr: 0.2\n", "train.lr is given twice (lines 1 and 3)"),
+        ("train:\n  lr: 0.1\ntrain.lr: 0.2\n", "train.lr is given twice (lines 2 and 3)"),
+        ("tracking:\n  tags: [a]\n  tags: [b]\n", "tracking.tags is given twice (lines 2 and 3)"),
+    ],
+)
+def test_a_key_given_twice_in_either_spelling_is_refused(tmp_path, text, said):
+    f = tmp_path / "twice.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(str(f))
+
+
+def test_keys_given_once_in_both_spellings_and_merge_keys_still_load(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text("train.lr: 0.3\ntrain:\n  momentum: 0.8\n")
+    assert (load_config(str(f)).train.lr, load_config(str(f)).train.momentum) == (0.3, 0.8)
+    assert load_yaml("a: &a {x: 1, y: 2}\nb: {<<: *a, y: 3}\n")["b"] == {"x": 1, "y": 3}  # overriding a merge is its use
+
+
+def test_a_key_twice_in_an_override_value_is_refused():
+    with pytest.raises(ConfigError, match="tracking.tags: cannot parse .* is given twice"):
+        load_config("debug", ["tracking.tags={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize("where", ["top", "override"])
+def test_a_billion_laughs_is_refused_in_bounded_time_and_one_short_line(tmp_path, where):
+    """9 levels of 10 aliases: 10^9 strings once expanded. Refused before anything is built or
+    printed; the message stays short whatever the value would have been."""
+    f = tmp_path / "laughs.yaml"
+    f.write_text(LAUGHS + "run: {name: *l8}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(f)) if where == "top" else load_config("debug", [f"tracking.tags={LAUGHS.splitlines()[-1]}"])
+    assert len(str(caught.value)) < 400
+    if where == "top":
+        assert "aliases expand it to more than 10,000 nodes" in str(caught.value)
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    f = tmp_path / "loop.yaml"
+    f.write_text("tracking: {tags: &t [a, *t]}\n")
+    with pytest.raises(ConfigError, match="aliases expand it to more than"):
+        load_config(str(f))
+
+
+def test_a_long_value_is_cut_short_in_a_message(tmp_path):
+    f = tmp_path / "long.yaml"
+    f.write_text(f"train: {{epochs: {['x' * 10_000] * 1000}}}\n")
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer") as caught:
+        load_config(str(f))
+    assert len(str(caught.value)) < 300
+    assert shown("y" * 10_000).endswith("yyy'") and len(shown("y" * 10_000)) < 80
+
+
+def test_a_config_file_that_is_not_utf8_or_nested_too_deeply_is_one_error(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("run: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 15\)"):
+        load_config(str(tmp_path / "latin1.yaml"))
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(str(tmp_path / "deep.yaml"))
+    (tmp_path / "utf8.yaml").write_text("run: {name: caf\u00e9}\n", encoding="utf-8")
+    assert load_config(str(tmp_path / "utf8.yaml")).run.name == "caf\u00e9"

@@ -325,3 +325,41 @@ def test_16_bit_greyscale_decodes_as_its_8_bit_twin(tmp_path):
         assert im.mode.startswith("I")
     assert np.array_equal(read_image(tmp_path / "sixteen.png"), read_image(tmp_path / "eight.png"))
     assert read_image(tmp_path / "sixteen.png")[..., 0].std() > 50  # not clipped to white
+
+
+def test_images_added_to_or_removed_from_a_symlinked_class_folder_are_not_missed(tmp_path):
+    """The cache key lists the files the reader reads: a class folder that is a symbolic link is
+    followed by both, so a changed folder behind a link decodes again instead of reusing the cache."""
+    write_image_tree(tmp_path / "elsewhere", ["dog"], {"train": 3})
+    root = tmp_path / "src"
+    write_image_tree(root, ["cat"], {"train": 2, "test": 1})
+    (root / "train" / "dog").symlink_to(tmp_path / "elsewhere" / "train" / "dog", target_is_directory=True)
+    (root / "test" / "dog").symlink_to(tmp_path / "elsewhere" / "train" / "dog", target_is_directory=True)
+    c = cfg(tmp_path, source="imagefolder", path=str(root))
+    assert len(load_cached(c, announce=lambda _: None).train_y) == 5
+    Image.new("RGB", (32, 32)).save(tmp_path / "elsewhere" / "train" / "dog" / "9999.png")
+    assert len(load_cached(c, announce=lambda _: None).train_y) == 6
+    (tmp_path / "elsewhere" / "train" / "dog" / "9999.png").unlink()
+    (tmp_path / "elsewhere" / "train" / "dog" / "0000.jpg").unlink()
+    assert len(load_cached(c, announce=lambda _: None).train_y) == 4
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32_bit_greyscale_of_8_bit_values_keeps_its_brightness(tmp_path, mode):
+    grey = np.arange(32 * 32).reshape(32, 32) % 256
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.int32 if mode == "I" else np.float32), mode=mode).save(tmp_path / "wide.tif")
+    with Image.open(tmp_path / "wide.tif") as im:
+        assert im.mode == mode
+    assert np.array_equal(read_image(tmp_path / "wide.tif"), read_image(tmp_path / "eight.png"))
+
+
+def test_float_greyscale_in_0_to_1_is_scaled_and_wide_values_are_refused(tmp_path):
+    grey = np.arange(32 * 32).reshape(32, 32) % 256
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray((grey / 255).astype(np.float32), mode="F").save(tmp_path / "unit.tif")
+    assert np.array_equal(read_image(tmp_path / "unit.tif"), read_image(tmp_path / "eight.png"))
+    for name, values in (("negative.tif", grey - 1), ("huge.tif", grey * 100_000)):
+        Image.fromarray(values.astype(np.int32), mode="I").save(tmp_path / name)
+        with pytest.raises(DataError, match="negative or not finite|beyond 16 bits"):
+            read_image(tmp_path / name)
