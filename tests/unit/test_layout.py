@@ -61,7 +61,7 @@ def test_floors():
     for ground in ("cifar_dist.models", "cifar_dist.sources", "cifar_dist.metrics", "cifar_dist.rundir"):
         assert graph[ground] <= {"cifar_dist.errors"}, f"{ground} imports {graph[ground]}"
     # The evaluation algorithm depends only on data and distributed code (and its result and settings types).
-    assert graph["cifar_dist.evaluation"] <= {"cifar_dist.data", "cifar_dist.distributed", "cifar_dist.metrics",
+    assert graph["cifar_dist.exact_eval"] <= {"cifar_dist.data", "cifar_dist.distributed", "cifar_dist.metrics",
                                               "cifar_dist.config"}
 
 
