@@ -23,8 +23,10 @@ from typing import Protocol
 import torch
 
 from cifar_dist.config import DataConfig
+from cifar_dist.errors import DataError
+from cifar_dist.images import IMAGE_SIZE
 from cifar_dist.rundir import content_digest, torch_save_atomic
-from cifar_dist.sources import IMAGE_SIZE, SOURCES, DataError, Dataset, Stats
+from cifar_dist.sources import SOURCES, Dataset, Stats
 
 CACHE_FORMAT = 2  # bump when the cached layout changes (2: statistics and a sha256 stored with the images)
 TENSORS = ("train_x", "train_y", "test_x", "test_y")

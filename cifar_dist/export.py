@@ -41,11 +41,12 @@ from torch import nn
 
 from cifar_dist import schema
 from cifar_dist.config import Config, config_from_dict, config_hash, load_config, validate
-from cifar_dist.errors import UserError, run_command
+from cifar_dist.errors import DataError, UserError, run_command
+from cifar_dist.images import IMAGE_SIZE
 from cifar_dist.models import MODELS, build_model
 from cifar_dist.predict import LoadedModel, load_model
 from cifar_dist.rundir import CONFIG, MODEL, RunDir
-from cifar_dist.sources import IMAGE_SIZE, DataError, Stats
+from cifar_dist.sources import Stats
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 INPUT = (f"pixels: uint8 (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), RGB, 0-255, N any; other image sizes are first resized "

@@ -24,9 +24,10 @@ from PIL import Image
 from cifar_dist import checkpoint
 from cifar_dist.data import normalize
 from cifar_dist.errors import UserError, run_command
+from cifar_dist.images import IMAGE_SUFFIXES, read_image
 from cifar_dist.models import MODELS, build_model
 from cifar_dist.rundir import MODEL, load_weights
-from cifar_dist.sources import CIFAR10_STATS, IMAGE_SUFFIXES, Stats, read_image
+from cifar_dist.sources import CIFAR10_STATS, Stats
 
 # An image whose header claims more pixels is refused before they are decoded (a decompression bomb:
 # a few KB that inflate to gigabytes). A 50-megapixel photo still passes.

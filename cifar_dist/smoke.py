@@ -31,6 +31,8 @@ from cifar_dist import (
     data,
     exact_eval,
     finetune,
+    image_folders,
+    images,
     loop,
     recipe,
     resume,
@@ -358,7 +360,7 @@ class Smoke:
 # belongs to the phase of the innermost frame in its traceback that runs one of them. The objects
 # themselves, never their names: a renamed function fails this module's import, it cannot misfile.
 PHASE_CODE: dict[Phase, tuple[Callable[..., Any] | ModuleType, ...]] = {
-    Phase.DATA: (data, sources, Smoke.load_data),
+    Phase.DATA: (data, sources, images, image_folders, Smoke.load_data),
     Phase.RUN_DIR: (run_opening,),
     Phase.NET: (train.build_state, recipe.make_net, recipe.make_optimizer, recipe.build_optimizer, recipe.EMA.__init__,
                 finetune),

@@ -26,10 +26,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cifar_dist.images import IMAGE_SIZE
 from cifar_dist.predict import MAX_PIXELS, ImageError, model_input, top_classes
 from cifar_dist.serve.batcher import Batcher, QueueFull
 from cifar_dist.serve.model import ServedModel
-from cifar_dist.sources import IMAGE_SIZE
 
 log = logging.getLogger("cifar_dist.serve")
 logging.getLogger("python_multipart").setLevel(logging.CRITICAL)  # its parse errors are in the request's own line
