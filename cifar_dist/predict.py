@@ -99,7 +99,7 @@ def load_model(path: Path) -> LoadedModel:
         why = " ".join(line.strip() for line in str(e).splitlines()[1:])
         why = why if len(why) <= 200 else why[:197] + "..."
         raise PredictError(f"{path}: its weights do not fit the {name} net with {len(classes)} classes ({why})") from None
-    # Files from before the statistics were stored were all trained with CIFAR-10's.
+    # A file that stores no statistics was trained with CIFAR-10's.
     stats = Stats(tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else CIFAR10_STATS
     return LoadedModel(net.eval(), name, classes, stats, path, hashlib.sha256(path.read_bytes()).hexdigest())
 

@@ -40,7 +40,7 @@ class Stats:
     std: tuple[float, float, float]
 
 
-# CIFAR-10's published statistics: what every model.pt and checkpoint written before stats were stored was trained with.
+# CIFAR-10's published statistics: the normalisation of a model.pt or checkpoint that stores none (mean, std).
 CIFAR10_STATS = Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
