@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,6 @@ import yaml
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError
 from cifar_dist.metrics import DIRECTIONS
-from cifar_dist.schema import flatten
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -175,37 +172,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# Keys whose value changes what a run computes; resuming across a change to one of them is refused.
-RESULT_KEYS = ("seed", "model.name", "data", "train", "eval.ema")
-# ... except these, which may change on resume: more epochs, different logging or device, the
-# NaN watch (it only reads values: a run can resume with it on to find where a NaN comes from), and
-# init_from's sha256, which a run fills in (runs.py refuses a file that changed under a run).
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.cache_dir", "data.download",
-                     "train.detect_anomaly", "train.init_sha256")
-
-
-# Result keys added after runs were already being made: hashed only when they differ from their
-# default, so a run started before a key existed keeps its hash and resumes with the new code.
-HASHED_WHEN_SET = ("train.optimizer", "train.betas", "train.eps", "train.decay_norms_and_biases", "train.accumulate",
-                   "train.clip_grad_norm", "train.ema.decay", "train.ema.start_step", "train.early_stop.metric",
-                   "train.early_stop.patience", "train.early_stop.min_delta", "train.init_from", "eval.ema")
-
-
-def result_keys(cfg: Config) -> dict[str, Any]:
-    """The flat `key -> value` map that decides the result of a run."""
-    flat, defaults = flatten(cfg.to_dict()), flatten(Config().to_dict())
-    keep = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS)
-            and k not in RESUMABLE_CHANGES and not (k in HASHED_WHEN_SET and v == defaults[k])}
-    if cfg.train.early_stop.metric:  # which evaluations the stop rule sees decides where the run ends
-        keep["eval.every"] = cfg.eval.every
-    return keep
-
-
-def config_hash(cfg: Config) -> str:
-    blob = json.dumps(result_keys(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- loading

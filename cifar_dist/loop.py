@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cifar_dist import checkpoint
-from cifar_dist.config import Config, config_hash
+from cifar_dist.config import Config
 from cifar_dist.console import Console
 from cifar_dist.data import Batches, Dataset
 from cifar_dist.debug.anomaly import NOTICE as ANOMALY_NOTICE
@@ -27,6 +27,7 @@ from cifar_dist.metrics import EvalResult, direction, eval_record
 from cifar_dist.models import count_parameters
 from cifar_dist.precision import autocast_context, slow_precision_warning
 from cifar_dist.recipe import make_step
+from cifar_dist.result_keys import config_hash
 from cifar_dist.resume import Resumed
 from cifar_dist.rundir import RunDir
 from cifar_dist.state import TrainState

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from cifar_dist import checkpoint, schema
-from cifar_dist.config import Config, config_hash
+from cifar_dist.config import Config
 from cifar_dist.distributed import Distributed
-from cifar_dist.run_opening import diff_result_keys
+from cifar_dist.result_keys import config_hash, diff_result_keys
 from cifar_dist.rundir import RunDir, RunDirError
 from cifar_dist.state import TrainState
 

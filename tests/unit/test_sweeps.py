@@ -346,7 +346,8 @@ def test_two_spellings_through_the_command_line_are_one_line_exit_2(tmp_path):
 
 
 def the_points(spec) -> list[tuple[dict, str]]:
-    from cifar_dist.config import config_from_dict, config_hash
+    from cifar_dist.config import config_from_dict
+    from cifar_dist.result_keys import config_hash
 
     return [(p.values, config_hash(config_from_dict(p.config))) for p in make_points(spec, Path("sw"), "abc123")]
 
