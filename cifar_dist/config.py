@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,6 @@ import yaml
 from cifar_dist import schema
 from cifar_dist.errors import ConfigError
 from cifar_dist.metrics import DIRECTIONS
-from cifar_dist.schema import flatten
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -177,37 +174,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Keys whose value changes what a run computes; resuming across a change to one of them is refused.
-RESULT_KEYS = ("seed", "model.name", "data", "train", "eval.ema")
-# ... except these, which may change on resume: more epochs, different logging or device, the
-# NaN watch (it only reads values: a run can resume with it on to find where a NaN comes from), and
-# init_from's sha256, which a run fills in (runs.py refuses a file that changed under a run).
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.cache_dir", "data.download",
-                     "train.detect_anomaly", "train.init_sha256")
-
-
-# Result keys added after runs were already being made: hashed only when they differ from their
-# default, so a run started before a key existed keeps its hash and resumes with the new code.
-HASHED_WHEN_SET = ("train.optimizer", "train.betas", "train.eps", "train.decay_norms_and_biases", "train.accumulate",
-                   "train.clip_grad_norm", "train.ema.decay", "train.ema.start_step", "train.early_stop.metric",
-                   "train.early_stop.patience", "train.early_stop.min_delta", "train.init_from", "eval.ema")
-
-
-def result_keys(cfg: Config) -> dict[str, Any]:
-    """The flat `key -> value` map that decides the result of a run."""
-    flat, defaults = flatten(cfg.to_dict()), flatten(Config().to_dict())
-    keep = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS)
-            and k not in RESUMABLE_CHANGES and not (k in HASHED_WHEN_SET and v == defaults[k])}
-    if cfg.train.early_stop.metric:  # which evaluations the stop rule sees decides where the run ends
-        keep["eval.every"] = cfg.eval.every
-    return keep
-
-
-def config_hash(cfg: Config) -> str:
-    blob = json.dumps(result_keys(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------- loading
 
 
@@ -287,93 +253,122 @@ def add_config_arguments(parser: argparse.ArgumentParser, what: str = "") -> Non
 
 
 def validate(cfg: Config) -> None:
+    """Every value in its range and every pair of settings compatible; the first problem is a
+    ConfigError naming its key. Section by section, in the config's order."""
     # The registries import torch (seconds): imported here, not with the module, so the sweep
     # commands that only read configs (status, wait, cancel) start without it.
     from cifar_dist.models import MODELS
     from cifar_dist.sources import SOURCES
     from cifar_dist.trackers import TRACKERS
 
-    def need(ok: bool, key: str, problem: str) -> None:
+    c = _Checks(cfg)
+    _validate_model_and_data(c, tuple(MODELS), SOURCES)
+    _validate_train(c)
+    _validate_the_rest(c, tuple(TRACKERS))
+
+
+class _Checks:
+    """`need` and `one_of` over one config: a failed check raises ConfigError naming the key and its value."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def get(self, key: str) -> Any:
+        return _get(self.cfg, key)
+
+    def need(self, ok: bool, key: str, problem: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}: {problem}, got {schema.shown(_get(cfg, key))}")
+            raise ConfigError(f"{key}: {problem}, got {schema.shown(self.get(key))}")
 
-    def one_of(key: str, allowed: tuple[str, ...]) -> None:
-        need(_get(cfg, key) in allowed, key, f"must be one of {', '.join(allowed)}")
+    def one_of(self, key: str, allowed: tuple[str, ...]) -> None:
+        self.need(self.get(key) in allowed, key, f"must be one of {', '.join(allowed)}")
 
-    one_of("model.name", tuple(MODELS))
-    one_of("model.compile_mode", COMPILE_MODES)
-    one_of("data.source", tuple(SOURCES))
-    source = SOURCES[cfg.data.source]
+
+def _validate_model_and_data(c: _Checks, models: tuple[str, ...], sources: dict[str, Any]) -> None:
+    cfg = c.cfg
+    c.one_of("model.name", models)
+    c.one_of("model.compile_mode", COMPILE_MODES)
+    c.one_of("data.source", tuple(sources))
+    source = sources[cfg.data.source]
     if source.needs_path:
-        need(bool(cfg.data.path), "data.path", f"is required for data.source={cfg.data.source}")
-        need(Path(cfg.data.path).exists() or (source.downloads and cfg.data.download), "data.path", "does not exist")
+        c.need(bool(cfg.data.path), "data.path", f"is required for data.source={cfg.data.source}")
+        c.need(Path(cfg.data.path).exists() or (source.downloads and cfg.data.download), "data.path", "does not exist")
     for key in ("data.train_subset", "data.test_subset", "data.translate", "data.cutout"):
-        need(_get(cfg, key) >= 0, key, "must be >= 0")
-    one_of("data.labels", ("fine", "coarse"))
-    need(cfg.data.labels == "fine" or cfg.data.source == "cifar100", "data.labels", "coarse needs data.source=cifar100")
-    need(2 <= cfg.data.synthetic_classes <= 1000, "data.synthetic_classes", "must be in [2, 1000]")
+        c.need(c.get(key) >= 0, key, "must be >= 0")
+    c.one_of("data.labels", ("fine", "coarse"))
+    c.need(cfg.data.labels == "fine" or cfg.data.source == "cifar100", "data.labels", "coarse needs data.source=cifar100")
+    c.need(2 <= cfg.data.synthetic_classes <= 1000, "data.synthetic_classes", "must be in [2, 1000]")
     for key in ("data.synthetic_train", "data.synthetic_test"):
-        need(_get(cfg, key) >= cfg.data.synthetic_classes, key, "must be >= data.synthetic_classes (one image per class)")
-    need(cfg.data.translate <= 16, "data.translate", "must be <= 16 pixels")
-    need(cfg.data.cutout <= 32, "data.cutout", "must be <= 32 pixels")
-    need(cfg.data.flip or not cfg.data.flip_alternate, "data.flip_alternate", "needs data.flip=true")
-    need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
-    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(cfg.train.lr > 0, "train.lr", "must be > 0")
-    need(0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)")
-    need(not cfg.train.nesterov or cfg.train.momentum > 0, "train.nesterov", "needs train.momentum > 0")
-    need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    one_of("train.optimizer", ("sgd", "adamw"))
-    need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
-         "must be two numbers in [0, 1), e.g. 0.9,0.999")
-    need(cfg.train.eps > 0, "train.eps", "must be > 0")
-    need(cfg.train.accumulate >= 1, "train.accumulate", "must be >= 1")
-    need(cfg.train.batch_size % cfg.train.accumulate == 0, "train.accumulate",
-         f"must divide train.batch_size={cfg.train.batch_size} (the global batch is split into that many micro-batches)")
-    need(cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)")
-    need(0 <= cfg.train.ema.decay < 1, "train.ema.decay", "must be in [0, 1) (0 = off)")
-    need(cfg.train.ema.start_step >= 0, "train.ema.start_step", "must be >= 0")
-    need(not cfg.eval.ema or cfg.train.ema.decay > 0, "eval.ema", "needs train.ema.decay > 0 (no average is kept)")
+        c.need(c.get(key) >= cfg.data.synthetic_classes, key, "must be >= data.synthetic_classes (one image per class)")
+    c.need(cfg.data.translate <= 16, "data.translate", "must be <= 16 pixels")
+    c.need(cfg.data.cutout <= 32, "data.cutout", "must be <= 32 pixels")
+    c.need(cfg.data.flip or not cfg.data.flip_alternate, "data.flip_alternate", "needs data.flip=true")
+
+
+def _validate_train(c: _Checks) -> None:
+    cfg = c.cfg
+    c.need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
+    c.need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    c.need(cfg.train.lr > 0, "train.lr", "must be > 0")
+    c.need(0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)")
+    c.need(not cfg.train.nesterov or cfg.train.momentum > 0, "train.nesterov", "needs train.momentum > 0")
+    c.need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    c.one_of("train.optimizer", ("sgd", "adamw"))
+    c.need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
+           "must be two numbers in [0, 1), e.g. 0.9,0.999")
+    c.need(cfg.train.eps > 0, "train.eps", "must be > 0")
+    c.need(cfg.train.accumulate >= 1, "train.accumulate", "must be >= 1")
+    c.need(cfg.train.batch_size % cfg.train.accumulate == 0, "train.accumulate",
+           f"must divide train.batch_size={cfg.train.batch_size} (the global batch is split into that many micro-batches)")
+    c.need(cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)")
+    c.need(0 <= cfg.train.ema.decay < 1, "train.ema.decay", "must be in [0, 1) (0 = off)")
+    c.need(cfg.train.ema.start_step >= 0, "train.ema.start_step", "must be >= 0")
+    c.need(not cfg.eval.ema or cfg.train.ema.decay > 0, "eval.ema", "needs train.ema.decay > 0 (no average is kept)")
     early = cfg.train.early_stop
-    need(early.metric in ("", *DIRECTIONS), "train.early_stop.metric", f"must be one of {', '.join(DIRECTIONS)} or '' (off)")
-    need(early.patience >= 1, "train.early_stop.patience", "must be >= 1 (evaluations)")
-    need(early.min_delta >= 0, "train.early_stop.min_delta", "must be >= 0")
-    need(not early.metric or cfg.eval.every >= 1, "train.early_stop.metric",
-         "needs eval.every >= 1 (it watches the evaluations during the run)")
-    need(all(c in "0123456789abcdef" for c in cfg.train.init_sha256) and len(cfg.train.init_sha256) in (0, 64),
-         "train.init_sha256", "must be 64 lowercase hex digits, or empty")
-    need(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
-    need(0 <= cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs", "must be in [0, train.epochs]")
-    one_of("train.schedule", ("linear", "cosine", "constant"))
+    c.need(early.metric in ("", *DIRECTIONS), "train.early_stop.metric", f"must be one of {', '.join(DIRECTIONS)} or '' (off)")
+    c.need(early.patience >= 1, "train.early_stop.patience", "must be >= 1 (evaluations)")
+    c.need(early.min_delta >= 0, "train.early_stop.min_delta", "must be >= 0")
+    c.need(not early.metric or cfg.eval.every >= 1, "train.early_stop.metric",
+           "needs eval.every >= 1 (it watches the evaluations during the run)")
+    c.need(all(ch in "0123456789abcdef" for ch in cfg.train.init_sha256) and len(cfg.train.init_sha256) in (0, 64),
+           "train.init_sha256", "must be 64 lowercase hex digits, or empty")
+    c.need(0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    c.need(0 <= cfg.train.warmup_epochs <= cfg.train.epochs, "train.warmup_epochs", "must be in [0, train.epochs]")
+    c.one_of("train.schedule", ("linear", "cosine", "constant"))
     for key in ("train.warmup_start", "train.final_lr"):
-        need(0 <= _get(cfg, key) <= 1, key, "must be in [0, 1] (a fraction of train.lr)")
-    need(cfg.train.bias_lr_scale > 0, "train.bias_lr_scale", "must be > 0")
-    need(cfg.train.lookahead_every >= 0, "train.lookahead_every", "must be >= 0")
-    need(0 <= cfg.train.whiten_bias_epochs <= cfg.train.epochs, "train.whiten_bias_epochs", "must be in [0, train.epochs]")
-    need(not cfg.train.whiten_bias_epochs or cfg.model.name == "fast", "train.whiten_bias_epochs",
-         "needs model.name=fast (the only net with a whitening layer)")
-    one_of("train.precision", ("auto", "fp32", "bf16", "fp16"))
-    one_of("train.device", ("auto", "cpu", "cuda"))
-    need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
-    need(cfg.train.overfit_batches >= 0, "train.overfit_batches", "must be >= 0")
-    need(not (cfg.train.detect_anomaly and cfg.model.compile), "train.detect_anomaly",
-         "needs model.compile=false (its hooks on every module would split the compiled graph)")
-    need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
-    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    need(0 <= cfg.eval.tta_translate <= 4, "eval.tta_translate", "must be in [0, 4] pixels")
-    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
-    need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
-    need(cfg.checkpoint.keep >= 2, "checkpoint.keep", "must be >= 2 (a corrupt newest one falls back to the previous)")
-    one_of("run.progress", ("auto", "bar", "lines", "none"))
-    need(all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id", "may hold only letters, digits, - _ .")
+        c.need(0 <= c.get(key) <= 1, key, "must be in [0, 1] (a fraction of train.lr)")
+    c.need(cfg.train.bias_lr_scale > 0, "train.bias_lr_scale", "must be > 0")
+    c.need(cfg.train.lookahead_every >= 0, "train.lookahead_every", "must be >= 0")
+    c.need(0 <= cfg.train.whiten_bias_epochs <= cfg.train.epochs, "train.whiten_bias_epochs", "must be in [0, train.epochs]")
+    c.need(not cfg.train.whiten_bias_epochs or cfg.model.name == "fast", "train.whiten_bias_epochs",
+           "needs model.name=fast (the only net with a whitening layer)")
+    c.one_of("train.precision", ("auto", "fp32", "bf16", "fp16"))
+    c.one_of("train.device", ("auto", "cpu", "cuda"))
+    c.need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    c.need(cfg.train.overfit_batches >= 0, "train.overfit_batches", "must be >= 0")
+    c.need(not (cfg.train.detect_anomaly and cfg.model.compile), "train.detect_anomaly",
+           "needs model.compile=false (its hooks on every module would split the compiled graph)")
+
+
+def _validate_the_rest(c: _Checks, trackers: tuple[str, ...]) -> None:
+    """eval, checkpoint, run, tracking, profile."""
+    cfg = c.cfg
+    c.need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    c.need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    c.need(0 <= cfg.eval.tta_translate <= 4, "eval.tta_translate", "must be in [0, 4] pixels")
+    c.need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    c.need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    c.need(cfg.checkpoint.keep >= 2, "checkpoint.keep", "must be >= 2 (a corrupt newest one falls back to the previous)")
+    c.one_of("run.progress", ("auto", "bar", "lines", "none"))
+    c.need(all(ch.isalnum() or ch in "-_." for ch in cfg.run.id), "run.id", "may hold only letters, digits, - _ .")
     backends = cfg.tracking.backend
-    need(bool(backends) and all(b in TRACKERS for b in backends), "tracking.backend",
-         f"must be one or more of {', '.join(TRACKERS)}")
-    need(len(set(backends)) == len(backends), "tracking.backend", "names a tracker twice")
-    need("none" not in backends or len(backends) == 1, "tracking.backend", "none cannot be combined with a tracker")
-    need(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
-    need(cfg.profile.steps >= 0, "profile.steps", "must be >= 0")
-    need(cfg.profile.wait >= 1, "profile.wait", "must be >= 1 (the profiler's own warm-up step)")
+    c.need(bool(backends) and all(b in trackers for b in backends), "tracking.backend",
+           f"must be one or more of {', '.join(trackers)}")
+    c.need(len(set(backends)) == len(backends), "tracking.backend", "names a tracker twice")
+    c.need("none" not in backends or len(backends) == 1, "tracking.backend", "none cannot be combined with a tracker")
+    c.need(cfg.tracking.log_images >= 0, "tracking.log_images", "must be >= 0")
+    c.need(cfg.profile.steps >= 0, "profile.steps", "must be >= 0")
+    c.need(cfg.profile.wait >= 1, "profile.wait", "must be >= 1 (the profiler's own warm-up step)")
 
 
 def _get(cfg: Config, key: str) -> Any:

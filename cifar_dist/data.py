@@ -11,7 +11,6 @@ held on the training device, and every random choice (order, flip, shift, cutout
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -21,10 +20,13 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from filelock import FileLock
 
 from cifar_dist.config import DataConfig
+from cifar_dist.errors import DataError
+from cifar_dist.images import IMAGE_SIZE
 from cifar_dist.rundir import content_digest, torch_save_atomic
-from cifar_dist.sources import IMAGE_SIZE, SOURCES, DataError, Dataset, Stats
+from cifar_dist.sources import SOURCES, Dataset, Stats
 
 CACHE_FORMAT = 2  # bump when the cached layout changes (2: statistics and a sha256 stored with the images)
 TENSORS = ("train_x", "train_y", "test_x", "test_y")
@@ -56,15 +58,15 @@ def load_cached(cfg: DataConfig, announce: Callable[[str], None] = print) -> Dat
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise DataError(f"data.cache_dir: {path.parent} is not a folder (it, or a folder above it, is a file)") from None
+    lock = FileLock(path.with_suffix(".lock"))
     try:
-        lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - closed by the with below
+        lock.acquire()
     except OSError as e:  # read-only: a shared cache can still be read, but not written
         why = f"damaged ({damage}) and cannot be rewritten" if damage else "cannot be written"
         announce(f"warning: data cache {path} {why} ({e.strerror}); decoding {cfg.source} data in memory, as every "
                  "run will until data.cache_dir (or $CIFAR_DIST_CACHE) names a writable folder")
         return decode(cfg)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
         ds, damage = read_cache(path)  # another process may have written it while this one waited
         if ds is not None:
             return ds
@@ -76,6 +78,8 @@ def load_cached(cfg: DataConfig, announce: Callable[[str], None] = print) -> Dat
             torch_save_atomic(path, cache_contents(ds))  # readers see no cache or the whole one
         except OSError as e:
             announce(f"warning: cannot write the data cache {path} ({e.strerror}); using the data decoded in memory")
+    finally:
+        lock.release()
     return ds
 
 

@@ -27,6 +27,10 @@ class ConfigError(UserError):
     """A mistake in a config, a sweep spec or a cluster profile; the message names the key."""
 
 
+class DataError(UserError):
+    """Input data that cannot be used; the message names the file or folder."""
+
+
 def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a command's main; a UserError becomes its one line on stderr (rank 0) and exit code 2.
     The exit code is recorded for `cifar-dist launch`: 1 for an exception (130: a second Ctrl-C), which propagates."""

@@ -19,12 +19,11 @@ from cifar_dist.config import config_from_dict, load_config, validate
 from cifar_dist.console import format_eval
 from cifar_dist.data import load_dataset
 from cifar_dist.distributed import Distributed
-from cifar_dist.errors import UserError, run_command
-from cifar_dist.evaluation import evaluate
+from cifar_dist.errors import DataError, UserError, run_command
+from cifar_dist.exact_eval import evaluate
 from cifar_dist.precision import autocast_context
 from cifar_dist.predict import load_classifier
 from cifar_dist.rundir import CONFIG, RunDir
-from cifar_dist.sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,12 +40,14 @@ import torch
 from torch import nn
 
 from cifar_dist import schema
-from cifar_dist.config import Config, config_from_dict, config_hash, load_config, validate
-from cifar_dist.errors import UserError, run_command
+from cifar_dist.config import Config, config_from_dict, load_config, validate
+from cifar_dist.errors import DataError, UserError, run_command
+from cifar_dist.images import IMAGE_SIZE
 from cifar_dist.models import MODELS, build_model
 from cifar_dist.predict import LoadedModel, load_model
+from cifar_dist.result_keys import config_hash
 from cifar_dist.rundir import CONFIG, MODEL, RunDir
-from cifar_dist.sources import IMAGE_SIZE, DataError, Stats
+from cifar_dist.sources import Stats
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 INPUT = (f"pixels: uint8 (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), RGB, 0-255, N any; other image sizes are first resized "
@@ -73,7 +75,7 @@ class ModelCard:
     mean: list[float]  # per channel (R, G, B), for pixels in [0, 1]
     std: list[float]
     run_id: str | None
-    config_hash: str | None  # config.config_hash of the run's config.yaml
+    config_hash: str | None  # result_keys.config_hash of the run's config.yaml
     test_accuracy: float | None  # summary.json's
     source_sha256: str  # of the model file the card was made from
     input: str = INPUT

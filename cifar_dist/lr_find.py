@@ -42,7 +42,7 @@ from cifar_dist.precision import autocast_context, grad_scaler
 from cifar_dist.recipe import build_optimizer, make_net, make_step, param_groups
 from cifar_dist.rundir import write_json
 
-MEMORY_FORMAT = torch.channels_last  # as training's step (train.MEMORY_FORMAT)
+MEMORY_FORMAT = torch.channels_last  # as training's step (loop.MEMORY_FORMAT)
 STEPS = 200
 START_LR, END_LR = 1e-6, 10.0
 MEMORY = 0.05  # the smoothed loss's memory, a share of the sweep's steps

@@ -24,9 +24,10 @@ from PIL import Image
 from cifar_dist import checkpoint
 from cifar_dist.data import normalize
 from cifar_dist.errors import UserError, run_command
+from cifar_dist.images import IMAGE_SUFFIXES, read_image
 from cifar_dist.models import MODELS, build_model
 from cifar_dist.rundir import MODEL, load_weights
-from cifar_dist.sources import CIFAR10_STATS, IMAGE_SUFFIXES, Stats, read_image
+from cifar_dist.sources import CIFAR10_STATS, Stats
 
 # An image whose header claims more pixels is refused before they are decoded (a decompression bomb:
 # a few KB that inflate to gigabytes). A 50-megapixel photo still passes.
@@ -98,7 +99,7 @@ def load_model(path: Path) -> LoadedModel:
         why = " ".join(line.strip() for line in str(e).splitlines()[1:])
         why = why if len(why) <= 200 else why[:197] + "..."
         raise PredictError(f"{path}: its weights do not fit the {name} net with {len(classes)} classes ({why})") from None
-    # Files from before the statistics were stored were all trained with CIFAR-10's.
+    # A file that stores no statistics was trained with CIFAR-10's.
     stats = Stats(tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else CIFAR10_STATS
     return LoadedModel(net.eval(), name, classes, stats, path, hashlib.sha256(path.read_bytes()).hexdigest())
 

@@ -21,8 +21,8 @@ fsync of the folder), so a kill or a power cut leaves the old file or the new on
 its OSError into one line naming the file and the cause. metrics.jsonl is appended a line at a time;
 `read_jsonl` is its one reader, tolerant of a last line torn by a kill. A run notices when its
 directory is removed or replaced under it (`RunDir.ensure_present`, `MetricsFile.append`) and stops.
-`.lock` is an fcntl.flock of our own, not filelock's: a refused start reads the holder's name back from
-the file, which filelock (up to 3.29.7) truncates on every attempt that fails to take the lock.
+`.lock` is an fcntl.flock of our own, not filelock's: `is_present` compares the held file's inode with
+the path's, and filelock does not hand out the file it holds.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def torch_bytes(obj: Any) -> memoryview:
 
 def load_weights(path: Path) -> Any:
     """A model.pt or checkpoint file as plain data; a file that would run code when unpickled is
-    refused. A model.pt with a sha256 (all written since it was added) is checked against it."""
+    refused. A file that stores a sha256 of its contents is checked against it."""
     import torch
 
     blob = torch.load(path, map_location="cpu", weights_only=True)

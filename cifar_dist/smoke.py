@@ -25,10 +25,12 @@ from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
 
-from cifar_dist import checkpoint, console, data, evaluation, finetune, recipe, rundir, runs, sources, trackers, train
+from cifar_dist import checkpoint, console, data, exact_eval, finetune, recipe, run_opening, rundir, sources, trackers, train
 from cifar_dist.config import Config, validate
 from cifar_dist.distributed import Distributed, install_stop_handlers
 from cifar_dist.errors import UserError
+from cifar_dist.loop import Loop
+from cifar_dist.resume import resume
 from cifar_dist.rundir import RunDir, RunDirError, load_weights
 
 STEPS_PER_EPOCH = 2  # two epochs of two steps; the second is trained after a resume from the first
@@ -344,17 +346,17 @@ class Smoke:
 # belongs to the phase of the innermost frame in its traceback that runs one of them. The objects
 # themselves, never their names: a renamed function fails this module's import, it cannot misfile.
 PHASE_CODE: dict[Phase, tuple[Callable[..., Any] | ModuleType, ...]] = {
-    Phase.DATA: (data, sources, Smoke.load_data),
-    Phase.RUN_DIR: (runs,),
+    Phase.DATA: (data, sources, Smoke.load_data),  # images.py, image_folders.py: through sources.py's frames
+    Phase.RUN_DIR: (run_opening,),
     Phase.NET: (train.build_state, recipe.make_net, recipe.make_optimizer, recipe.build_optimizer, recipe.EMA.__init__,
                 finetune),
-    Phase.COMPILE: (train.Loop.warm_up,),
+    Phase.COMPILE: (Loop.warm_up,),
     # the mean training loss is the steps' too
-    Phase.STEPS: (train.Loop.step, train.Loop.train_record, recipe.Step.__call__, recipe.EMA.after),
+    Phase.STEPS: (Loop.step, Loop.train_record, recipe.Step.__call__, recipe.EMA.after),
     Phase.RECORDS: (trackers, console),
-    Phase.EVALUATION: (evaluation, train.Loop.evaluate, train.Loop.watch),
-    Phase.CHECKPOINT: (train.Loop.save, checkpoint.save),
-    Phase.RESUME: (train.resume,),
+    Phase.EVALUATION: (exact_eval, Loop.evaluate, Loop.watch),
+    Phase.CHECKPOINT: (Loop.save, checkpoint.save),
+    Phase.RESUME: (resume,),
     Phase.FINAL: (train.finish_run, train.make_summary, sys.modules[train.write_plots.__module__]),
 }
 _BY_CODE: dict[CodeType, Phase] = {f.__code__: phase for phase, parts in PHASE_CODE.items()

@@ -4,19 +4,14 @@ caches and serves them.
 
 A new source is one reader registered with `@register("name", needs_path=...)`: a function of
 the `data.*` options that returns a `Dataset`, and (for the cache) the files it reads.
-`data.source=name` then selects it everywhere.
+`data.source=name` then selects it everywhere. Decoding an image file is images.py's; listing an
+image folder's files (or a tar archive's) is image_folders.py's.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import io
-import lzma
 import os
 import pickle
-import tarfile
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,24 +21,15 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from cifar_dist.errors import UserError
+from cifar_dist.errors import DataError
+from cifar_dist.image_folders import folder_members, tar_members
+from cifar_dist.images import IMAGE_READER, IMAGE_SIZE, read_image
 
-IMAGE_SIZE = 32  # pixels; other sizes are resized on decode
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-# Greyscale modes of more than 8 bits ("I": 32-bit TIFF, older Pillow's 16-bit PNG; "F": 32-bit float TIFF); Pillow's
-# convert("RGB") clips them at 255 (wide_to_8bit reads them instead).
-WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-IMAGE_READER = 2  # bump when read_image decodes some file differently (2: modes "I" and "F" by their range)
 STATS_DECIMALS = 4  # plenty for normalising, and short enough to read in model.pt and `data prepare`
 # Statistics within this of CIFAR-10's constants, each of the six, are CIFAR-10's (the original: 4e-5 off;
 # the JPEG archive: 0.0018 off) and keep the constants: its runs keep their results. CIFAR-100 (published) is 0.02 off.
 CIFAR10_TOLERANCE = 0.005
-
-
-class DataError(UserError):
-    """Input data that cannot be used; the message names the file or folder."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +40,7 @@ class Stats:
     std: tuple[float, float, float]
 
 
-# CIFAR-10's published statistics: what every model.pt and checkpoint written before stats were stored was trained with.
+# CIFAR-10's published statistics: the normalisation of a model.pt or checkpoint that stores none (mean, std).
 CIFAR10_STATS = Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
@@ -272,7 +258,7 @@ def _imagefolder_files(o: SourceOptions) -> list:
     root = Path(o.path).resolve()
     if root.is_file():
         return [IMAGE_READER, *files_identity([root])]
-    members = _folder_members(root)
+    members = folder_members(root)
     return [IMAGE_READER, *files_identity([src for by_class in members.values() for items in by_class.values()
                                            for _, src in items])]
 
@@ -283,7 +269,7 @@ def _imagefolder(o: SourceOptions) -> Dataset:
 
 
 def read_imagefolder(path: Path) -> Dataset:
-    files = _tar_members(path) if path.is_file() else _folder_members(path)
+    files = tar_members(path) if path.is_file() else folder_members(path)
     splits = {}
     for split in ("train", "test"):
         by_class = files.get(split)
@@ -301,77 +287,6 @@ def read_imagefolder(path: Path) -> Dataset:
     return Dataset(*_decode_split(splits["train"], train_classes), *_decode_split(splits["test"], train_classes), train_classes)
 
 
-Members = dict[str, dict[str, list[tuple[str, bytes | Path]]]]  # split -> class -> [(name, bytes or path)]
-
-
-def _folder_members(root: Path) -> Members:
-    out: Members = {}
-    for split in ("train", "test"):
-        split_dir = root / split
-        if not split_dir.is_dir():
-            continue
-        out[split] = {}
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            out[split][class_name(class_dir.name)] = [(str(p), p) for p in images]
-    return out
-
-
-def class_name(name: str) -> str:
-    """A class's name from its folder's name, decoded as UTF-8 whatever the locale: under LC_ALL=C
-    without Python's UTF-8 mode a file name's non-ASCII bytes arrive as lone surrogates, which no
-    plot or JSON reader shows, and the same data would get other names in another locale."""
-    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
-
-
-def _tar_members(path: Path) -> Members:
-    out: Members = {}
-    raw = _unpacked(path)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            for m in tar:
-                # Any leading folder is accepted: .../train/<class>/<file>, .../test/<class>/<file>.
-                parts = Path(m.name).parts
-                if m.isdir() and len(parts) >= 2 and parts[-2] in ("train", "test"):
-                    out.setdefault(parts[-2], {}).setdefault(class_name(parts[-1]), [])
-                elif (m.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test")
-                      and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
-                    data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                    out.setdefault(parts[-3], {}).setdefault(class_name(parts[-2]), []).append((f"{path}:{m.name}", data))
-            end = tar.offset  # where the member headers stopped
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable tar archive ({e})") from None
-    # tarfile ends without a word at a damaged header; a whole archive has only zero blocks after its last member.
-    if raw[end:].strip(b"\0"):
-        raise DataError(f"{path}: damaged tar archive (no valid member header at byte {end:,} of {len(raw):,} "
-                        "unpacked); nothing was used")
-    for by_class in out.values():
-        for items in by_class.values():
-            items.sort(key=lambda item: item[0])
-    return out
-
-
-# First bytes of a compressed archive -> its decompressor; each checks its stream's checksum and length.
-DECOMPRESSORS: dict[bytes, Callable[[bytes], bytes]] = {b"\x1f\x8b": gzip.decompress, b"BZh": bz2.decompress,
-                                                        b"\xfd7zXZ\x00": lzma.decompress}
-
-
-def _unpacked(path: Path) -> bytes:
-    """The archive's tar bytes, decompressed in memory as a whole: tarfile reading a stream checks
-    no gzip CRC unless it reads to the end, so a damaged archive could otherwise pass for a shorter one."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    decompress = next((d for magic, d in DECOMPRESSORS.items() if data.startswith(magic)), None)
-    if decompress is None:
-        return data  # a plain .tar: its headers carry checksums, its contents none
-    try:
-        return decompress(data)
-    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as e:
-        raise DataError(f"{path}: damaged archive ({type(e).__name__}: {e}); nothing was used") from None
-
-
 def _decode_split(by_class: dict[str, list[tuple[str, bytes | Path]]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     items = [(name, src, label) for label, c in enumerate(classes) for name, src in by_class[c]]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes outside the GIL
@@ -384,38 +299,6 @@ def _decode_image(name: str, src: bytes | Path) -> np.ndarray:
         return read_image(src)
     except Exception as e:
         raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def read_image(src: bytes | Path) -> np.ndarray:
-    """An image file's bytes or path as RGB uint8 (32, 32, 3), whatever its size, mode or bit depth."""
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        if im.mode in WIDE_MODES:
-            im = Image.fromarray(wide_to_8bit(np.asarray(im), im.mode))
-        im = im.convert("RGB")
-        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
-
-def wide_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """A greyscale image of more than 8 bits as uint8 (Pillow's convert clips such values at 255).
-    16-bit modes keep their high byte, as Pillow does for 16-bit RGB. Modes "I" (32-bit integers) and
-    "F" (32-bit floats) say nothing of the range their values use, so the image's own values decide:
-    the smallest of [0, 1] (floats only), [0, 255] and [0, 65535] that holds them is full scale, so
-    a 32-bit TIFF of 8-bit values stays as bright as it is, not black. Values that are negative, not
-    finite or beyond 16 bits are refused: no full scale can be read from them."""
-    if mode.startswith("I;16"):
-        return (pixels.astype(np.int64) >> 8).astype(np.uint8)
-    values = pixels.astype(np.float64)
-    if not np.isfinite(values).all() or values.min() < 0:
-        raise DataError(f"mode {mode} pixels from {values.min():g} to {values.max():g}: negative or not finite, "
-                        "no brightness to read from them")
-    if mode == "F" and values.max() <= 1:
-        return np.rint(values * 255).astype(np.uint8)
-    bits = next((b for b in (8, 16) if values.max() < 2**b), None)
-    if bits is None:  # a 32-bit range: which part of it the image meant to use is anyone's guess
-        raise DataError(f"mode {mode} pixels up to {values.max():g}, beyond 16 bits: save it with 8 or 16 bits a pixel")
-    return (values.astype(np.int64) >> (bits - 8)).astype(np.uint8)  # the high byte, as for 16 bits
 
 
 # ---- synthetic: learnable, made here, for tests and demos

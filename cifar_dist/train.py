@@ -1,5 +1,6 @@
 """`train(cfg) -> summary`: the one entry point for the CLI, `accelerate launch`, torchrun,
-submitit and the tests.
+submitit and the tests. It opens the run, builds the training state (resume.py continues it), runs
+the loop (loop.py), and writes the run's last outputs; then its command line.
 
     python -m cifar_dist.train --config debug train.epochs=2
     accelerate launch --multi_gpu --num_processes 2 cifar_dist/train.py --config fast
@@ -9,54 +10,33 @@ submitit and the tests.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import socket
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar_dist import checkpoint, distributed, schema
-from cifar_dist.config import Config, ConfigError, add_config_arguments, config_hash, load_config
-from cifar_dist.console import Console
-from cifar_dist.data import Batches, Dataset, TrainBatches, load_dataset
-from cifar_dist.debug.anomaly import NOTICE as ANOMALY_NOTICE
-from cifar_dist.debug.anomaly import AnomalyDetector
-from cifar_dist.debug.overfit import overfit_batches, overfit_notice
-from cifar_dist.debug.profiler import StepProfiler, maybe_profile
+from cifar_dist import checkpoint, distributed
+from cifar_dist.config import Config, ConfigError, add_config_arguments, load_config
+from cifar_dist.data import Dataset, TrainBatches, load_dataset
+from cifar_dist.debug.overfit import overfit_batches
 from cifar_dist.distributed import EXIT_INTERRUPTED, EXIT_REQUEUE, Distributed, install_stop_handlers
 from cifar_dist.errors import UserError, run_command
-from cifar_dist.evaluation import evaluate
 from cifar_dist.finetune import InitWeights, load_init, read_init
-from cifar_dist.metrics import EvalResult, direction, eval_record
-from cifar_dist.models import count_parameters
+from cifar_dist.loop import MEMORY_FORMAT, EvalHook, Loop, Stopped
+from cifar_dist.metrics import EvalResult
 from cifar_dist.plots import write_plots
-from cifar_dist.precision import adopt_launcher_settings, autocast_context, grad_scaler, slow_precision_warning
+from cifar_dist.precision import adopt_launcher_settings, grad_scaler
 from cifar_dist.precision import resolve as resolve_precision
-from cifar_dist.recipe import EMA, Lookahead, make_net, make_optimizer, make_step
-from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, RunDir, RunDirError, save_model, write_json, writing
-from cifar_dist.runs import abandon, diff_result_keys, open_run, record_start
+from cifar_dist.recipe import EMA, Lookahead, make_net, make_optimizer
+from cifar_dist.resume import resume
+from cifar_dist.run_opening import abandon, open_run, record_start
+from cifar_dist.rundir import MODEL, PRUNED, SUMMARY, save_model, write_json, writing
 from cifar_dist.state import TrainState
-from cifar_dist.trackers import Records, RunInfo, open_records
+from cifar_dist.trackers import RunInfo, open_records
 
 PROG = "python -m cifar_dist.train"
-MEMORY_FORMAT = torch.channels_last  # faster convolutions on GPU and on CPU (oneDNN) alike
-# Called on rank 0 with each evaluation record; a returned reason stops the run after that evaluation
-# (a step boundary) on every rank, e.g. a hyperparameter search pruning a hopeless trial.
-EvalHook = Callable[[dict[str, Any]], str | None]
-
-
-class Stopped(Exception):
-    """Stopped on a signal after writing a checkpoint; the run resumes from it when restarted."""
-
-
-class NonFiniteLoss(UserError):
-    """Training diverged (a NaN or infinite loss); the run stops without writing the bad state."""
 
 
 class OutOfMemory(UserError):
@@ -163,282 +143,6 @@ def build_state(cfg: Config, dist: Distributed, data: Dataset, steps_per_epoch: 
     ema = EMA(net, cfg.train.ema.decay, cfg.train.ema.start_step)
     scaler = grad_scaler(cfg.train.precision, dist.device)
     return TrainState(net, optimizer, scheduler, lookahead, scaler, ema), model, started
-
-
-@dataclass
-class Resumed:
-    """What a resume hands the loop besides the training state: this rank's losses and gradient norms
-    since the last record (tensors: no sync per step), and the checkpoint of another run this run
-    started from (`--resume-from`), for summary.json."""
-
-    losses: list[torch.Tensor] = field(default_factory=list)
-    grad_norms: list[torch.Tensor] = field(default_factory=list)
-    started_from: dict[str, Any] | None = None
-
-
-class Loop:
-    """The training loop and what it needs at hand: epochs of steps, records, evaluations,
-    checkpoints, and a stop at a step boundary when any rank got a signal."""
-
-    def __init__(self, cfg: Config, dist: Distributed, *, run: RunDir, data: Dataset, batches: Batches,
-                 state: TrainState, model: torch.nn.Module, records: Records, resumed: Resumed,
-                 init_from: dict[str, Any] | None = None, on_eval: EvalHook | None = None):
-        """`model` is `state.net` as trained (DDP-wrapped when N > 1); `resumed`: what the checkpoint
-        resumed (if any) left to record; `init_from`: the fine-tuning source's record, for summary.json."""
-        self.cfg, self.dist, self.run_dir, self.data, self.batches = cfg, dist, run, data, batches
-        self.on_eval, self.stop_reason = on_eval, None
-        self.state, self.records = state, records
-        self.pending, self.pending_norms, self.started_from = resumed.losses, resumed.grad_norms, resumed.started_from
-        self.init_from = init_from
-        # The weights evaluated, checkpointed as the best, and saved in model.pt: the average's with eval.ema.
-        self.evaluated = state.ema.net if cfg.eval.ema else state.net
-        self.early_stop: dict[str, Any] | None = self.early_stop_record() if self.watch_ran_out() else None
-        self.autocast = autocast_context(cfg.train.precision, dist.device)
-        self.step_fn = make_step(cfg, model, state.optimizer, state.scheduler, self.autocast, state.scaler)
-        self.console = Console(dist, cfg, batches.steps_per_epoch, data.classes)
-        self.anomaly = AnomalyDetector(state.net, dist) if cfg.train.detect_anomaly else None
-        self.profiler: StepProfiler | None = None  # while run() traces steps (profile.steps)
-        self.compile_seconds = self.train_seconds = 0.0
-
-    def run(self) -> EvalResult:
-        cfg, dist, pos = self.cfg, self.dist, self.state.position
-        if warning := slow_precision_warning(cfg.train.precision, dist.device):
-            dist.print(warning)
-        if cfg.model.compile:
-            self.compile_seconds = self.warm_up()
-        total_steps = cfg.train.epochs * self.batches.steps_per_epoch
-        self.console.start(self.run_dir, count_parameters(self.state.net), len(self.data.train_y), total_steps, pos)
-        self.clock = Clock(pos.elapsed)
-        self.last_save = time.monotonic()
-        self.announce_debugging()
-        result = saved = None
-        keep_best = cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes or cfg.train.early_stop.metric
-        with maybe_profile(cfg.profile, dist, self.run_dir.path, after_step=pos.step) as self.profiler:
-            for epoch in range(pos.epoch, cfg.train.epochs):
-                if self.early_stop:  # resumed after the watch ran out: the run ends here
-                    break
-                pos.epoch = epoch
-                for x, y in self.batches.epoch(epoch, start=pos.offset):
-                    self.step(x, y)
-                    self.between_steps()
-                result = self.end_epoch(epoch) or result
-                if self.stop_reason or self.early_stop:
-                    break
-                if result is not None and result is not saved and keep_best:
-                    self.save(result)  # the weights just evaluated, so that "keep the best" has something to keep
-                    saved = result
-        if result is None:  # resumed from the last step's checkpoint, the final evaluation not yet recorded
-            result = self.evaluate()
-        self.train_seconds = self.clock.elapsed()
-        self.save(result)
-        return result
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One optimiser step (all of its micro-batches): stops, checkpoints and evaluations come only between these."""
-        pos = self.state.position
-        loss = self.step_fn(x, y)
-        self.pending.append(loss)
-        if self.step_fn.grad_norm is not None:
-            self.pending_norms.append(self.step_fn.grad_norm)
-        pos.step += 1
-        if self.anomaly:  # a non-finite loss stops the run here, before anything records it
-            self.anomaly.check(loss, pos.step)
-        if self.profiler:
-            self.profiler.step()
-        self.state.lookahead.after(pos.step)
-        self.state.ema.after(self.state.net, pos.step)
-        pos.offset += 1
-
-    def announce_debugging(self) -> None:
-        """Before the first step: the debugging switches that are on (profile.* says so itself)."""
-        if self.cfg.train.overfit_batches:
-            self.dist.print(overfit_notice(self.cfg.train, len(self.data.classes)))
-        if self.anomaly:
-            self.dist.print(ANOMALY_NOTICE)
-
-    def between_steps(self) -> None:
-        """A training record when due; then, with every rank, a checkpoint when due and a stop when signalled."""
-        cfg, pos = self.cfg, self.state.position
-        if pos.step % cfg.train.log_every == 0 or pos.offset == self.batches.steps_per_epoch:
-            record = self.train_record()
-            self.records.log(record)
-            self.console.train(record)
-        every_steps, every_minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
-        decided = self.dist.stop_or_save((every_steps > 0 and pos.step % every_steps == 0) or
-                                         (every_minutes > 0 and time.monotonic() - self.last_save >= 60 * every_minutes))
-        if decided.save or decided.stop:
-            self.save()
-        if decided.stop:
-            self.dist.print(f"stop signal: checkpoint at step {pos.step} written to {self.run_dir.path}; exiting for requeue "
-                            "(the same command resumes it)")
-            raise Stopped(str(self.run_dir.path))
-
-    def end_epoch(self, epoch: int) -> EvalResult | None:
-        """The evaluation, when one is due after this epoch."""
-        cfg, pos = self.cfg, self.state.position
-        result = None
-        if epoch == cfg.train.epochs - 1 or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
-            result = self.evaluate()
-            pos.best_accuracy = max(pos.best_accuracy, result.accuracy)
-            record = eval_record(pos.step, epoch + 1, self.clock.elapsed(), result, self.data.classes)
-            self.records.log(record, result)
-            self.console.eval(record, result)
-            if self.on_eval is not None:  # rank 0 asks; every rank gets its answer
-                self.stop_reason = self.dist.broadcast(self.dist.main_only(lambda: self.on_eval(record)))
-        pos.epoch, pos.offset = epoch + 1, 0
-        if result is not None:
-            self.watch(record)
-        return result
-
-    def watch(self, record: dict[str, Any]) -> None:
-        """train.early_stop, after an evaluation: did its metric improve on the best by more than
-        min_delta? After `patience` evaluations in a row without, the run stops here (every rank
-        decides alike: an evaluation's result is the same on every rank)."""
-        stop, pos = self.cfg.train.early_stop, self.state.position
-        if not stop.metric:
-            return
-        value, sign = record[stop.metric], 1 if direction(stop.metric) == "maximize" else -1
-        if pos.watch_best is None or sign * (value - pos.watch_best) > stop.min_delta:
-            pos.watch_best, pos.watch_best_step, pos.watch_stale = value, pos.step, 0
-        else:
-            pos.watch_stale += 1
-        if self.watch_ran_out():
-            self.early_stop = self.early_stop_record()
-            self.dist.print(f"early stop at step {pos.step} (epoch {pos.epoch}): {self.early_stop['reason']}")
-
-    def watch_ran_out(self) -> bool:
-        """Whether the early stop's patience ran out before the last epoch (saved in the position, so a
-        run killed between that decision and its summary ends there when restarted)."""
-        stop, pos = self.cfg.train.early_stop, self.state.position
-        return bool(stop.metric) and pos.watch_stale >= stop.patience and pos.epoch < self.cfg.train.epochs
-
-    def early_stop_record(self) -> dict[str, Any]:
-        stop, pos = self.cfg.train.early_stop, self.state.position
-        return {"step": pos.step, "epoch": pos.epoch, "metric": stop.metric, "best": pos.watch_best,
-                "best_step": pos.watch_best_step,
-                "reason": f"{stop.metric} did not improve on {pos.watch_best:.4f} (step {pos.watch_best_step}) by more "
-                          f"than {stop.min_delta:g} in {stop.patience} evaluation{'s' * (stop.patience > 1)}"}
-
-    def evaluate(self) -> EvalResult:
-        result = evaluate(self.evaluated, self.data, self.dist, self.cfg.eval, autocast=self.autocast,
-                          memory_format=MEMORY_FORMAT, samples=self.cfg.tracking.log_images)
-        if not math.isfinite(result.loss):
-            raise NonFiniteLoss(f"test loss is {result.loss} at step {self.state.position.step}: the weights are not "
-                                "finite; lower train.lr, or find the first bad layer with train.detect_anomaly=true")
-        return result
-
-    def train_record(self) -> dict[str, Any]:
-        """The mean loss over the global batches since the last record (one all-reduce)."""
-        pos, dist = self.state.position, self.dist
-        local = torch.stack(self.pending).float().sum()
-        loss = float(dist.sum(local)) / (dist.world * len(self.pending))
-        if not math.isfinite(loss):  # nothing after the last checkpoint is kept; no NaN reaches a file
-            raise NonFiniteLoss(f"train loss is {loss} by step {pos.step} (epoch {pos.epoch + 1}): training diverged; "
-                                "lower train.lr, or find the first bad layer with train.detect_anomaly=true")
-        self.pending.clear()
-        record = {"step": pos.step, "epoch": round(pos.epoch + pos.offset / self.batches.steps_per_epoch, 4),
-                  "time": round(self.clock.elapsed(), 3), "train_loss": loss, "lr": self.state.scheduler.get_last_lr()[0]}
-        if self.pending_norms:  # train.clip_grad_norm: the global norm before clipping, the same on every rank
-            norms = torch.stack(self.pending_norms).float()
-            finite = norms[torch.isfinite(norms)]  # fp16: a step whose gradients overflowed was skipped
-            if len(finite):
-                record["grad_norm"] = float(finite.mean())
-            self.pending_norms.clear()
-        return record
-
-    def save(self, result: EvalResult | None = None) -> None:
-        """A checkpoint of this step: the training state, every rank's RNG states and pending losses
-        and gradient norms (gathered to all ranks), and what identifies the run; rank 0 writes it.
-        `result`: the evaluation of these weights, by which the best checkpoint is kept."""
-        cfg, dist, pos = self.cfg, self.dist, self.state.position
-        pos.elapsed, pos.records = self.clock.elapsed(), self.records.lines
-        dist.broadcast_buffers(self.state.net)
-        per_rank = dist.gather({"rng": checkpoint.rng_state(), "pending": [t.item() for t in self.pending],
-                                "pending_grad_norms": [t.item() for t in self.pending_norms]})
-        state = {**self.state.state_dict(), "ranks": per_rank, "world_size": dist.world, "config_hash": config_hash(cfg),
-                 "config": cfg.to_dict(), "classes": self.data.classes, "run_id": cfg.run.id,
-                 "mean": self.data.stats.mean, "std": self.data.stats.std,  # for predict from a checkpoint
-                 "started_from": self.started_from}
-        scores = {"test_accuracy": result.accuracy, "test_loss": result.loss} if result is not None else {}
-        best_by = cfg.train.early_stop.metric or "test_accuracy"
-        dist.main_only(lambda: (self.run_dir.ensure_present(),
-                                checkpoint.save(self.run_dir.path, pos.step, state, cfg.checkpoint.keep, **scores,
-                                                best_by=best_by)))
-        self.last_save = time.monotonic()
-
-    def warm_up(self) -> float:
-        """Compile before the clock starts: run two steps, then restore every bit of state."""
-        start = time.perf_counter()
-        saved, rng = self.state.snapshot(), torch.get_rng_state()
-        x, y = self.batches.batch(0, 0)
-        for _ in range(2):
-            self.step_fn(x, y)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        self.state.load_state_dict(saved)
-        torch.set_rng_state(rng)
-        return time.perf_counter() - start
-
-
-class Clock:
-    """Training seconds, continuing across resumes."""
-
-    def __init__(self, already: float):
-        self.start = time.perf_counter() - already
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def resume(run: RunDir, cfg: Config, dist: Distributed, state: TrainState, resume_from: Path | None = None) -> Resumed:
-    """Continue from the newest valid checkpoint in the run dir; without one, from `resume_from` (a
-    checkpoint of another run, `--resume-from`), as a new run; else start afresh."""
-    found = checkpoint.load_latest(run.path, warn=lambda m: dist.print(f"warning: {m}"))
-    # Every rank must pick the same checkpoint; rank 0's choice wins.
-    chosen = dist.broadcast(str(found[0].path) if found else None)
-    elsewhere = chosen is None and resume_from is not None
-    if elsewhere:
-        chosen = str(resume_from)
-    elif chosen is None:
-        return Resumed()
-    elif resume_from is not None:
-        dist.print(f"note: {run.path} holds checkpoints of its own; it resumes from those, not from --resume-from")
-    saved = found[1] if found and str(found[0].path) == chosen else checkpoint.load_state(Path(chosen) / checkpoint.STATE)
-    if saved.get("config_hash") != config_hash(cfg) and not cfg.checkpoint.allow_config_change:
-        then = Config()
-        schema.update(then, saved["config"])  # as saved, not validated again: its data may have moved
-        changed = "; ".join(diff_result_keys(then, cfg)) or "an older version's keys"
-        raise RunDirError(f"checkpoint {chosen} was written by a different config ({changed}); "
-                          "use checkpoint.allow_config_change=true")
-    try:
-        state.load_state_dict(saved)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # another net's weights (allow_config_change)
-        why = " ".join(str(e).split())[:200]
-        raise RunDirError(f"checkpoint {chosen} does not fit this config's model or optimiser ({why})") from None
-    resumed = Resumed(started_from=saved.get("started_from"))
-    if saved["world_size"] == dist.world:
-        mine = saved["ranks"][dist.rank]
-        checkpoint.set_rng_state(mine["rng"])
-        resumed.losses = [torch.tensor(v, device=dist.device) for v in mine["pending"]]
-        resumed.grad_norms = [torch.tensor(v, device=dist.device) for v in mine.get("pending_grad_norms", [])]
-    else:  # the data order does not depend on the world size; per-rank RNG streams and losses do
-        dist.print(f"note: resuming {saved['world_size']} ranks' checkpoint on {dist.world}; dropout RNG streams restart")
-    pos = state.position
-    if elsewhere:  # a new run: its own records start empty
-        pos.records = 0
-        marker = json.loads((Path(chosen) / checkpoint.MARKER).read_text())
-        resumed.started_from = {"checkpoint": chosen, "run_id": saved.get("run_id"), "step": pos.step,
-                                "sha256": marker["sha256"]}
-        dist.print(f"started from {chosen} of run {saved.get('run_id')} (step {pos.step}, epoch {pos.epoch}, "
-                   f"{pos.offset} steps into it): its whole training state, in this new run")
-    else:
-        dist.print(f"resumed from {chosen} (step {pos.step}, epoch {pos.epoch}, {pos.offset} steps into it)")
-    if (before := saved["config"]["train"]["epochs"]) != cfg.train.epochs:
-        lr_then = saved["scheduler"]["_last_lr"][0]
-        lr_now = cfg.train.lr * state.scheduler.lr_lambdas[0](pos.step)
-        dist.print(f"note: train.epochs {before} -> {cfg.train.epochs}: the LR schedule is stretched to the new length, "
-                   f"so the LR at step {pos.step} goes from {lr_then:.4g} to {lr_now:.4g} and decays from there")
-    return resumed
 
 
 # ---------------------------------------------------------------------------- the end

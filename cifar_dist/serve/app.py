@@ -26,10 +26,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cifar_dist.images import IMAGE_SIZE
 from cifar_dist.predict import MAX_PIXELS, ImageError, model_input, top_classes
 from cifar_dist.serve.batcher import Batcher, QueueFull
 from cifar_dist.serve.model import ServedModel
-from cifar_dist.sources import IMAGE_SIZE
 
 log = logging.getLogger("cifar_dist.serve")
 logging.getLogger("python_multipart").setLevel(logging.CRITICAL)  # its parse errors are in the request's own line
@@ -115,6 +115,8 @@ def error_response(request: Request, status: int, message: str, headers: dict[st
 
 
 def create_app(served: ServedModel, limits: Limits) -> FastAPI:
+    """The app: its routes, each a line or two; what a prediction and the model's card answer live
+    in `Predictions` and `model_info`."""
     batcher: Batcher
     page = resources.files("cifar_dist.serve").joinpath("index.html").read_text()
 
@@ -132,69 +134,20 @@ def create_app(served: ServedModel, limits: Limits) -> FastAPI:
     batcher = Batcher(served.probabilities, limits.max_batch, limits.max_delay_ms / 1000, limits.max_queue,
                       on_batch=metrics.batch_size.observe)
     app.add_middleware(RequestLog, metrics=metrics)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        message = "not found" if e.status_code == 404 else str(e.detail).lower()
-        return error_response(request, e.status_code, f"{message}: {request.method} {request.url.path}")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())
-        return error_response(request, 400, problems)
+    add_error_handlers(app)
+    predictions = Predictions(served, limits, batcher, metrics)
 
     @app.get("/", response_class=HTMLResponse, summary="The upload page: pick or drop an image, see its top 5 classes")
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    in_progress = 0  # predictions between arrival and answer: with max_body, what bounds the memory they hold
-
     @app.post("/v1/predict", summary="Top-k classes of one or more images", openapi_extra=PREDICT_DOCS)
     async def predict(request: Request, top_k: int = 5) -> Any:
-        nonlocal in_progress
-        if in_progress >= limits.max_requests:
-            return error_response(request, 503, f"busy: {in_progress} requests in progress (at most {limits.max_requests}); "
-                                                f"retry after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
-        in_progress += 1
-        try:
-            return await answer(request, top_k)
-        finally:
-            in_progress -= 1
-
-    async def answer(request: Request, top_k: int) -> JSONResponse:
-        try:
-            if top_k < 1:
-                raise RequestError(400, f"top_k: must be >= 1, got {top_k}")
-            files = parse_images(await read_body(request, limits.max_body), request.headers.get("content-type", ""),
-                                 limits.max_files)
-            if sum(len(data) for _, data in files) <= INLINE_DECODE_BYTES:
-                pixels = decode(files, limits.max_pixels)
-            else:  # Pillow decodes outside the GIL: the event loop goes on meanwhile
-                pixels = await run_in_threadpool(decode, files, limits.max_pixels)
-            rows = await batcher.submit(pixels)
-        except RequestError as e:
-            return error_response(request, e.status, str(e))
-        except QueueFull as e:
-            return error_response(request, 503, f"busy: {e}; retry after {RETRY_AFTER_S} s",
-                                  {"Retry-After": str(RETRY_AFTER_S)})
-        metrics.images.inc(len(rows))
-        return JSONResponse({"model": served.identity(),
-                             "predictions": [{"file": name, "top": top_classes(row, served.card.classes, top_k)}
-                                             for (name, _), row in zip(files, rows)]})
+        return await predictions.answer(request, top_k)
 
     @app.get("/v1/model", summary="The model: classes, input, normalisation, config hash, test accuracy")
     async def model() -> dict[str, Any]:
-        c = served.card
-        return {**served.identity(), "file": served.file.name, "classes": c.classes,
-                "input": {"size": [IMAGE_SIZE, IMAGE_SIZE], "channels": "RGB",
-                          "preprocessing": "any image Pillow reads, any size and mode: converted to RGB and resized "
-                                           f"to {IMAGE_SIZE}x{IMAGE_SIZE} (bilinear), as cifar-dist predict does"},
-                "normalisation": {"mean": c.mean, "std": c.std}, "config_hash": c.config_hash,
-                "test_accuracy": c.test_accuracy,
-                "batching": {"max_batch": limits.max_batch, "max_delay_ms": limits.max_delay_ms,
-                             "max_queue": limits.max_queue},
-                "limits": {"max_requests": limits.max_requests, "max_body_bytes": limits.max_body,
-                           "max_files": limits.max_files, "max_pixels": limits.max_pixels}}
+        return model_info(served, limits)
 
     @app.get("/healthz", summary="Alive")
     async def healthz() -> dict[str, str]:
@@ -214,6 +167,78 @@ def create_app(served: ServedModel, limits: Limits) -> FastAPI:
 
     app.state.batcher = batcher
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Starlette's and FastAPI's errors (an unknown route, a bad query parameter) as `{"error": ...}`."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = "not found" if e.status_code == 404 else str(e.detail).lower()
+        return error_response(request, e.status_code, f"{message}: {request.method} {request.url.path}")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())
+        return error_response(request, 400, problems)
+
+
+class Predictions:
+    """POST /v1/predict: a request admitted while fewer than `max_requests` are in progress (with
+    max_body, what bounds the memory they hold), read, decoded, batched with others, answered."""
+
+    def __init__(self, served: ServedModel, limits: Limits, batcher: Batcher, metrics: Metrics):
+        self.served, self.limits, self.batcher, self.metrics = served, limits, batcher, metrics
+        self.in_progress = 0  # predictions between arrival and answer
+
+    async def answer(self, request: Request, top_k: int) -> JSONResponse:
+        limits = self.limits
+        if self.in_progress >= limits.max_requests:
+            return error_response(request, 503, f"busy: {self.in_progress} requests in progress (at most "
+                                                f"{limits.max_requests}); retry after {RETRY_AFTER_S} s",
+                                  {"Retry-After": str(RETRY_AFTER_S)})
+        self.in_progress += 1
+        try:
+            return await self.classify(request, top_k)
+        finally:
+            self.in_progress -= 1
+
+    async def classify(self, request: Request, top_k: int) -> JSONResponse:
+        limits, served = self.limits, self.served
+        try:
+            if top_k < 1:
+                raise RequestError(400, f"top_k: must be >= 1, got {top_k}")
+            files = parse_images(await read_body(request, limits.max_body), request.headers.get("content-type", ""),
+                                 limits.max_files)
+            if sum(len(data) for _, data in files) <= INLINE_DECODE_BYTES:
+                pixels = decode(files, limits.max_pixels)
+            else:  # Pillow decodes outside the GIL: the event loop goes on meanwhile
+                pixels = await run_in_threadpool(decode, files, limits.max_pixels)
+            rows = await self.batcher.submit(pixels)
+        except RequestError as e:
+            return error_response(request, e.status, str(e))
+        except QueueFull as e:
+            return error_response(request, 503, f"busy: {e}; retry after {RETRY_AFTER_S} s",
+                                  {"Retry-After": str(RETRY_AFTER_S)})
+        self.metrics.images.inc(len(rows))
+        return JSONResponse({"model": served.identity(),
+                             "predictions": [{"file": name, "top": top_classes(row, served.card.classes, top_k)}
+                                             for (name, _), row in zip(files, rows)]})
+
+
+def model_info(served: ServedModel, limits: Limits) -> dict[str, Any]:
+    """GET /v1/model: what a client needs to know of the model and of the service's limits."""
+    c = served.card
+    return {**served.identity(), "file": served.file.name, "classes": c.classes,
+            "input": {"size": [IMAGE_SIZE, IMAGE_SIZE], "channels": "RGB",
+                      "preprocessing": "any image Pillow reads, any size and mode: converted to RGB and resized "
+                                       f"to {IMAGE_SIZE}x{IMAGE_SIZE} (bilinear), as cifar-dist predict does"},
+            "normalisation": {"mean": c.mean, "std": c.std}, "config_hash": c.config_hash,
+            "test_accuracy": c.test_accuracy,
+            "batching": {"max_batch": limits.max_batch, "max_delay_ms": limits.max_delay_ms,
+                         "max_queue": limits.max_queue},
+            "limits": {"max_requests": limits.max_requests, "max_body_bytes": limits.max_body,
+                       "max_files": limits.max_files, "max_pixels": limits.max_pixels}}
 
 
 # ---------------------------------------------------------------------------- reading a request

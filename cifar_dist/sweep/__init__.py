@@ -1,6 +1,8 @@
 """Slurm sweeps: a spec -> validated points -> one submitit job array; the checkpointable task that calls train.
 
-    commands.py         the command line (`cifar-dist sweep` = `python jobs/submit.py`)
+    commands.py         the command line (`cifar-dist sweep` = `python jobs/submit.py`): submit, status, wait, ...
+    cli_spec.py         a sweep spelled on the command line (--config, --grid, -m): its spec mapping and YAML twin
+    submission.py       points submitted as one job array, the record saved around it; jobs of a cut submission found
     spec.py             the sweep spec, read by the strict loader: grid x random, or a study's search block
     resources.py        what the jobs ask Slurm for: resources, the sbatch allow-list, the signal's timing
     points.py           point_config: every point's and trial's validated config

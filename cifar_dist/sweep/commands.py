@@ -11,7 +11,7 @@
     cifar-dist sweep repair SWEEP_DIR [--retry-for S]
 
 (`python jobs/submit.py ...` is the same command.) A sweep is a spec file, or the command line's
-spelling of one (`cli_spec`): `--config` is its `base:`, each `--grid KEY=V1,V2` (or, after `-m`
+spelling of one (cli_spec.py): `--config` is its `base:`, each `--grid KEY=V1,V2` (or, after `-m`
 as Hydra users type it, each `KEY=V1,V2`) a `sweep.grid` key, the other `key=value` items its
 `overrides`, `resources.KEY=VALUE` items its `resources:`, `--cluster` its `cluster:`. Both go
 through `spec.read_spec`, so a command-line sweep is exactly its YAML twin, which `--print-spec`
@@ -52,25 +52,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from cifar_dist import schema
-from cifar_dist.errors import ConfigError, UserError
-from cifar_dist.rundir import write_atomic
+from cifar_dist.errors import UserError
 from cifar_dist.sweep import journal, study
-from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, SubmitError, choose_executor
+from cifar_dist.sweep.cli_spec import cli_spec, spec_yaml
+from cifar_dist.sweep.executors import EXECUTORS, Executor, QueueError, choose_executor
 from cifar_dist.sweep.points import MAX_POINTS, make_points
 from cifar_dist.sweep.profiles import ClusterError, Profile, load_profile
-from cifar_dist.sweep.record import RECORD, Entry, PointEntry, Submission, SweepRecord, WorkerEntry, load_record, save_record
-from cifar_dist.sweep.resources import check_fits, describe
+from cifar_dist.sweep.record import RECORD, PointEntry, SweepRecord, load_record
+from cifar_dist.sweep.resources import check_fits
 from cifar_dist.sweep.spec import Spec, load_spec, read_spec
 from cifar_dist.sweep.states import ACTIVE, MISMATCH, RESUBMITTABLE, PointState, foreign, point_states, status_table
-from cifar_dist.sweep.submitit_compat import submitted_tasks
-from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled, submitit_folder
-from cifar_dist.sweep.task import SearchTask, SweepTask, TrainTask
-from cifar_dist.tables import format_table
+from cifar_dist.sweep.submission import dry_run, find_jobs, print_submitted, save_found, submit_points
+from cifar_dist.sweep.sweepdir import changing, check_free, discard, mark_cancelled
 
 COMMANDS = ("status", "wait", "cancel", "resubmit", "repair")
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 124
@@ -137,100 +131,6 @@ def new_record(spec: Spec, profile: Profile, executor: Executor, uid: str) -> Sw
                        resources=spec.resources, search=spec.search)
 
 
-def submit_points(executor: Executor, record: SweepRecord, points: list[Entry]) -> list:
-    """Submit `points` (entries of the record) as one array; the jobs. The record is saved first
-    with the submission's intent (its points, no job ids), then with the job ids: whatever fails in
-    between, status, wait and cancel find the jobs from the intent (`find_jobs`)."""
-    r = record.resources
-    task = {"env": dict(executor.profile.env), "cpus": r.cpus_per_task, "sweep_dir": str(executor.sweep_dir),
-            "local_slots": executor.run_slots(r), "signal_delay_s": r.signal_delay_s}
-    tasks = [SearchTask(p.name, **task) if isinstance(p, WorkerEntry) else TrainTask(p.config, **task) for p in points]
-    path = executor.sweep_dir / RECORD
-    before = path.read_bytes() if path.exists() else None
-    submission = Submission(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), points=[p.name for p in points])
-    record.submissions.append(submission)
-    save_record(executor.sweep_dir, record)  # if this fails, nothing was submitted
-    try:
-        jobs = executor.submit(record.name, r, tasks)
-    except SubmitError as e:
-        if found := find_jobs(executor.sweep_dir, record):  # the scheduler took them before submitit failed
-            _save_found(executor.sweep_dir, record, found)
-            raise SubmitError(f"{e}, after the scheduler took job(s) {' '.join(found)}: status, wait and cancel "
-                              "act on them") from None
-        if before is not None:  # as it was: no job exists for this submission
-            write_atomic(path, before)
-        raise
-    ids = [str(j.job_id) for j in jobs]
-    for point, job_id in zip(points, ids):
-        point.job_id = job_id
-        point.job_ids.append(job_id)
-    submission.job_ids = ids
-    try:
-        save_record(executor.sweep_dir, record)
-    except OSError as e:
-        raise ClusterError(f"{len(ids)} job(s) submitted ({' '.join(ids)}), but {path} could not be updated "
-                           f"({e.strerror or e}): status, wait and cancel find them from their submitit files; cancel, "
-                           "resubmit and repair record them") from None
-    return jobs
-
-
-def find_jobs(sweep_dir: Path, record: SweepRecord) -> list[str]:
-    """The jobs of submissions cut short (their ids never saved: a full disk, a killed submit),
-    found in submitit's files and put in `record` (in memory) as their submission would have; their ids."""
-    cut = record.cut_short()
-    if not cut:
-        return []
-    known = {j for p in record.points for j in p.job_ids}
-    entries = {p.name: p for p in record.points}
-    taken: list[dict[str, str]] = [{} for _ in cut]  # per submission cut short: entry name -> job id found
-    for job_id, task in submitted_tasks(submitit_folder(sweep_dir)).items():  # oldest first
-        name = Path(task.run_dir).name if isinstance(task, SweepTask) else ""
-        k = next((k for k, sub in enumerate(cut) if name in sub.points and name not in taken[k]), None)
-        if job_id in known or k is None:
-            continue
-        taken[k][name] = job_id
-        entries[name].job_id = job_id
-        entries[name].job_ids.append(job_id)
-    for sub, ids in zip(cut, taken):
-        sub.job_ids = [ids[name] for name in sub.points if name in ids]
-    return [job_id for ids in taken for job_id in ids.values()]
-
-
-def _save_found(sweep_dir: Path, record: SweepRecord, found: list[str]) -> None:
-    """Record the job ids `find_jobs` found; where the record still cannot be written, say so and go on."""
-    try:
-        save_record(sweep_dir, record)
-    except OSError as e:
-        print(f"{sweep_dir / RECORD}: not updated ({e.strerror or e}); job(s) {' '.join(found) or '(none)'} are found "
-              "again next time", file=sys.stderr)
-
-
-def print_submitted(executor: Executor, record: SweepRecord, points: list[Entry], prog: str) -> None:
-    what = "worker(s)" if record.is_study else "point(s)"
-    print(f"{record.name}: {len(points)} {what} submitted as {executor.where(len(points))}")
-    if record.search:
-        print(study.describe_search(record.search))
-    print(format_table([[p.name, p.job_id, *_run(p)] for p in points], ["point", "job", "run id", "values"]))
-    print(f"sweep dir: {executor.sweep_dir}\nstatus:    {prog} status {executor.sweep_dir}")
-
-
-def _run(entry: Entry) -> tuple[str, str]:
-    """(run id, values) of a point; a worker has neither."""
-    return (entry.run_id, entry.describe) if isinstance(entry, PointEntry) else ("", "")
-
-
-def dry_run(spec: Spec, executor: Executor, record: SweepRecord) -> int:
-    sweep_dir = executor.sweep_dir
-    points = record.points
-    print(f"{spec.name}: {len(points)} {'worker(s)' if record.is_study else 'point(s)'}, cluster profile "
-          f"{executor.profile.name}, executor {executor.name}; dry run, nothing submitted")
-    if record.search:
-        print(study.describe_search(record.search))
-    print(format_table([[p.name, *_run(p)] for p in points], ["point", "run id", "values"]))
-    print(f"sweep dir: {sweep_dir} (run dirs {sweep_dir / 'runs'}/<point>)")
-    print(describe(spec.resources))
-    print(executor.preview(spec.name, spec.resources, len(points)), end="")
-    return 0
 
 
 # ---------------------------------------------------------------------------- status, wait, cancel, resubmit
@@ -260,7 +160,7 @@ def open_sweep(path: str, record_found: bool = False) -> Sweep:
     if record_found and (found or record.cut_short()):
         # This command holds the dir, so no submit is under way: an intent still without jobs came to nothing.
         record.submissions = [s for s in record.submissions if s.job_ids]
-        _save_found(sweep_dir, record, found)
+        save_found(sweep_dir, record, found)
     return Sweep(sweep_dir, record, executor)
 
 
@@ -468,55 +368,6 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     return args
 
 
-def cli_spec(configs: list[str], grid_items: list[str], pairs: list[str], multirun: bool, cluster: str | None,
-             name: str | None) -> dict[str, Any]:
-    """The spec mapping a command-line sweep spells: what `read_spec` reads and `--print-spec` prints.
-    Config values are converted to their fields' types here, as a YAML file holds them typed."""
-    if len(configs) > 1:
-        raise UserError(f"--config: a sweep has one base config, got {len(configs)} ({', '.join(configs)}); a config "
-                        "file composes with its own base:")
-    grid: dict[str, list[Any]] = {}
-    overrides: dict[str, Any] = {}
-    resources: dict[str, Any] = {}
-    items = [(item, True) for item in grid_items] + [(item, False) for item in pairs]
-    for item, swept in items:
-        key, _, raw = item.partition("=")
-        if not key:
-            raise UserError(f"{item!r}: expected KEY=VALUE")
-        if key.startswith("resources."):
-            *path, last = key.removeprefix("resources.").split(".")
-            section = resources
-            for part in path:
-                section = section.setdefault(part, {})
-            section[last] = schema.load_yaml(raw) if raw else raw
-            continue
-        if key in grid or key in overrides:
-            raise UserError(f"{key}: given twice on the command line")
-        if swept or (multirun and "," in raw and not raw.startswith("[")):
-            grid[key] = [config_value(key, v) for v in raw.split(",")]
-            continue
-        try:
-            overrides[key] = config_value(key, raw)
-        except ConfigError as e:
-            if "," not in raw or "unknown key" in str(e):
-                raise
-            raise ConfigError(f"{e}; to sweep over these values: --grid {item}, or -m") from None
-    data = {"name": name or Path(configs[0]).stem, "cluster": cluster or "local", "base": configs[0],
-            "overrides": overrides, "sweep": {"grid": grid} if grid else None, "resources": resources}
-    return {k: v for k, v in data.items() if v}
-
-
-def config_value(key: str, text: str) -> Any:
-    """`text` as the value of config key `key`, typed as a YAML file would hold it."""
-    from cifar_dist.config import Config
-
-    cfg = Config()
-    schema.set_key(cfg, key, text, from_text=True)
-    return schema.lookup(cfg, key)[2]
-
-
-def spec_yaml(data: dict[str, Any]) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

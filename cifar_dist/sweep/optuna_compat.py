@@ -13,7 +13,8 @@ and never called stale, so a pre-empted trial is resumed by its own worker inste
 
 Its journal file (`SafeJournalFileBackend`) is appended whole lines or nothing, and a write that
 fails (a full disk, a file system read-only for a moment) is tried again for up to `grace_s`, said
-in one line when it starts failing and one when it works again.
+in one line when it starts failing and one when it works again (not tenacity: as for `ask_queue` in
+commands.py, its last pause ends exactly at the limit and it speaks twice, which tenacity needs more code for).
 The rest of cifar_dist/sweep/ passes Trial objects to the functions and methods below and
 reads the system attributes it keeps (the worker, suspended) through them.
 

@@ -37,8 +37,8 @@ def make_points(spec: Spec, sweep_dir: Path, uid: str, *, max_points: int = MAX_
     for i, values in enumerate(expand(spec)):
         name = f"{i:0{width}d}"
         cfg = point_config(base, values, sweep=spec.name, uid=uid, name=name, run_dir=run_dir(sweep_dir, name),
-                           resources=spec.resources, submitted_from=Path.cwd(), where=f"point {name} ({describe(values)})")
-        points.append(PointEntry(name=name, values=values, describe=describe(values), run_id=cfg.run.id,
+                           resources=spec.resources, submitted_from=Path.cwd(), where=f"point {name} ({values_text(values)})")
+        points.append(PointEntry(name=name, values=values, describe=values_text(values), run_id=cfg.run.id,
                                  run_dir=cfg.run.dir, config=cfg.to_dict()))
     return points
 
@@ -66,7 +66,7 @@ def point_config(base: Config, values: dict[str, Any], *, sweep: str, uid: str, 
     try:
         schema.update(cfg, values)
         cfg.run.dir, cfg.run.id, cfg.tracking.group = str(run_dir), f"{sweep}-{uid}-{name}", sweep
-        cfg.run.name = f"{sweep}/{name} {describe(values)}".strip()
+        cfg.run.name = f"{sweep}/{name} {values_text(values)}".strip()
         for key in PATH_KEYS:
             section, field_name, value = schema.lookup(cfg, key)
             if value:
@@ -80,6 +80,6 @@ def point_config(base: Config, values: dict[str, Any], *, sweep: str, uid: str, 
     return cfg
 
 
-def describe(values: dict[str, Any]) -> str:
+def values_text(values: dict[str, Any]) -> str:
     """Swept values as text: `train.lr=0.05 seed=1`."""
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

@@ -54,7 +54,7 @@ ENTRIES: dict[str, type[Entry]] = {"point": PointEntry, "worker": WorkerEntry}
 class Submission:
     """One submit or resubmit. Saved before the scheduler is asked, without job ids (the intent),
     and again with them: a submission without job ids was cut short (or is under way), and its
-    jobs, if the scheduler took them, are found in submitit's files (commands.find_jobs)."""
+    jobs, if the scheduler took them, are found in submitit's files (submission.find_jobs)."""
 
     time: str = ""
     points: list[str] = field(default_factory=list)  # the entries' names

@@ -9,7 +9,7 @@ or `mem_gb: 32`, `time: "2:00:00"` or `"1-00:00:00"` or `timeout_min: 120`, `nta
 `gres`, `exclusive`, `reservation`, submitit's `slurm_` prefix, and sbatch's own option names
 under `sbatch:` (`sbatch: {account: my-lab, mem: 32000}`, a bare number there being Slurm's MB).
 Each becomes one internal form (the `Resources` field, or an entry of `sbatch`), which the dry
-run shows (`describe`); two spellings of one thing are an error.
+run shows (`resources_line`); two spellings of one thing are an error.
 
 `resources.sbatch` options reach sbatch as `#SBATCH` lines, each checked against SBATCH_OPTIONS
 and SBATCH_VALUE first. The time limit must leave room for the pre-emption signal's timing
@@ -180,7 +180,7 @@ def read_resources(data: Any) -> Any:
     return out
 
 
-def describe(r: Resources) -> str:
+def resources_line(r: Resources) -> str:
     """The resources in their internal form, one line (the dry run's): what every spelling was read as."""
     def time(minutes: int) -> str:
         d, m = divmod(minutes, 24 * 60)

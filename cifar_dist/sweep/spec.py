@@ -147,7 +147,7 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def read_spec(data: dict[str, Any], folder: Path) -> Spec:
-    """A spec from its mapping (a file's, or the command line's: commands.cli_spec); a relative
+    """A spec from its mapping (a file's, or the command line's: cli_spec.cli_spec); a relative
     `base:` path is looked for in `folder` first."""
     data = {k: v for k, v in data.items() if v is not None}  # a key left empty keeps its default
     if "resources" in data:

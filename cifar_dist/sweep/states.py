@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cifar_dist import schema
-from cifar_dist.config import Config, config_hash
+from cifar_dist.config import Config
 from cifar_dist.errors import ConfigError
+from cifar_dist.result_keys import config_hash
 from cifar_dist.rundir import CONFIG, SUMMARY, RunDir, RunDirError
 from cifar_dist.sweep import submitit_compat
 from cifar_dist.sweep.record import PointEntry, SweepRecord, WorkerEntry
@@ -132,7 +133,7 @@ def _worker_done(worker: WorkerEntry, outcome: tuple[str, Any] | None) -> bool:
 
 
 def _hash(config: dict[str, Any]) -> str:
-    """config.config_hash of a config as saved, without validating it again (its data may have moved)."""
+    """result_keys.config_hash of a config as saved, without validating it again (its data may have moved)."""
     cfg = Config()
     schema.update(cfg, config)
     return config_hash(cfg)

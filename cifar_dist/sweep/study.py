@@ -26,7 +26,7 @@ from cifar_dist.config import Config
 from cifar_dist.errors import UserError
 from cifar_dist.rundir import TRIAL, RunDir
 from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, is_suspended, retried_from, worker_of
-from cifar_dist.sweep.points import base_config, describe, point_config
+from cifar_dist.sweep.points import base_config, point_config, values_text
 from cifar_dist.sweep.record import SweepRecord, WorkerEntry, load_trial
 from cifar_dist.sweep.spec import Search, Spec
 from cifar_dist.sweep.states import ACTIVE, PointState
@@ -207,7 +207,7 @@ def trial_table(sweep_dir: Path, record: SweepRecord, workers: list[PointState])
         state, note = _trial_state(sweep_dir, t, ended)
         rows.append({"trial": trial_name(t.number), "state": state, "epochs": _epochs(sweep_dir, t.number),
                      metric: t.value if t.state.name == "COMPLETE" else _last(t), "worker": worker_of(t),
-                     "values": describe(t.params), "note": note})
+                     "values": values_text(t.params), "note": note})
     done = [r for r in rows if r["state"] == "complete"]
     sign = 1 if record.search.direction == "maximize" else -1
     best = max(done, key=lambda r: sign * r[metric]) if done else None

@@ -70,7 +70,7 @@ class SweepTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         job = self.start()
 
-        from cifar_dist.train import Stopped
+        from cifar_dist.loop import Stopped
 
         try:
             return self.run()
@@ -78,7 +78,7 @@ class SweepTask(submitit.helpers.Checkpointable):
             return self.requeue_or_stop(job)
 
     def run(self) -> dict[str, Any]:
-        """The job's work, on every rank; raises train's `Stopped` when a signal stopped it."""
+        """The job's work, on every rank; raises the loop's `Stopped` when a signal stopped it."""
         raise NotImplementedError
 
     @property

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 from cifar_dist.config import config_from_dict
 from cifar_dist.rundir import PRUNED, RunDir, read_json, write_atomic
 from cifar_dist.sweep.optuna_compat import HeartbeatJournalStorage, fail_stale_trials, is_suspended, retried_from, running_trial
-from cifar_dist.sweep.points import describe, point_config
+from cifar_dist.sweep.points import point_config, values_text
 from cifar_dist.sweep.record import TrialRecord, load_record, save_trial
 from cifar_dist.sweep.states import DONE
 from cifar_dist.sweep.study import BUDGET, checked_trials, load_study, open_storage, suggest, trial_dir, trial_name, worker_dir
@@ -146,7 +146,7 @@ class Worker:
                 run = RunDir(trial_dir(self.sweep_dir, number))
                 if ended := run.summary() or read_json(run / PRUNED):  # it ended before the study was told
                     self.trial = trial
-                    self.told(ended)
+                    self.ended(ended)
                     return None
                 return self._start(trial)
         except UpdateFinishedTrialError:  # failed as stale just now: its retry is another worker's
@@ -161,14 +161,14 @@ class Worker:
         config = point_config(self.base, dict(trial.params), sweep=self.record.name, uid=self.record.uid, name=name,
                               run_dir=trial_dir(self.sweep_dir, trial.number), resources=self.record.resources,
                               submitted_from=Path(self.record.submitted_from),
-                              where=f"trial {name} ({describe(trial.params)})")
-        print(f"{self.name}: trial {name} ({describe(trial.params)})", flush=True)
+                              where=f"trial {name} ({values_text(trial.params)})")
+        print(f"{self.name}: trial {name} ({values_text(trial.params)})", flush=True)
         return {"number": trial.number, "config": config.to_dict()}
 
     # ---- during and after training
 
     def report(self, record: dict[str, Any]) -> str | None:
-        """train's EvalHook: report the evaluation; the reason to stop when the pruner says so."""
+        """the loop's EvalHook: report the evaluation; the reason to stop when the pruner says so."""
         assert self.trial is not None
         if self.heartbeat.taken.is_set():
             return STALE
@@ -183,18 +183,18 @@ class Worker:
             return f"pruned by {self.search.pruner} after epoch {epoch}: {self.search.metric} {value:.4f}"
         return None
 
-    def told(self, result: dict[str, Any]) -> None:
+    def ended(self, result: dict[str, Any]) -> None:
         """Tell the study how the trial ended (train's summary, with "pruned" if it was), and record it in its run dir."""
         pruned = "pruned" in result
-        self._tell(TrialState.PRUNED if pruned else TrialState.COMPLETE, result["pruned"]["reason"] if pruned else "",
+        self._tell_study(TrialState.PRUNED if pruned else TrialState.COMPLETE, result["pruned"]["reason"] if pruned else "",
                    None if pruned else result[self.search.metric])
 
     def failed(self, why: str, state: TrialState = TrialState.FAIL) -> None:
         """The trial ended without a result: diverged (told as pruned: a hopeless value, a signal to the
         sampler) or an error (failed; the study asks another trial in its place)."""
-        self._tell(state, why)
+        self._tell_study(state, why)
 
-    def _tell(self, state: TrialState, note: str, value: float | None = None) -> None:
+    def _tell_study(self, state: TrialState, note: str, value: float | None = None) -> None:
         assert self.trial is not None
         self.heartbeat.stop()
         # skip_if_finished: this worker stalled past grace_s and the study failed the trial (and
@@ -210,7 +210,7 @@ class Worker:
         run_dir = trial_dir(self.sweep_dir, self.trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_trial(run_dir, TrialRecord(number=frozen.number, state=state, value=frozen.value, metric=self.search.metric,
-                                        params=frozen.params, note=note, label=describe(frozen.params), worker=self.name,
+                                        params=frozen.params, note=note, label=values_text(frozen.params), worker=self.name,
                                         retry_of=retried_from(frozen)))
         self._set_current(None)
         self.trial = None
@@ -237,7 +237,8 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
     which `status` reads as this worker done (states.py)."""
     # Here, not with the module: the sweep commands (status, wait, cancel) read studies without torch.
     from cifar_dist.distributed import Distributed, install_stop_handlers
-    from cifar_dist.train import NonFiniteLoss, Stopped, train
+    from cifar_dist.loop import NonFiniteLoss, Stopped
+    from cifar_dist.train import train
 
     install_stop_handlers()
     record = load_record(sweep_dir)
@@ -267,7 +268,7 @@ def run_worker(sweep_dir: Path, name: str) -> dict[str, Any]:
                     worker.failed(f"{type(e).__name__}: {e}")
                 raise
             else:
-                dist.main_only(lambda result=result: worker.told(result))
+                dist.main_only(lambda result=result: worker.ended(result))
             trained.append(order["number"])
     finally:
         dist.close()

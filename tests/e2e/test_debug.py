@@ -15,9 +15,10 @@ import pytest
 
 from cifar_dist import checkpoint
 from cifar_dist.cli import main as cli_main
-from cifar_dist.config import config_hash, load_config, shipped_configs
+from cifar_dist.config import load_config, shipped_configs
 from cifar_dist.debug.overfit import loss_floor
 from cifar_dist.errors import run_command
+from cifar_dist.result_keys import config_hash
 from cifar_dist.rundir import METRICS, MODEL, OPS, PROFILE_DIR, TRACE, RunDir, load_weights
 from cifar_dist.smoke import Phase
 from cifar_dist.sources import SOURCES, SYNTHETIC_CLASSES

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from cifar_dist.config import ConfigError, DataConfig, load_config
-from cifar_dist.data import DataError, cache_path, load_cached, load_dataset, normalize
+from cifar_dist.data import cache_path, load_cached, load_dataset, normalize
+from cifar_dist.errors import DataError
 from cifar_dist.sources import CIFAR10_STATS, image_stats
 from tests.helpers.data import COARSE, FINE, write_cifar100
 

@@ -10,7 +10,8 @@ import re
 import pytest
 import yaml
 
-from cifar_dist.config import ConfigError, config_from_dict, config_hash, load_config, shipped_configs
+from cifar_dist.config import ConfigError, config_from_dict, load_config, shipped_configs
+from cifar_dist.result_keys import config_hash
 from cifar_dist.schema import load_yaml, shown
 from tests.helpers import PY, ROOT, run
 
@@ -89,7 +90,7 @@ def test_non_finite_numbers_are_refused(value):
 
 def test_shipped_configs_keep_the_hash_their_runs_were_made_with():
     """The config hash is stored in every run dir and checkpoint: a resume is refused when it differs.
-    Keys added later are hashed only when set (config.HASHED_WHEN_SET), so runs of the shipped
+    Keys added later are hashed only when set (result_keys.HASHED_WHEN_SET), so runs of the shipped
     configs made before them resume; the golden file holds the hashes those runs carry."""
     golden = json.loads((ROOT / "tests" / "golden" / "config_hashes.json").read_text())
     assert {name: config_hash(load_config(name)) for name in shipped_configs()} == golden

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from cifar_dist.config import DataConfig
-from cifar_dist.data import DataError, TrainBatches, cache_path, eval_shard, load_cached, load_dataset
-from cifar_dist.sources import CIFAR10_STATS, read_image
+from cifar_dist.data import TrainBatches, cache_path, eval_shard, load_cached, load_dataset
+from cifar_dist.errors import DataError
+from cifar_dist.images import read_image
+from cifar_dist.sources import CIFAR10_STATS
 from tests.helpers.data import write_archive, write_cifar_pickles, write_image_tree
 
 CLASSES = ["cat", "dog", "frog"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_dist import checkpoint, models, runs, train
+from cifar_dist import checkpoint, loop, models, resume, run_opening
 from cifar_dist.config import ConfigError, ProfileConfig, load_config
 from cifar_dist.data import Batches, TrainBatches
 from cifar_dist.debug.overfit import RepeatedBatches, overfit_batches
@@ -49,12 +49,12 @@ class Nothing(SimpleNamespace):
 
 
 @pytest.mark.parametrize(("call", "phase"), [
-    (lambda: train.Loop.save(Nothing()), Phase.CHECKPOINT),
-    (lambda: train.Loop.step(Nothing(), None, None), Phase.STEPS),
-    (lambda: train.Loop.warm_up(Nothing()), Phase.COMPILE),
-    (lambda: runs.open_run(Nothing(), Nothing()), Phase.RUN_DIR),  # any function of runs.py
+    (lambda: loop.Loop.save(Nothing()), Phase.CHECKPOINT),
+    (lambda: loop.Loop.step(Nothing(), None, None), Phase.STEPS),
+    (lambda: loop.Loop.warm_up(Nothing()), Phase.COMPILE),
+    (lambda: run_opening.open_run(Nothing(), Nothing()), Phase.RUN_DIR),  # any function of run_opening.py
     # Deepest in checkpoint.py's reading code, which is no phase's own: the resume that called it is the phase.
-    (lambda: train.resume(SimpleNamespace(path=42), Nothing(), Nothing(), Nothing()), Phase.RESUME),
+    (lambda: resume.resume(SimpleNamespace(path=42), Nothing(), Nothing(), Nothing()), Phase.RESUME),
     (lambda: json.loads("{"), None),  # in no phase's code: "other"
 ])
 def test_a_failure_is_filed_under_the_phase_whose_code_raised_it(call, phase):

@@ -16,7 +16,7 @@ from torch import nn
 from cifar_dist.config import DataConfig, EvalConfig, load_config
 from cifar_dist.data import Dataset, TrainBatches, normalize
 from cifar_dist.distributed import Distributed
-from cifar_dist.evaluation import evaluate
+from cifar_dist.exact_eval import evaluate
 from cifar_dist.models import build_model
 from cifar_dist.recipe import Lookahead, make_optimizer, make_step
 from cifar_dist.sources import CIFAR10_STATS

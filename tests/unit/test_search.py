@@ -234,7 +234,7 @@ def test_a_worker_whose_trial_was_failed_stops_it_and_asks_for_another(one_worke
     assert "heartbeat: trial 000 was failed by the study" in capfd.readouterr().err
     stop = worker.report({"test_accuracy": 0.5, "epoch": 1.0})
     assert stop == STALE
-    worker.told({"test_accuracy": 0.5, "pruned": {"step": 20, "epoch": 1, "reason": stop}})
+    worker.ended({"test_accuracy": 0.5, "pruned": {"step": 20, "epoch": 1, "reason": stop}})
     record = read_json(sweep_dir / "runs" / "000" / TRIAL)
     assert (record["state"], record["note"]) == ("fail", STALE)
     again = worker.next()
@@ -250,7 +250,7 @@ def test_a_tell_that_meets_a_failed_trial_records_it_as_failed(one_worker):
     worker.next()
     worker.heartbeat.stop()
     worker.storage.set_trial_state_values(trial_id(worker.trial), TrialState.FAIL)
-    worker.told({"test_accuracy": 0.7})
+    worker.ended({"test_accuracy": 0.7})
     assert read_json(sweep_dir / "runs" / "000" / TRIAL)["state"] == "fail"
     assert optuna.load_study(study_name="taken", storage=worker.storage).trials[0].state == TrialState.FAIL
 
@@ -262,7 +262,7 @@ def test_a_grid_study_tells_its_last_grid_point(tmp_path):
     sweep_dir, worker = made_study(tmp_path, {"trials": 1, "sampler": "grid", "pruner": "none",
                                               "params": {"train.lr": {"choice": [0.05]}}})
     assert worker.next()["number"] == 0
-    worker.told({"test_accuracy": 0.5})
+    worker.ended({"test_accuracy": 0.5})
     assert read_json(sweep_dir / "runs" / "000" / TRIAL)["state"] == "complete"
     assert worker.next() is None
 

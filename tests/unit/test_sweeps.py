@@ -346,7 +346,8 @@ def test_two_spellings_through_the_command_line_are_one_line_exit_2(tmp_path):
 
 
 def the_points(spec) -> list[tuple[dict, str]]:
-    from cifar_dist.config import config_from_dict, config_hash
+    from cifar_dist.config import config_from_dict
+    from cifar_dist.result_keys import config_hash
 
     return [(p.values, config_hash(config_from_dict(p.config))) for p in make_points(spec, Path("sw"), "abc123")]
 
@@ -360,7 +361,8 @@ def the_points(spec) -> list[tuple[dict, str]]:
 def test_a_command_line_sweep_is_its_yaml_twin(tmp_path, argv):
     """The same points with the same config hashes as the spec file a user would write, and as the
     spec `--print-spec` prints (which reads back to the same sweep)."""
-    from cifar_dist.sweep.commands import cli_spec, parse_args, spec_yaml
+    from cifar_dist.sweep.cli_spec import cli_spec, spec_yaml
+    from cifar_dist.sweep.commands import parse_args
     from cifar_dist.sweep.spec import read_spec
 
     args = parse_args(argv, "cifar-dist sweep")

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from cifar_dist.config import ConfigError, config_hash, load_config
+from cifar_dist.config import ConfigError, load_config
 from cifar_dist.models import build_model
 from cifar_dist.precision import autocast_context
 from cifar_dist.recipe import EMA, make_optimizer, make_step
+from cifar_dist.result_keys import config_hash
 from cifar_dist.schema import set_key
 from tests.helpers import PY, run, train_cmd
 

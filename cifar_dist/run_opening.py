@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from cifar_dist import schema
-from cifar_dist.config import Config, config_from_dict, result_keys
+from cifar_dist.config import Config, config_from_dict
 from cifar_dist.distributed import Distributed
 from cifar_dist.errors import ConfigError
 from cifar_dist.precision import resolve as resolve_precision
+from cifar_dist.result_keys import diff_result_keys
 from cifar_dist.rundir import CONFIG, ENV, LOCK, RunDir, RunDirError, write_atomic, write_json, writing
 
 
@@ -123,11 +124,6 @@ def record_start(run: RunDir, cfg: Config, dist: Distributed) -> None:
             write_json(run / ENV, environment(cfg, dist))
 
     dist.main_only(write)
-
-
-def diff_result_keys(old: Config, new: Config) -> list[str]:
-    a, b = result_keys(old), result_keys(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def environment(cfg: Config, dist: Distributed) -> dict[str, Any]:
