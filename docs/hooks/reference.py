@@ -182,8 +182,9 @@ def parser_section(command: str, parser: argparse.ArgumentParser) -> list[str]:
         names = ", ".join(f"`{n}`" for n in option_names(action))
         if action.option_strings and action.nargs != 0 and action.metavar:
             names += f" `{action.metavar}`"
-        default = "" if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings \
-            else f"`{action.default}`"
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS  # 0 is a default worth showing; False (a flag's off) is not
+        default = "" if unset or not action.option_strings else f"`{action.default}`"
         out.append(f"| {names} | {default} | {cell(help_text(action, parser))} |")
     if parser.epilog:
         out += ["", parser.epilog]
@@ -201,7 +202,7 @@ def cli_page() -> str:
         out += parser_section(command, parser)
     first = launcher.__doc__.split("\n\n")[0].split(": ", 1)[1]
     out += ["## `cifar-dist launch`", "", first.replace("\n", " "), "", "```text", launcher.USAGE.removeprefix("usage: "),
-            "```", "", "Its exit codes: " + "; ".join(f"{c} {m}" for c, m in launcher.MEANING.items()) + ".", ""]
+            "```", "", "| exit code | meaning |", "|---|---|", *(f"| {c} | {cell(m)} |" for c, m in launcher.MEANING.items()), ""]
     return "\n".join(out)
 
 
