@@ -99,3 +99,13 @@ def test_the_architecture_page_names_every_module():
         if not named:
             missing.append(relative)
     assert missing == [], f"modules the architecture page does not name: {missing}"
+
+
+def test_every_shipped_config_is_listed_in_the_readme_and_the_training_page():
+    from cifar_dist.config import shipped_configs
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "training.md"):
+        listed = set(re.findall(r"^\| `([a-z0-9_]+)`(?:, `([a-z0-9_]+)`)? \|", page.read_text(), re.M))
+        names = {n for pair in listed for n in pair if n}
+        missing = sorted(set(shipped_configs()) - names)
+        assert missing == [], f"{page.name}: shipped configs missing from its table: {missing}"
