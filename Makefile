@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --config debug
 
-.PHONY: setup train test test-unit test-e2e test-slurm lint slurm-packages browser-packages
+.PHONY: setup train test test-unit test-e2e test-slurm lint docs slurm-packages browser-packages
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test-slurm: setup slurm-packages
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The docs site into site/ (mkdocs.yml): strict, so a broken link or anchor fails; its pictures come
+# from two short training runs made during the build (about a minute on 2 cores).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 slurm-packages:
 	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \

@@ -42,9 +42,9 @@ class DataConfig:
     labels: str = "fine"  # cifar100 only: fine (100 classes) | coarse (its 20 superclasses)
     cache_dir: str = ""  # decoded uint8 cache; "" -> $CIFAR_DIST_CACHE or ~/.cache/cifar-dist
     train_subset: int = 0  # images kept per split, the same share of every class; 0 = all
-    test_subset: int = 0
+    test_subset: int = 0  # the same for the test split
     synthetic_train: int = 5000  # images, synthetic source only
-    synthetic_test: int = 1000
+    synthetic_test: int = 1000  # test images, synthetic source only
     synthetic_classes: int = 10  # synthetic source only: 10 take CIFAR-10's names, any other number class00, class01, ...
     flip: bool = True  # random horizontal flip, p = 0.5
     flip_alternate: bool = False  # each image's coin is tossed once, then mirrored every other epoch (airbench)
@@ -68,7 +68,7 @@ class EarlyStopConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 10  # passes over the training set
     batch_size: int = 512  # images per optimiser step, summed over all ranks (and over train.accumulate micro-batches)
     lr: float = 0.2  # peak learning rate for the global batch
     optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas, eps; decoupled weight decay)
@@ -84,12 +84,12 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimiser step: each rank's share of the batch in this many forward/backward passes
     clip_grad_norm: float = 0.0  # clip the global gradient norm (all ranks, after fp16 unscaling) to this; 0 = off
     ema: EmaConfig = field(default_factory=EmaConfig)  # an exponential moving average of the weights (eval.ema evaluates it)
-    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)  # stop when the evaluations stop improving
     # Fine-tuning: start from these weights (a model.pt, a run dir or a checkpoint) instead of a fresh init; the
     # classifier head stays fresh when the classes differ. Weights only: the optimiser, schedule and step start anew.
     init_from: str = ""
     init_sha256: str = ""  # init_from's file's sha256: recorded by the run when empty; when given, the file must match
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # this share of each target spread evenly over all classes (cross-entropy)
     warmup_epochs: float = 1.0  # linear ramp from lr x warmup_start to lr, then the decay below
     warmup_start: float = 0.0  # the warm-up's first step's lr, as a fraction of lr
     schedule: str = "linear"  # decay after warm-up to lr x final_lr at the last step: linear | cosine | constant
@@ -142,10 +142,10 @@ class TrackingConfig:
     backend: list[str] = field(default_factory=lambda: ["none"])
     # wandb: "" lets wandb read WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP (project: else cifar-dist); a value set here wins
     project: str = ""
-    entity: str = ""
+    entity: str = ""  # wandb's team or user
     group: str = ""  # runs of a sweep share the sweep's name
-    job_type: str = "train"
-    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"  # wandb's job type
+    tags: list[str] = field(default_factory=list)  # wandb's tags
     log_images: int = 8  # test images with predicted/true labels per evaluation
 
 
@@ -157,7 +157,7 @@ class ProfileConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # every random choice (initial weights, shuffling, augmentation, dropout) derives from it
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

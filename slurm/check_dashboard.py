@@ -6,7 +6,7 @@ a headless Chromium on the study's page, its text checked and a screenshot writt
 Needs what the project does not install (so this is a script, not a test that would skip in CI):
 `pip install optuna-dashboard` into the venv and `apt-get install chromium`. SWEEP_DIR is a search's
 sweep dir (its study.journal), e.g. one made on this machine without Slurm by
-`python jobs/submit.py search.yaml --executor local` (slurm/README.md, "Search").
+`python jobs/submit.py search.yaml --executor local` (docs/search.md).
 Exit 0: the page names the study and shows its history and trials; 1: it does not; 2: a mistake.
 """
 

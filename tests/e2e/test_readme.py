@@ -1,11 +1,12 @@
-"""README.md's commands, run exactly as printed, in the order printed, in a copy of the checkout
+"""The commands of README.md and the docs pages (docs/*.md), run exactly as printed, in the order
+printed (a command printed twice runs once), in a copy of the checkout
 (`cifar_dist/train.py`, `jobs/submit.py` and `runs/...` are paths relative to it). The copy holds
 what the README assumes a user has: `cifar10-jpeg.tar.gz`, `data/cifar-10-batches-py/` and
 `data/cifar-100-python/` (small files in the real formats: the real archives are not there in CI),
 `my.yaml`, `photo.jpg`, `more_images/`, the README's own `sweep.yaml`, and the runs the README
-names (`runs/my-run`, `runs/a`, `runs/b`). Every command of the README is in RULES
+names (`runs/my-run`, `runs/a`, `runs/b`). Every command of the pages is in RULES
 (tests/helpers/readme.py): run here, run on the dev cluster (tests/slurm/test_readme.py), or not
-run, with the reason; a command added to the README without a rule fails this test."""
+run, with the reason; a command added to a page without a rule fails this test."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_readme_commands_run_as_printed(checkout):
     for name in ("runs/my-run", "runs/a", "runs/b", "sweeps/lr-sweep/runs/000"):  # compare also takes a sweep dir
         subprocess.run([PY, "-m", "cifar_dist.train", "--config", "debug", "train.epochs=1", f"run.dir={name}"],
                        cwd=checkout, env=env, check=True, capture_output=True, timeout=300)
-    for command in readme_commands():
+    for command in dict.fromkeys(readme_commands()):  # each distinct command once, in order
         if rule(command) == LOCAL:
             if command.startswith("make train"):  # the make target runs in the real checkout, with its venv
                 run_as_printed(command, ROOT, env)

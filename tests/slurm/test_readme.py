@@ -1,6 +1,6 @@
-"""README.md's Slurm commands, run exactly as printed, in the order printed, on the dev cluster, in a
-copy of the checkout holding what the README assumes a user has (tests/helpers/readme.py). The
-other commands: tests/e2e/test_readme.py."""
+"""The Slurm commands of README.md and the docs pages, run exactly as printed, in the order printed,
+on the dev cluster, in a copy of the checkout holding what the pages assume a user has
+(tests/helpers/readme.py). The other commands: tests/e2e/test_readme.py."""
 
 from __future__ import annotations
 
