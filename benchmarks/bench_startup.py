@@ -103,6 +103,8 @@ def main() -> None:
          "training = summary.json's train_seconds (the loop: steps and evaluations); outside = wall - training "
          "(interpreter, imports, data, net and optimiser, final checkpoint, model.pt, plots, exit)",
          "vs import torch: outside minus the same round's `import torch` wall time",
+         "`import torch` + one torch.optim SGD step: the step imports torch._dynamo (with sympy and "
+         "torch.distributed.tensor), so this is the floor of any run that trains with torch.optim",
          "load average (1, 5, 15 min) at start " + ", ".join(f"{v:.2f}" for v in load_before) + "; at end "
          + ", ".join(f"{v:.2f}" for v in load_after) + f"; {cores} cores"
          + (": a shared, loaded machine, so every number is inflated and noisy" if loaded else ""),
