@@ -9,6 +9,8 @@ exit into 1.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import io
 import os
 import sys
@@ -35,6 +37,7 @@ def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a command's main; a UserError becomes its one line on stderr (rank 0) and exit code 2.
     The exit code is recorded for `cifar-dist launch`: 1 for an exception (130: a second Ctrl-C), which propagates."""
     tolerant_output()
+    no_collection_at_exit()
     try:
         code = command(argv)
     except UserError as e:
@@ -78,6 +81,21 @@ def read_outcomes(folder: Path) -> dict[int, int]:
         if rank.isdigit() and text.lstrip("-").isdigit():
             out[int(rank)] = int(text)
     return out
+
+
+def no_collection_at_exit() -> None:
+    """At exit, after the other exit handlers (registered later, so run earlier): no more garbage
+    collection. Interpreter shutdown otherwise spends seconds collecting over the objects torch, its
+    dynamo (imported by torch.optim) and matplotlib hold, in a process about to end; objects are still
+    released as their references go, and a cycle left uncollected is no loss, since Python never
+    promised to finalise objects that still exist at exit (every output is closed by its writer)."""
+    atexit.unregister(_stop_collecting)  # once, however many commands this process ran
+    atexit.register(_stop_collecting)
+
+
+def _stop_collecting() -> None:
+    gc.disable()
+    gc.freeze()  # what exists now is never traversed again
 
 
 def tolerant_output() -> None:

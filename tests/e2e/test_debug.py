@@ -108,7 +108,8 @@ def test_a_smoke_names_the_path_that_fails_and_keeps_its_run_dir(monkeypatch, ca
     out = capsys.readouterr().out
     table = smoke_table(out)
     assert code == 1
-    assert table["checkpoint"][0] == "failed" and table["checkpoint"][1].startswith("cannot write checkpoint") and "Not a directory" in table["checkpoint"][1]
+    status, said = table["checkpoint"]
+    assert status == "failed" and said.startswith("cannot write checkpoint") and "Not a directory" in said
     assert all(table[p][0] == "ok" for p in ("data", "run dir", "net", "train steps", "records", "evaluation"))
     assert table["compile"][0] == "skipped" and all(table[p] == ("not reached", "") for p in ("resume", "final"))
     assert "smoke FAILED in" in out and f"run dir kept: {tmp_path / 'run'}" in out
