@@ -38,7 +38,7 @@ lint: setup
 
 # The docs site into site/ (mkdocs.yml): strict, so a broken link or anchor fails; its pictures come
 # from two short training runs made during the build (about a minute on 2 cores).
-docs: setup
+docs: setup browser-packages
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 slurm-packages:
