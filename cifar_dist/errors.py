@@ -14,9 +14,12 @@ import gc
 import io
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+# How long a rank other than 0 waits before it exits on a mistake, for rank 0 to print it (seconds).
+OTHER_RANKS_GRACE_S = 5.0
 # Set by `cifar-dist launch` for the processes it starts: a folder where each rank writes its exit code.
 OUTCOME_DIR = "CIFAR_DIST_OUTCOME_DIR"
 
@@ -43,6 +46,9 @@ def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     except UserError as e:
         if launched_rank() == 0:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's message held
+        else:  # rank 0 names the mistake: a launcher that ends every rank at the first failure (torchrun)
+            record_outcome(2)  # must not end rank 0 before it has, so the other ranks leave a moment later
+            time.sleep(OTHER_RANKS_GRACE_S)
         code = 2
     except BaseException as e:
         record_outcome(130 if isinstance(e, KeyboardInterrupt) else 1)

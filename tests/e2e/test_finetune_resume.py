@@ -26,12 +26,11 @@ from cifar_dist.finetune import last_linear, load_init, read_init
 from cifar_dist.models import build_model
 from cifar_dist.predict import load_model
 from cifar_dist.rundir import CHECKPOINTS, CONFIG, METRICS, MODEL, RunDir, load_weights, save_model
-from tests.helpers import PY, ROOT, TINY, assert_same_run, read_jsonl, run, train_cmd
+from tests.helpers import FAULTS, PY, ROOT, TINY, assert_same_run, read_jsonl, run, train_cmd
 from tests.helpers.data import write_image_tree
 
 # The medium net has dropout: an exact resume must restore every RNG state, not just weights.
 CONFIG_ARGS = [*TINY, "model.name=medium", "train.log_every=3", "checkpoint.every_steps=7", "seed=5"]
-FAULTS = [PY, "tests/run_with_faults.py"]
 FIVE = ["bird", "cat", "deer", "dog", "frog"]
 
 
