@@ -44,12 +44,12 @@ def run_command(command: Callable[[list[str]], int], argv: list[str]) -> int:
     try:
         code = command(argv)
     except UserError as e:
+        record_outcome(2)
         if launched_rank() == 0:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library's message held
         else:  # rank 0 names the mistake: a launcher that ends every rank at the first failure (torchrun)
-            record_outcome(2)  # must not end rank 0 before it has, so the other ranks leave a moment later
-            time.sleep(OTHER_RANKS_GRACE_S)
-        code = 2
+            time.sleep(OTHER_RANKS_GRACE_S)  # must not end rank 0 before it has
+        return 2
     except BaseException as e:
         record_outcome(130 if isinstance(e, KeyboardInterrupt) else 1)
         raise
