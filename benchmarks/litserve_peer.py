@@ -43,7 +43,7 @@ class CifarAPI(ls.LitAPI):
         return list(output)
 
     def encode_response(self, probs: torch.Tensor) -> dict[str, Any]:
-        return {"predictions": [{"top": top_classes(probs, self.model.classes, 5)}]}
+        return {"predictions": [{"top": top_classes(probs.tolist(), self.model.classes, 5)}]}
 
 
 def main() -> None:

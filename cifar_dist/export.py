@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -155,12 +155,23 @@ def graph_sha256(proto: Any) -> str:
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def write_torchscript(module: Normalized, card: ModelCard, path: Path) -> None:
-    example = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
-    with warnings.catch_warnings():  # torch deprecates TorchScript (for torch.export), yet its runtimes load it
+@contextlib.contextmanager
+def torchscript_quietly() -> Iterator[None]:
+    """torch deprecates TorchScript (for torch.export), yet its runtimes load it: no warning for using it."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(module, example)  # the nets have no data-dependent control flow
-        torch.jit.save(traced, path, _extra_files={f"{CARD_KEY}.json": card.to_json()})
+        yield
+
+
+def traced(module: nn.Module) -> torch.jit.ScriptModule:
+    """`module` (uint8 pixels in) traced by TorchScript; the nets have no data-dependent control flow."""
+    with torchscript_quietly():
+        return torch.jit.trace(module, torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8))
+
+
+def write_torchscript(module: Normalized, card: ModelCard, path: Path) -> None:
+    with torchscript_quietly():
+        torch.jit.save(traced(module), path, _extra_files={f"{CARD_KEY}.json": card.to_json()})
 
 
 def write_safetensors(module: Normalized, card: ModelCard, path: Path) -> None:
@@ -215,8 +226,7 @@ def read_onnx(path: Path, threads: int = 0) -> tuple[ModelCard, Logits]:
 
 def read_torchscript(path: Path) -> tuple[ModelCard, Logits]:
     extra = {f"{CARD_KEY}.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with torchscript_quietly():
         module = torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
     card = ModelCard.from_json(extra[f"{CARD_KEY}.json"], path)
     return card, lambda pixels: module(torch.from_numpy(pixels)).detach().numpy()

@@ -23,12 +23,17 @@ IMAGE_READER = 2  # bump when read_image decodes some file differently (2: modes
 def read_image(src: bytes | Path) -> np.ndarray:
     """An image file's bytes or path as RGB uint8 (32, 32, 3), whatever its size, mode or bit depth."""
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        if im.mode in WIDE_MODES:
-            im = Image.fromarray(wide_to_8bit(np.asarray(im), im.mode))
-        im = im.convert("RGB")
-        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return net_pixels(im)
+
+
+def net_pixels(im: Image.Image) -> np.ndarray:
+    """An opened image (its pixels decoded here) as RGB uint8 (32, 32, 3)."""
+    if im.mode in WIDE_MODES:
+        im = Image.fromarray(wide_to_8bit(np.asarray(im), im.mode))
+    im = im.convert("RGB")
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def wide_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import io
 import json
 import pickle
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from PIL import Image
 from cifar_dist import checkpoint
 from cifar_dist.data import normalize
 from cifar_dist.errors import UserError, run_command
-from cifar_dist.images import IMAGE_SUFFIXES, read_image
+from cifar_dist.images import IMAGE_SUFFIXES, net_pixels
 from cifar_dist.models import MODELS, build_model
 from cifar_dist.rundir import MODEL, load_weights
 from cifar_dist.sources import CIFAR10_STATS, Stats
@@ -129,9 +130,9 @@ def model_input(src: bytes | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             width, height = im.size
-        if width * height > max_pixels:
-            raise ImageError(f"too large: {width}x{height} pixels, more than the {max_pixels:,} allowed")
-        return read_image(src)
+            if width * height > max_pixels:
+                raise ImageError(f"too large: {width}x{height} pixels, more than the {max_pixels:,} allowed")
+            return net_pixels(im)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own, stricter-than-nothing limit, met on open
@@ -146,10 +147,12 @@ def probabilities(net: torch.nn.Module, stats: Stats, pixels: torch.Tensor) -> t
     return torch.softmax(net(normalize(pixels, stats)).float(), 1)
 
 
-def top_classes(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict[str, Any]]:
-    """One image's probabilities (classes,) -> its `top_k` classes, most probable first."""
-    p, idx = probs.topk(min(top_k, len(classes)))
-    return [{"class": classes[i], "probability": round(float(q), 4)} for q, i in zip(p.tolist(), idx.tolist())]
+def top_classes(probs: Sequence[float], classes: list[str], top_k: int) -> list[dict[str, Any]]:
+    """One image's probabilities, a number per class -> its `top_k` classes, most probable first (ties:
+    in class order). Plain Python: the service calls it in its event loop, where a torch call would
+    hand the GIL to the inference thread and wait to get it back."""
+    best = sorted(range(len(classes)), key=lambda i: -probs[i])[:top_k]
+    return [{"class": classes[i], "probability": round(float(probs[i]), 4)} for i in best]
 
 
 def predict(net: torch.nn.Module, classes: list[str], stats: Stats, files: list[Path], top_k: int) -> list[dict[str, Any]]:
@@ -160,7 +163,7 @@ def predict(net: torch.nn.Module, classes: list[str], stats: Stats, files: list[
         except ImageError as e:
             results.append({"file": str(f), "error": str(e)})
             continue
-        results.append({"file": str(f), "top": top_classes(probabilities(net, stats, x)[0], classes, top_k)})
+        results.append({"file": str(f), "top": top_classes(probabilities(net, stats, x)[0].tolist(), classes, top_k)})
     return results
 
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 class QueueFull(Exception):
@@ -32,9 +31,9 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, infer: Callable[[np.ndarray], torch.Tensor], max_batch: int, max_delay_s: float, max_queue: int,
+    def __init__(self, infer: Callable[[np.ndarray], list[list[float]]], max_batch: int, max_delay_s: float, max_queue: int,
                  on_batch: Callable[[int], None] = lambda n: None):
-        self.infer = infer  # uint8 (N, 32, 32, 3) -> (N, classes)
+        self.infer = infer  # uint8 (N, 32, 32, 3) -> N rows, one number a class
         self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
         self.on_batch = on_batch  # called with each batch's size, in the worker
         self.ready = threading.Event()  # set once the model has run a batch of each size it warms up with
@@ -61,7 +60,7 @@ class Batcher:
             self._cond.notify()
         self._thread.join()
 
-    async def submit(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+    async def submit(self, images: list[np.ndarray]) -> list[list[float]]:
         """Each image's row of the model's output, once its batch has run."""
         loop = asyncio.get_running_loop()
         items = [_Item(px, loop.create_future()) for px in images]
@@ -102,7 +101,7 @@ class Batcher:
             return [self._items.popleft() for _ in range(min(self.max_batch, len(self._items)))]
 
 
-def _deliver(batch: list[_Item], rows: torch.Tensor | None, error: Exception | None) -> None:
+def _deliver(batch: list[_Item], rows: list[list[float]] | None, error: Exception | None) -> None:
     for i, it in enumerate(batch):
         if it.future.done():  # its request went away (the client hung up)
             continue

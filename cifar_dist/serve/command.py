@@ -20,6 +20,10 @@ from pathlib import Path
 from cifar_dist.errors import UserError, run_command
 
 DRAIN_TIMEOUT_S = 30  # after SIGTERM, the longest the requests in flight are waited for
+# How long a thread waiting for the GIL waits before the holder is made to let go (Python's default: 5 ms).
+# The inference thread takes the GIL back after each batch (and Pillow's decoders after each image);
+# behind a busy event loop each of those waited up to the whole interval.
+SWITCH_INTERVAL_S = 0.0005
 
 
 class ServeError(UserError):
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_files)
     sock = bind(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # A line per request: records without the thread and process fields, which the format never shows.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     host, port = sock.getsockname()[:2]
     logging.getLogger("cifar_dist.serve").info(
         "serving %s (%s net, %s backend, sha256 %s) on http://%s:%d (upload page /, API docs /docs)", served.file,
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(create_app(served, limits), log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
     server = uvicorn.Server(config)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place of
     # the defaults that re-raise is a no-op, so a drained shutdown exits 0 (not killed by SIGTERM).
     for sig in (signal.SIGTERM, signal.SIGINT):
