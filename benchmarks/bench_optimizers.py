@@ -28,15 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_table, train_launcher  # noqa: E402
 
+from cifar_dist.precision import cpu_has_bf16  # noqa: E402
 from cifar_dist.rundir import RunDir  # noqa: E402
-
-
-def bf16_instructions() -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX), by its own flags. oneDNN's check
-    (precision.cpu_has_bf16) also says yes on AVX-512 CPUs without either, where bf16 is converted."""
-    info = Path("/proc/cpuinfo")
-    flags = info.read_text().split() if info.exists() else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load() -> str:
@@ -74,7 +67,7 @@ def main() -> None:
     parser.add_argument("--adamw-wd", type=float, default=0.05)
     parser.add_argument("--precision", default="", help="fp32 | bf16; default fp32 unless the CPU has bf16 instructions")
     args = parser.parse_args()
-    precision = args.precision or ("bf16" if bf16_instructions() else "fp32")
+    precision = args.precision or ("bf16" if cpu_has_bf16() else "fp32")
     common = [f"train.epochs={args.epochs}", f"seed={args.seed}", f"train.precision={precision}"]
     adamw = ["train.optimizer=adamw", "train.betas=0.9,0.999", f"train.weight_decay={args.adamw_wd}",
              "train.decay_norms_and_biases=false"]

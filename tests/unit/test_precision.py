@@ -6,6 +6,9 @@ emulated on this CPU. Through the commands (fp16 resumed exactly, the precision 
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,19 +55,37 @@ def test_launcher_settings_that_contradict_the_config_are_refused(env, said):
         adopt_launcher_settings(load_config("debug", ["train.precision=bf16"]), env)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, native):
-    """Emulated bf16 is ~10x slower than fp32 on a CPU without AVX512-BF16/AMX: the run says so.
-    The CPU's answer is replaced here, so both cases are checked on any machine."""
-    from cifar_dist.precision import slow_precision_warning
+@pytest.mark.parametrize(("flags", "onednn", "native"), [
+    ({"avx512f", "avx512_bf16"}, True, True),
+    ({"avx512f", "amx_tile", "amx_bf16"}, True, True),
+    ({"avx512f", "avx512bw"}, True, False),  # AVX-512 alone: oneDNN says yes, and converts (1.5-1.8x slower)
+    ({"avx2"}, False, False),
+    (None, True, True),  # no flags listed (not Linux): oneDNN's answer
+    (None, False, False),
+])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, flags, onednn, native):
+    """Emulated bf16 is slower than fp32 on a CPU without AVX512-BF16/AMX: the run says so. The
+    CPU's flags and oneDNN's answer are replaced here, so every case is checked on any machine."""
+    from cifar_dist import precision
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
     bf16, fp32 = "bf16", "fp32"
-    warning = slow_precision_warning(bf16, torch.device("cpu"))
+    warning = precision.slow_precision_warning(bf16, torch.device("cpu"))
     assert (warning is not None) == (not native)
     assert warning is None or "add train.precision=fp32" in warning
-    assert slow_precision_warning(fp32, torch.device("cpu")) is None
-    assert slow_precision_warning(bf16, torch.device("cuda")) is None
+    assert precision.slow_precision_warning(fp32, torch.device("cpu")) is None
+    assert precision.slow_precision_warning(bf16, torch.device("cuda")) is None
+
+
+def test_cpu_flags_are_read_from_this_machine():
+    """On Linux the flags come from /proc/cpuinfo; every x86 CPU torch runs on lists sse2 there."""
+    from cifar_dist.precision import cpu_flags
+
+    if not Path("/proc/cpuinfo").exists() or platform.machine() != "x86_64":
+        pytest.skip("needs Linux on x86-64")
+    flags = cpu_flags()
+    assert flags is not None and "sse2" in flags
 
 
 @pytest.mark.parametrize("native", [True, False])
