@@ -247,8 +247,7 @@ class LocalExecutor(Executor):
                 for j in job_ids if submitit_compat.local_job_alive(j)}
 
     def cancel(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            submitit_compat.cancel_local_job(job_id)
+        submitit_compat.cancel_local_jobs(job_ids)
 
     def where(self, n_points: int) -> str:
         return "local processes (submitit local executor)"

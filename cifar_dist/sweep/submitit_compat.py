@@ -115,6 +115,12 @@ def save_result(job: submitit.Job, value: Any) -> None:
         cloudpickle_dump(("success", value), tmp)
 
 
+# A controller that took its SIGINT ends within about a second (its tasks get SIGINT, then SIGKILL
+# after 1 s); one alive this long after it missed it.
+CANCEL_RESEND_S = 5.0
+CANCEL_TRIES = 3
+
+
 def local_job_alive(job_id: str) -> bool:
     """Whether the local executor's job is still running: its job id is the pid of its controller."""
     proc = Path(f"/proc/{job_id}")
@@ -133,9 +139,20 @@ def local_job_alive(job_id: str) -> bool:
     return False
 
 
-def cancel_local_job(job_id: str) -> None:
-    """As submitit's LocalJob.cancel does: SIGINT makes the controller kill its tasks. (A LocalJob
-    rebuilt from its id in another process has no handle on the controller to do it itself.)"""
-    if local_job_alive(job_id):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(job_id), signal.SIGINT)
+def cancel_local_jobs(job_ids: list[str]) -> None:
+    """As submitit's LocalJob.cancel does: SIGINT makes each controller kill its tasks (a LocalJob
+    rebuilt from its id in another process has no handle on the controller to do it itself). A SIGINT
+    that lands while a controller is still importing can be swallowed: CPython reports the
+    KeyboardInterrupt as "Exception ignored in ... _get_module_lock" and goes on. So this waits for
+    the controllers to end, and sends another SIGINT to one still alive CANCEL_RESEND_S later."""
+    alive = [j for j in job_ids if local_job_alive(j)]
+    for _ in range(CANCEL_TRIES):
+        for job_id in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(job_id), signal.SIGINT)
+        deadline = time.monotonic() + CANCEL_RESEND_S
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [j for j in alive if local_job_alive(j)]
+        if not alive:
+            return

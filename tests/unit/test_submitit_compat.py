@@ -5,6 +5,8 @@ failure names the member, instead of failing in a pre-empted job on a cluster.""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,10 +93,7 @@ def test_local_jobs_files_liveness_and_cancel(tmp_path):
         assert submitit_compat.local_job_alive(slow.job_id)
         assert not submitit_compat.local_job_alive("999999999") and not submitit_compat.local_job_alive("x")
         assert not submitit_compat.local_job_alive("1"), "init is not a controller"
-        submitit_compat.cancel_local_job(slow.job_id)
-        deadline = time.monotonic() + 30
-        while submitit_compat.local_job_alive(slow.job_id) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        submitit_compat.cancel_local_jobs([slow.job_id])  # returns once the controller has ended
         assert not submitit_compat.local_job_alive(slow.job_id), "cancelled"
     assert quick.result() == {"status": "x"}
     with uses("JobPaths(folder, job_id, task_id).result_pickle/.stderr and pickle_load"):
@@ -105,3 +104,32 @@ def test_local_jobs_files_liveness_and_cancel(tmp_path):
     with uses("utils.temporary_save_path/cloudpickle_dump, Job.paths.result_pickle"):
         submitit_compat.save_result(debug, debug.result())
         assert submitit_compat.task_result(tmp_path / "debug", debug.job_id) == ("success", {"status": "y"})
+
+
+# Stands in for a local controller whose first SIGINT came during an import and was swallowed
+# (CPython: "Exception ignored in ... _get_module_lock ... KeyboardInterrupt"): its command line
+# names the controller's module, it lets the first SIGINT pass and ends on the second.
+DEAF_ONCE = """
+import signal, sys, time
+heard = []
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0) if heard else heard.append(1))
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_controller_that_missed_its_sigint_gets_another(monkeypatch):
+    monkeypatch.setattr(submitit_compat, "CANCEL_RESEND_S", 0.5)
+    proc = subprocess.Popen([sys.executable, "-c", DEAF_ONCE, "-m", "submitit.local._local"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        job_id = str(proc.pid)
+        assert submitit_compat.local_job_alive(job_id)
+        submitit_compat.cancel_local_jobs([job_id])
+        assert proc.wait(timeout=5) == 0, "ended by the second SIGINT"
+        assert not submitit_compat.local_job_alive(job_id)
+    finally:
+        proc.kill()
+        proc.wait()
