@@ -1,5 +1,6 @@
 """Random search trained to the end against TPE + ASHA pruning: the same parameter space, the same
-number of trials and epochs per trial, several sampler seeds each, side by side in one run.
+number of trials and epochs per trial, several sampler seeds each, side by side in one run; and
+the pruned methods at equal compute, with three times the trials.
 
     python benchmarks/bench_search.py --data /work/shared/data/cifar10-jpeg.tar.gz [--seeds 3] [--trials 12] [--epochs 9]
 
@@ -11,6 +12,8 @@ trained by all its trials (pruned ones stop early). Goal (issue #18): TPE + ASHA
 random search's best with at most a third of its epochs. `--methods random random-asha` asks
 whether ASHA alone loses the winner: with the same sampler seed, random search + ASHA trains the
 same trials as random search (Optuna's random sampler does not look at results), pruned.
+`--methods random random-asha-3x tpe-asha-3x` spends about random search's epochs on pruned
+studies of three times the trials. Goal (issue #32): at least 0.5 points over random search's best.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Method(NamedTuple):
     title: str  # in the table's heading
     sampler: str
     pruner: str
+    trials_factor: int = 1  # its trials: --trials times this
 
 
 METHODS = {  # by the name given to --methods
@@ -47,6 +51,12 @@ METHODS = {  # by the name given to --methods
     "tpe-asha": Method("TPE + ASHA", "TPE + ASHA", "tpe", "asha"),
     "random-asha": Method("random search + ASHA (random search's trials, pruned)", "random search + ASHA", "random",
                           "asha"),
+    # Equal compute (issue #32): ASHA trains about a third of the epochs of the same trials run to the
+    # end, so three times the trials spend about random search's epoch budget.
+    "random-asha-3x": Method("random search + ASHA, 3x the trials (about random search's epochs)",
+                             "random search + ASHA at 3x the trials", "random", "asha", 3),
+    "tpe-asha-3x": Method("TPE + ASHA, 3x the trials (about random search's epochs)", "TPE + ASHA at 3x the trials",
+                          "tpe", "asha", 3),
 }
 
 
@@ -64,13 +74,13 @@ def sweep_command(argv: list[str]) -> str:
 
 
 def run_study(tmp: Path, method: str, seed: int, args: argparse.Namespace) -> dict:
-    sampler, pruner = METHODS[method].sampler, METHODS[method].pruner
-    name = f"bench-{sampler}-{pruner}-s{seed}"
+    sampler, pruner, factor = METHODS[method].sampler, METHODS[method].pruner, METHODS[method].trials_factor
+    name = f"bench-{sampler}-{pruner}-x{factor}-s{seed}"
     spec = tmp / f"{name}.yaml"
     overrides = {"train.epochs": args.epochs, "eval.every": 1, "run.progress": "none", **args.data_overrides}
     spec.write_text(yaml.safe_dump({
         "name": name, "cluster": "local", "base": args.base, "overrides": overrides,
-        "search": {"trials": args.trials, "workers": 1, "sampler": sampler, "pruner": pruner, "seed": seed,
+        "search": {"trials": args.trials * factor, "workers": 1, "sampler": sampler, "pruner": pruner, "seed": seed,
                    "min_epochs": args.min_epochs, "params": PARAMS},
         "resources": {"cpus_per_task": 1, "time_min": 600}}, sort_keys=False))
     sweep_dir = tmp / name
@@ -122,9 +132,14 @@ def main() -> None:
         acc_a, ep_a = medians["random"]
         for method in [m for m in args.methods if m != "random"]:
             acc_b, ep_b = medians[method]
+            if METHODS[method].trials_factor == 1:
+                goal = "within 0.5 points, at most 1/3 of the epochs"
+                met = acc_b >= acc_a - 0.5 and ep_b <= ep_a / 3
+            else:
+                goal = "at least 0.5 points more at about the same epochs (issue #32)"
+                met = acc_b >= acc_a + 0.5 and ep_b <= ep_a * 1.1  # 10%: a rung's worth of slack
             verdicts.append(f"{METHODS[method].label} vs random (medians): {acc_b - acc_a:+.2f} points with "
-                            f"{ep_b / ep_a:.2f}x the epochs; goal (within 0.5 points, at most 1/3 of the epochs): "
-                            f"{'met' if acc_b >= acc_a - 0.5 and ep_b <= ep_a / 3 else 'not met'}")
+                            f"{ep_b / ep_a:.2f}x the epochs; goal ({goal}): {'met' if met else 'not met'}")
         if "random-asha" in results:  # the same trials: did pruning stop the trial that would have won?
             kept = sum(a["best"] == b["best"] for a, b in zip(results["random"], results["random-asha"]))
             verdicts.append(f"random search + ASHA kept random search's winning trial in {kept} of {args.seeds} studies")

@@ -167,7 +167,7 @@ def test_bench_search_compares_the_methods_in_one_table(tmp_path, env):
     """benchmarks/bench_search.py's plumbing on tiny synthetic studies (the real run uses the JPEG archive)."""
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([PY, "benchmarks/bench_search.py", "--seeds", "1", "--trials", "2", "--epochs", "2",
-                           "--train-subset", "0", "--methods", "random", "tpe-asha", "random-asha",
+                           "--train-subset", "0", "--methods", "random", "tpe-asha", "random-asha", "random-asha-3x",
                            "--extra", "data.synthetic_train=640", "data.synthetic_test=200"],
                           env={**env, "CIFAR_DIST_RESULTS": str(results)}, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -175,11 +175,14 @@ def test_bench_search_compares_the_methods_in_one_table(tmp_path, env):
     text = results.read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
     assert [r[0] for r in rows] == ["method", "random search, every trial to the end", "TPE + ASHA",
-                                    "random search + ASHA (random search's trials, pruned)"]
+                                    "random search + ASHA (random search's trials, pruned)",
+                                    "random search + ASHA, 3x the trials (about random search's epochs)"]
     assert rows[1][2] == "4 (1 run)" and rows[1][3] == "2+0", "random search trains every trial to the end"
-    for row in rows[2:]:
+    for row in rows[2:4]:
         assert sum(map(int, row[3].split("+"))) == 2 and float(row[2].split()[0]) <= 4
+    assert sum(map(int, rows[4][3].split("+"))) == 6, "three times the trials"
     assert len(re.findall(r"goal \(within 0\.5 points, at most 1/3 of the epochs\): (met|not met)", text)) == 2
+    assert re.search(r"3x the trials .* goal \(at least 0\.5 points more at about the same epochs", text)
     kept = re.search(r"random search \+ ASHA kept random search's winning trial in ([01]) of 1 studies", text)
     pruned_any = rows[3][3] != "2+0"
     assert kept and (kept[1] == "1" or pruned_any), "only pruning can lose random search's winner"
