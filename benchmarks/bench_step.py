@@ -26,20 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_table, spread  # noqa: E402
 
 from cifar_dist.models import build_model  # noqa: E402
+from cifar_dist.precision import cpu_flags  # noqa: E402
 
 MATMUL = 2048
 SHAPES = ((1, 64), (2, 128))  # (threads, batch)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def cpu_flags() -> str:
-    """The CPU's matrix instructions for bf16, as /proc/cpuinfo lists them."""
-    info = Path("/proc/cpuinfo")
-    flags = set()
-    if info.exists():
-        flags = next((set(line.split(":", 1)[1].split()) for line in info.read_text().splitlines()
-                      if line.startswith("flags")), set())
-    found = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
+def bf16_flags() -> str:
+    """The CPU's flags that decide bf16's speed, as /proc/cpuinfo lists them."""
+    found = sorted((cpu_flags() or set()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
     return ", ".join(found) or "none of avx2, avx512f, avx512_bf16, amx_bf16"
 
 
@@ -76,11 +72,8 @@ def step(precision: str, batch: int):
         opt.step()
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn(net(x).float(), y)
-        loss.backward()
-    opt.zero_grad(set_to_none=True)
+    with counter:  # counts matmuls and convolutions: the optimizer's element-wise updates are not among them
+        one()
     return one, counter.get_total_flops()
 
 
@@ -109,7 +102,7 @@ def main() -> None:
             images = [g * 1e9 / flops[(batch, precision)] * batch for g in gflops]
             rows.append([str(threads), str(batch), precision, f"{flops[(batch, precision)] / batch / 1e6:.1f}",
                          spread(images, "{:,.0f}"), spread(gflops, "{:.0f}"), spread(peak, "{:.0f}"), f"{fraction:.0%}"])
-    notes = [f"CPU flags for bf16 (/proc/cpuinfo): {cpu_flags()}",
+    notes = [f"CPU flags for bf16 (/proc/cpuinfo): {bf16_flags()}",
              "step: `medium` net, channels_last, SGD (momentum 0.9, nesterov, weight decay 5e-4), cross-entropy with "
              "label smoothing 0.1, random inputs, no data path; FLOPs of forward + backward by torch.utils.flop_counter",
              f"peak: torch.mm of two {MATMUL}x{MATMUL} matrices in that precision on those threads",
