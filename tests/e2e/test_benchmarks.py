@@ -6,12 +6,14 @@ data, so the test sees whether the hand-off and the reading of its output are ri
 
 from __future__ import annotations
 
+import json
+import os
 import tarfile
 from pathlib import Path
 
 import torch
 
-from tests.helpers import PY, ROOT, run, table_rows
+from tests.helpers import PY, ROOT, TINY, run, table_rows
 from tests.helpers.data import write_image_tree
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -121,3 +123,29 @@ def test_bench_vs_seed_with_a_recorded_seed_loop_runs_no_seed_loop(env, tmp_path
     header, row = table_rows(bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05"))
     assert row[1] == "2 epochs: 87 s recorded, 5.0%"
     assert not (tmp_path / "seed_loop_ran").exists()
+
+
+def test_bench_options_runs_each_arm_with_its_overrides_and_seed(env, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    tiny = [o for o in TINY if not o.startswith("run.progress")] + ["train.epochs=1"]
+    run([PY, "benchmarks/bench_options.py", "--config", "debug", "--ranks", "1", "--rounds", "1",
+         "--arm", "reference", "--arm", "smaller-batches", "train.batch_size=32", "--extra", *tiny],
+        dict(env, CIFAR_DIST_RESULTS=str(results)))
+    header, reference, smaller = table_rows(results.read_text())
+    assert header[:4] == ["arm", "overrides", "images/s", "vs `reference`"]
+    assert reference[:2] == ["`reference`", "(none)"] and reference[3] == "1.00x"
+    assert smaller[:2] == ["`smaller-batches`", "train.batch_size=32"]
+    # The arm's row is the run its overrides and round 0's seed make: the same run made by hand (one
+    # rank with every core, as the script runs it) agrees.
+    direct = tmp_path / "direct"
+    run([PY, "-m", "cifar_dist.train", "--config", "debug", *tiny, "train.batch_size=32", "seed=0",
+         f"run.dir={direct}", "run.progress=none"], dict(env, OMP_NUM_THREADS=str(os.cpu_count() or 1)))  # as the script sets
+    accuracy = json.loads((direct / "summary.json").read_text())["test_accuracy"]
+    assert smaller[-1] == f"{100 * accuracy:.2f} (1 run)"
+
+
+def test_bench_options_refuses_two_arms_of_one_name(env, tmp_path):
+    proc = run([PY, "benchmarks/bench_options.py", "--arm", "a", "--arm", "a", "train.lr=0.1"],
+               dict(env, CIFAR_DIST_RESULTS=str(tmp_path / "RESULTS.md")), check=False)
+    assert proc.returncode == 2 and "each arm needs its own name" in proc.stderr
+    assert not (tmp_path / "RESULTS.md").exists()
