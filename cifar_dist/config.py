@@ -31,6 +31,9 @@ class ModelConfig:
     # torch.compile's mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.
     # The CUDA-graph modes cut a small net's per-step launch cost; autotuning lengthens the compile.
     compile_mode: str = "default"
+    # p of every nn.Dropout in the net (medium's own is 0.2); -1 keeps the net's. Training only:
+    # evaluation, predict and export never drop. A short run underfits, so 0 can pay twice there.
+    dropout: float = -1.0
 
 
 @dataclass
@@ -257,12 +260,15 @@ def validate(cfg: Config) -> None:
     ConfigError naming its key. Section by section, in the config's order."""
     # The registries import torch (seconds): imported here, not with the module, so the sweep
     # commands that only read configs (status, wait, cancel) start without it.
-    from cifar_dist.models import MODELS
+    from cifar_dist.models import MODELS, set_dropout
     from cifar_dist.sources import SOURCES
     from cifar_dist.trackers import TRACKERS
 
     c = _Checks(cfg)
     _validate_model_and_data(c, tuple(MODELS), SOURCES)
+    if cfg.model.dropout != -1:  # a net without dropout layers would silently ignore it
+        c.need(set_dropout(MODELS[cfg.model.name](10), cfg.model.dropout) > 0, "model.dropout",
+               f"model.name={cfg.model.name} has no dropout layers")
     _validate_train(c)
     _validate_the_rest(c, tuple(TRACKERS))
 
@@ -288,6 +294,7 @@ def _validate_model_and_data(c: _Checks, models: tuple[str, ...], sources: dict[
     cfg = c.cfg
     c.one_of("model.name", models)
     c.one_of("model.compile_mode", COMPILE_MODES)
+    c.need(cfg.model.dropout == -1 or 0 <= cfg.model.dropout < 1, "model.dropout", "must be -1 (the net's own) or in [0, 1)")
     c.one_of("data.source", tuple(sources))
     source = sources[cfg.data.source]
     if source.needs_path:

@@ -144,5 +144,13 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     return MODELS[name](num_classes)
 
 
+def set_dropout(net: nn.Module, p: float) -> int:
+    """Set every nn.Dropout's p (model.dropout); the number of layers set. At p=0 the layer returns its input."""
+    layers = [m for m in net.modules() if isinstance(m, nn.Dropout)]
+    for layer in layers:
+        layer.p = p
+    return len(layers)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

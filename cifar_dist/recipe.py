@@ -19,7 +19,7 @@ from torch import nn
 
 from cifar_dist.config import Config
 from cifar_dist.data import Stats, normalize
-from cifar_dist.models import build_model
+from cifar_dist.models import build_model, set_dropout
 
 
 def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format: torch.memory_format,
@@ -29,6 +29,8 @@ def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format
     if train_x.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     net = build_model(cfg.model.name, num_classes)
+    if cfg.model.dropout != -1:
+        set_dropout(net, cfg.model.dropout)
     if hasattr(net, "init_from_data"):
         # Data-dependent init from a fixed slice of the training set: identical on every rank.
         net.init_from_data(normalize(train_x[:5000], stats).cpu())

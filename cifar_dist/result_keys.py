@@ -13,7 +13,7 @@ from cifar_dist.config import Config
 from cifar_dist.schema import flatten
 
 # Keys whose value changes what a run computes; resuming across a change to one of them is refused.
-RESULT_KEYS = ("seed", "model.name", "data", "train", "eval.ema")
+RESULT_KEYS = ("seed", "model.name", "model.dropout", "data", "train", "eval.ema")
 # ... except these, which may change on resume: more epochs, different logging or device, the
 # NaN watch (it only reads values: a run can resume with it on to find where a NaN comes from), and
 # init_from's sha256, which a run fills in (run_opening.py refuses a file that changed under a run).
@@ -25,7 +25,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "data.ca
 # one of them (it came later) keeps its hash and resumes.
 HASHED_WHEN_SET = ("train.optimizer", "train.betas", "train.eps", "train.decay_norms_and_biases", "train.accumulate",
                    "train.clip_grad_norm", "train.ema.decay", "train.ema.start_step", "train.early_stop.metric",
-                   "train.early_stop.patience", "train.early_stop.min_delta", "train.init_from", "eval.ema")
+                   "train.early_stop.patience", "train.early_stop.min_delta", "train.init_from", "eval.ema",
+                   "model.dropout")
 
 
 def result_keys(cfg: Config) -> dict[str, Any]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cifar_dist.config import load_config
 from cifar_dist.models import MODELS, build_model, count_parameters
+from cifar_dist.recipe import make_net
+from cifar_dist.result_keys import config_hash
+from cifar_dist.sources import CIFAR10_STATS
 
 
 def test_blitz_is_the_tutorial_net():
@@ -47,3 +51,17 @@ def test_resnet18_is_adapted_to_32x32():
     assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3)
     assert isinstance(net.maxpool, torch.nn.Identity)
     assert 11_000_000 < count_parameters(net) < 11_300_000
+
+
+@pytest.mark.parametrize(("dropout", "drops"), [(-1, True), (0.5, True), (0, False)])
+def test_model_dropout_sets_the_nets_dropout_for_training(dropout, drops):
+    """model.dropout: -1 keeps medium's own 0.2; 0 makes a training forward the evaluation forward."""
+    cfg = load_config("debug", ["model.name=medium", f"model.dropout={dropout}"])
+    images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    net = make_net(cfg, images, 10, torch.contiguous_format, stats=CIFAR10_STATS)
+    assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.2 if dropout == -1 else dropout}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net.train()(x), net.eval()(x)) is not drops
+    # A run's result depends on it: its config hash counts it when set, and runs made before the key existed keep theirs.
+    assert (config_hash(cfg) != config_hash(load_config("debug", ["model.name=medium"]))) is (dropout != -1)
