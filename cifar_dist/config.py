@@ -260,15 +260,12 @@ def validate(cfg: Config) -> None:
     ConfigError naming its key. Section by section, in the config's order."""
     # The registries import torch (seconds): imported here, not with the module, so the sweep
     # commands that only read configs (status, wait, cancel) start without it.
-    from cifar_dist.models import MODELS, set_dropout
+    from cifar_dist.models import MODELS
     from cifar_dist.sources import SOURCES
     from cifar_dist.trackers import TRACKERS
 
     c = _Checks(cfg)
-    _validate_model_and_data(c, tuple(MODELS), SOURCES)
-    if cfg.model.dropout != -1:  # a net without dropout layers would silently ignore it
-        c.need(set_dropout(MODELS[cfg.model.name](10), cfg.model.dropout) > 0, "model.dropout",
-               f"model.name={cfg.model.name} has no dropout layers")
+    _validate_model_and_data(c, MODELS, SOURCES)
     _validate_train(c)
     _validate_the_rest(c, tuple(TRACKERS))
 
@@ -290,11 +287,16 @@ class _Checks:
         self.need(self.get(key) in allowed, key, f"must be one of {', '.join(allowed)}")
 
 
-def _validate_model_and_data(c: _Checks, models: tuple[str, ...], sources: dict[str, Any]) -> None:
+def _validate_model_and_data(c: _Checks, models: dict[str, Any], sources: dict[str, Any]) -> None:
+    from cifar_dist.models import set_dropout
+
     cfg = c.cfg
-    c.one_of("model.name", models)
+    c.one_of("model.name", tuple(models))
     c.one_of("model.compile_mode", COMPILE_MODES)
     c.need(cfg.model.dropout == -1 or 0 <= cfg.model.dropout < 1, "model.dropout", "must be -1 (the net's own) or in [0, 1)")
+    if cfg.model.dropout != -1:  # a net without dropout layers would silently ignore it
+        c.need(set_dropout(models[cfg.model.name](10), cfg.model.dropout) > 0, "model.dropout",
+               f"model.name={cfg.model.name} has no dropout layers")
     c.one_of("data.source", tuple(sources))
     source = sources[cfg.data.source]
     if source.needs_path:
