@@ -1,9 +1,10 @@
 """Start-up and teardown: what a `cifar-dist train --config debug` run costs outside its own training
 (wall time minus the train_seconds its summary.json reports: interpreter, imports, data, net, final
 checkpoint, model.pt, plots, exit), beside `python -c "import torch"` and beside torch plus one
-torch.optim step (torch.optim imports torch._dynamo on first use: a floor for any run that trains
-with it). With --before REF, the same run of that commit's code too. Every arm runs once per round,
-in turn, so a loaded machine slows them alike; the table gives medians (min-max) over the rounds.
+step of torch.optim's own SGD (its wrappers import torch._dynamo on first use; the project's
+optimisers, recipe.SGD and recipe.AdamW, step without them). With --before REF, the same run of
+that commit's code too. Every arm runs once per round, in turn, so a loaded machine slows them
+alike; the table gives medians (min-max) over the rounds.
 
     python benchmarks/bench_startup.py [--repeats 5] [--before integ3] [-- key=value ...]
 """
@@ -103,8 +104,9 @@ def main() -> None:
          "training = summary.json's train_seconds (the loop: steps and evaluations); outside = wall - training "
          "(interpreter, imports, data, net and optimiser, final checkpoint, model.pt, plots, exit)",
          "vs import torch: outside minus the same round's `import torch` wall time",
-         "`import torch` + one torch.optim SGD step: the step imports torch._dynamo (with sympy and "
-         "torch.distributed.tensor), so this is the floor of any run that trains with torch.optim",
+         "`import torch` + one torch.optim SGD step: torch.optim's wrappers import torch._dynamo (with sympy and "
+         "torch.distributed.tensor) on first use; what a run would pay with torch.optim's own classes "
+         "(the project's recipe.SGD/AdamW step without those wrappers)",
          "load average (1, 5, 15 min) at start " + ", ".join(f"{v:.2f}" for v in load_before) + "; at end "
          + ", ".join(f"{v:.2f}" for v in load_after) + f"; {cores} cores"
          + (": a shared, loaded machine, so every number is inflated and noisy" if loaded else ""),

@@ -10,6 +10,7 @@ whitening bias no cut-off of its own and cannot stretch the schedule when a resu
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Any
 
@@ -27,7 +28,7 @@ def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format
     """The recipe's net on train_x's device (benchmarks/bench_fast.py's bare loop builds it here too)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if train_x.device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_algorithms(compiled=cfg.model.compile)
     net = build_model(cfg.model.name, num_classes)
     if cfg.model.dropout != -1:
         set_dropout(net, cfg.model.dropout)
@@ -38,6 +39,33 @@ def make_net(cfg: Config, train_x: torch.Tensor, num_classes: int, memory_format
         net.whiten.bias.requires_grad_(True)
     torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout differs per rank, like its data
     return net.to(train_x.device, memory_format=memory_format)
+
+
+def deterministic_algorithms(compiled: bool) -> None:
+    """torch's deterministic algorithms, warning where an op has none. torch.use_deterministic_algorithms
+    also sets inductor's flag, and importing inductor's config imports torch._dynamo (1.3 s on a
+    2-core CPU, in every process): only a compiled net reads that flag, so without one the run
+    sets the algorithms alone (tests/unit/test_recipe.py checks that torch reports them on)."""
+    if compiled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
+
+
+def _without_dynamo(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`cls` with the methods that torch.optim wraps for torch.compile's sake unwrapped (its step
+    run under no_grad, as its wrapper runs it for an optimiser that is not differentiable). Those
+    wrappers import torch._dynamo on first use (1.3 s on a 2-core CPU, in every rank of every run)
+    to mark graph breaks and keep dynamo out, which only matters where the optimiser itself is
+    compiled; this project compiles the net, never the optimiser. Step hooks, the profiler's label
+    and the LR scheduler's check still wrap the step (torch adds them per instance and class)."""
+    methods = {name: inspect.unwrap(getattr(cls, name)) for name in _DYNAMO_WRAPPED}
+    methods["step"] = torch.no_grad()(methods["step"])
+    return type(cls.__name__, (cls,), {**methods, "__doc__": cls.__doc__, "__module__": __name__})
+
+
+_DYNAMO_WRAPPED = ("step", "zero_grad", "add_param_group", "state_dict", "load_state_dict")
+SGD, AdamW = _without_dynamo(torch.optim.SGD), _without_dynamo(torch.optim.AdamW)
 
 
 def make_optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int, total_steps: int):
@@ -69,8 +97,8 @@ def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Op
     """`train.optimizer` over `groups` (each group's own lr and weight_decay, as param_groups sets them)."""
     t = cfg.train
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, weight_decay=t.weight_decay)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+        return AdamW(groups, lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, weight_decay=t.weight_decay)
+    return SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
 
 
 def param_groups(net: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float,

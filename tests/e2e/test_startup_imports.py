@@ -8,13 +8,16 @@ import re
 from tests.helpers import PY, TINY, run
 
 # Never imported by the train command's modules themselves: each is imported where it is used (the
-# trackers when chosen, the plots when drawn, accelerate when the process group is built, dynamo by
-# torch.optim's first use), so a module-level import of any of them is a regression.
+# trackers when chosen, the plots when drawn, accelerate when the process group is built, dynamo
+# and inductor only to compile), so a module-level import of any of them is a regression.
 NOT_AT_IMPORT = ["matplotlib", "wandb", "tensorboard", "torch.utils.tensorboard", "accelerate", "torch._dynamo",
                  "torch._inductor", "torch.distributed.tensor", "optuna", "submitit", "cifar_dist.sweep"]
-# Never imported by a whole debug run with tracking.backend=none: the trackers are not chosen, and the
-# run's plots are drawn on a bare matplotlib Figure (plots.figure), without pyplot.
-NOT_IN_RUN = ["wandb", "tensorboard", "torch.utils.tensorboard", "matplotlib.pyplot", "optuna", "submitit"]
+# Never imported by a whole debug run with tracking.backend=none: the trackers are not chosen; the
+# run's plots are drawn on a bare matplotlib Figure (plots.figure), without pyplot; the optimiser
+# steps without torch.optim's dynamo wrappers (recipe.SGD); one process skips accelerate's prepare
+# and with it torch.distributed.tensor; deterministic mode leaves inductor's flag alone.
+NOT_IN_RUN = ["wandb", "tensorboard", "torch.utils.tensorboard", "matplotlib.pyplot", "optuna", "submitit",
+              "torch._dynamo", "torch._inductor", "torch.distributed.tensor"]
 
 
 def imported(stderr: str) -> set[str]:

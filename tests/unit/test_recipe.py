@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_dist import recipe
 from cifar_dist.config import DataConfig, EvalConfig, load_config
 from cifar_dist.data import Dataset, TrainBatches, normalize
 from cifar_dist.distributed import Distributed
@@ -187,3 +188,47 @@ def test_lookahead_pulls_weights_and_statistics_to_their_slow_average():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     off.after(9)
     assert off.avg == {} and all(torch.equal(net.state_dict()[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+                                            ("AdamW", {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.1})])
+def test_the_optimisers_step_as_torchs_own_do(name, kwargs):
+    # recipe.SGD/AdamW unwrap torch.optim's dynamo wrappers (start-up: benchmarks/bench_startup.py);
+    # their steps, state and step hooks must be torch's. Same start, same gradients, 5 steps.
+    nets = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    ours = getattr(recipe, name)(nets[0].parameters(), **kwargs)
+    torchs = getattr(torch.optim, name)(nets[1].parameters(), **kwargs)
+    hooked = []
+    ours.register_step_post_hook(lambda opt, args, kwargs: hooked.append(opt))
+    torch.manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 4)
+        for net, opt in zip(nets, (ours, torchs)):
+            net(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert hooked == [ours] * 5
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b) and a.grad is None and a.abs().sum() > 0
+    assert not any(t.requires_grad for t in ours.state_dict()["state"][0].values())  # stepped under no_grad
+    torch.testing.assert_close(ours.state_dict(), torchs.state_dict())
+    torchs.load_state_dict(ours.state_dict())  # their checkpoints are each other's
+    ours.load_state_dict(torchs.state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_recipe_builds_the_unwrapped_optimisers(optimizer):
+    made, _ = make_optimizer(load_config("debug", [f"train.optimizer={optimizer}"]), nn.Linear(2, 2), 10, 10)
+    assert type(made) is {"sgd": recipe.SGD, "adamw": recipe.AdamW}[optimizer]
+
+
+def test_deterministic_algorithms_are_on_whether_or_not_the_net_is_compiled():
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for compiled in (False, True):
+            torch.use_deterministic_algorithms(False)
+            recipe.deterministic_algorithms(compiled)
+            assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
