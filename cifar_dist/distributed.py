@@ -20,6 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from cifar_dist.allocator import keep_freed_memory
 from cifar_dist.errors import UserError
 
 # A distinct exit code meaning "stopped on a signal after writing a checkpoint: resume me".
@@ -150,6 +151,8 @@ class Distributed:
             os.environ.update(slurm_task_environment())
         check_asked_for(os.environ)
         launched = launched_world_size(os.environ)
+        if cpu:
+            keep_freed_memory()
         if cpu and launched > 1 and "OMP_NUM_THREADS" not in os.environ:
             # N ranks on one machine share its cores; accelerate would warn and pick this itself.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", launched))

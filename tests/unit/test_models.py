@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cifar_dist.config import load_config
 from cifar_dist.models import MODELS, build_model, count_parameters
@@ -28,6 +29,36 @@ def test_medium_is_the_article_net():
     fcs = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert fcs == [(512, 128), (128, 64), (64, 32), (32, 10)]
     assert net.dropout1.p == 0.2
+
+
+def tutorial_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The tutorials' own forward passes, ReLU before max-pooling, written out from their code."""
+    convs = [net.conv1, net.conv2] + ([net.conv3] if hasattr(net, "conv3") else [])
+    for conv in convs:
+        x = net.pool(F.relu(conv(x)))
+    x = torch.flatten(x, 1)
+    fcs = [m for m in net.children() if isinstance(m, torch.nn.Linear)]
+    for fc in fcs[:-1]:
+        x = F.relu(fc(x))
+    return fcs[-1](x)
+
+
+@pytest.mark.parametrize("name", ["blitz", "medium"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_before_the_relu_gives_the_tutorials_outputs_and_gradients(name, dtype):
+    torch.manual_seed(0)
+    net = build_model(name).eval()  # eval: no dropout masks to match
+    x = torch.randn(16, 3, 32, 32)
+    grads = []
+    for forward in (net, lambda x: tutorial_forward(net, x)):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = forward(x)
+        F.cross_entropy(out, torch.arange(16) % 10).backward()
+        grads.append((out, [p.grad.clone() for p in net.parameters()]))
+    (ours, our_grads), (theirs, their_grads) = grads
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(our_grads, their_grads))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
