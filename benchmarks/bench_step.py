@@ -2,13 +2,15 @@
 SGD step; no data path) in GFLOP/s, beside 2048x2048 matmuls of the same precision and threads,
 measured in the same run; one table appended to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_step.py [--rounds 5] [--seconds 3]
+    python benchmarks/bench_step.py [--rounds 5] [--seconds 3] [--allocator default]
 
-Arms: fp32 and bf16 autocast (as `train.precision`), channels_last (as training), at one thread
-with batch 64 (one of two gloo ranks on 2 cores, as `medium_sprint` runs) and at two threads with
-batch 128 (one process). The step's FLOPs are counted by torch.utils.flop_counter on one forward
-and backward (the optimizer's few element-wise FLOPs are left out). Each round times as many steps
-as fit in --seconds after 3 of warm-up; a row gives the median of the rounds and their range.
+The process keeps its freed memory as a training process on a CPU does (allocator.py), unless
+--allocator default leaves glibc's malloc as it comes. Arms: fp32 and bf16 autocast (as
+`train.precision`), channels_last (as training), at one thread with batch 64 (one of two gloo
+ranks on 2 cores, as `medium_sprint` runs) and at two threads with batch 128 (one process). The
+step's FLOPs are counted by torch.utils.flop_counter on one forward and backward (the optimizer's
+few element-wise FLOPs are left out). Each round times as many steps as fit in --seconds after 3
+of warm-up; a row gives the median of the rounds and their range.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_table, spread  # noqa: E402
 
-from cifar_dist.models import build_model  # noqa: E402
+from cifar_dist.allocator import keep_freed_memory  # noqa: E402
+from cifar_dist.models import build_model, set_dropout  # noqa: E402
 from cifar_dist.precision import cpu_flags  # noqa: E402
 
 MATMUL = 2048
@@ -59,6 +62,7 @@ def step(precision: str, batch: int):
     """One training step of `medium` as the loop runs it, and its FLOPs (forward and backward)."""
     torch.manual_seed(0)
     net = build_model("medium", 10).to(memory_format=torch.channels_last)
+    set_dropout(net, 0)  # as medium_sprint trains it
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -81,7 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed per arm and round (default 3)")
+    parser.add_argument("--allocator", choices=("kept", "default"), default="kept",
+                        help="kept: freed memory stays in the process, as in training (default); default: glibc's own")
     args = parser.parse_args()
+    if args.allocator == "kept" and not keep_freed_memory():
+        raise SystemExit("error: --allocator kept needs glibc's malloc, with no MALLOC_* tunables or LD_PRELOAD set")
     peaks: dict[tuple[int, str], list[float]] = {}
     steps: dict[tuple[int, int, str], list[float]] = {}
     flops: dict[tuple[int, str], float] = {}
@@ -103,8 +111,11 @@ def main() -> None:
             rows.append([str(threads), str(batch), precision, f"{flops[(batch, precision)] / batch / 1e6:.1f}",
                          spread(images, "{:,.0f}"), spread(gflops, "{:.0f}"), spread(peak, "{:.0f}"), f"{fraction:.0%}"])
     notes = [f"CPU flags for bf16 (/proc/cpuinfo): {bf16_flags()}",
-             "step: `medium` net, channels_last, SGD (momentum 0.9, nesterov, weight decay 5e-4), cross-entropy with "
-             "label smoothing 0.1, random inputs, no data path; FLOPs of forward + backward by torch.utils.flop_counter",
+             "step: `medium` net without dropout, channels_last, SGD (momentum 0.9, nesterov, weight decay 5e-4), "
+             "cross-entropy with label smoothing 0.1, random inputs, no data path; FLOPs of forward + backward by "
+             "torch.utils.flop_counter",
+             "allocator: " + ("freed memory kept in the process, as training runs (allocator.py)" if args.allocator == "kept"
+                              else "glibc's malloc as it comes (--allocator default)"),
              f"peak: torch.mm of two {MATMUL}x{MATMUL} matrices in that precision on those threads",
              f"{args.rounds} rounds, {args.seconds:g} s per arm and round; median (min-max, rounds)"]
     append_table("The CPU step against the hardware: `medium` step GFLOP/s beside matmul peaks (bench_step.py)", notes,

@@ -143,3 +143,37 @@ def test_sync_batchnorm_on_cpu_ranks_is_refused_clearly(env, tmp_path):
     proc = run(cmd, env, check=False)
     assert proc.returncode != 0 and "train.sync_bn=true needs CUDA devices" in proc.stderr
 
+
+
+def _grads_both_ways(rank: int, store: str, out: str) -> None:
+    """One DDP backward with DDP's own all-reduce and one with distributed.gather_mean, each rank
+    on its own inputs; saves both sets of averaged gradients."""
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cifar_dist.distributed import gather_mean
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 50), torch.nn.ReLU(), torch.nn.Linear(50, 7))
+    x = torch.randn(16, 300) * (rank + 1)  # different gradients on each rank
+    grads = []
+    for hook in (None, gather_mean):
+        model = DistributedDataParallel(torch.nn.Sequential(*(m for m in net)))
+        model.zero_grad()
+        if hook:
+            model.register_comm_hook(None, hook)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.save(grads, f"{out}/rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_two_gloo_ranks_average_by_gathering_exactly_as_the_all_reduce_does(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_grads_both_ways, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for reduced, gathered in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(reduced, gathered))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0][1], ranks[1][1]))  # the same mean on both ranks

@@ -225,10 +225,14 @@ def test_the_recipe_builds_the_unwrapped_optimisers(optimizer):
 
 def test_deterministic_algorithms_are_on_whether_or_not_the_net_is_compiled():
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
         for compiled in (False, True):
             torch.use_deterministic_algorithms(False)
+            torch.utils.deterministic.fill_uninitialized_memory = True
             recipe.deterministic_algorithms(compiled)
             assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+            assert not torch.utils.deterministic.fill_uninitialized_memory
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
