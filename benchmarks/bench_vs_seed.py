@@ -43,23 +43,21 @@ def run_seed_loop(seed_loop: Path, net: str, image_root: Path, epochs: int) -> d
     return {"seconds": float(m[1]), "images_per_second": float(m[2]), "accuracy": float(m[3]) / 100}
 
 
-def seed_baseline(seed_loop: Path, net: str, image_root: Callable[[], Path], recorded: str | None,
-                  epochs: int | None) -> dict:
-    """The seed loop's full-schedule seconds and accuracy: run here in full, or recorded (SECONDS:ACCURACY)
-    with `epochs` of it timed here and scaled to the full schedule (`here`)."""
+def seed_baseline(seed_loop: Path, net: str, image_root: Callable[[], Path], recorded: str | None) -> dict:
+    """The seed loop's full-schedule seconds and accuracy: run here in full (`here`), or recorded
+    (SECONDS:ACCURACY)."""
     full = SEED_EPOCHS[net]
     if recorded is None:
         seed = run_seed_loop(seed_loop, net, image_root(), full)
         return {**seed, "here": seed["seconds"],
                 "label": f"{full} epochs here: {seed['seconds']:,.0f} s, {100 * seed['accuracy']:.1f}%"}
     seconds, accuracy = (float(v) for v in recorded.split(":"))
-    seed = {"seconds": seconds, "accuracy": accuracy,
-            "label": f"{full} epochs: {seconds:,.0f} s recorded, {100 * accuracy:.1f}%"}
-    if epochs:  # the same loop timed here, for a fair per-epoch comparison on this machine
-        part = run_seed_loop(seed_loop, net, image_root(), epochs)
-        seed["here"] = part["seconds"] / epochs * full
-        seed["label"] += f"; here {part['seconds'] / epochs:,.0f} s/epoch ({epochs} timed)"
-    return seed
+    return {"seconds": seconds, "accuracy": accuracy, "label": f"{full} epochs: {seconds:,.0f} s recorded, {100 * accuracy:.1f}%"}
+
+
+def seed_here(seed_loop: Path, net: str, image_root: Callable[[], Path], epochs: int) -> float:
+    """`epochs` of the seed loop timed here, scaled to its full schedule: seconds."""
+    return run_seed_loop(seed_loop, net, image_root(), epochs)["seconds"] / epochs * SEED_EPOCHS[net]
 
 
 def run_project(config: str, data: Path, ranks: int, run_dir: Path, extra: list[str]) -> list[dict]:
@@ -94,8 +92,9 @@ def main() -> None:
                         help="use a recorded seed-loop result instead of running it (labelled so in the table), "
                              "e.g. medium=1293:0.729 from ../shared/baselines/README.md")
     parser.add_argument("--seed-epochs", nargs="*", default=[], metavar="NET=N",
-                        help="with --recorded: also time N epochs of the seed loop here, side by side, and scale its "
-                             "per-epoch time to the full schedule (for a full run too long to repeat)")
+                        help="with --recorded: also time N epochs of the seed loop here, before each project run, and "
+                             "scale its per-epoch time to the full schedule; each run's ratio is to the epochs timed "
+                             "just before it (for a full run too long to repeat)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,23 +118,32 @@ def main() -> None:
             net, _, config = item.partition(":")
             config = config or net
             if net not in seeds:
-                seeds[net] = seed_baseline(args.seed_loop, net, image_root, recorded.get(net), seed_epochs.get(net))
+                seeds[net] = seed_baseline(args.seed_loop, net, image_root, recorded.get(net))
                 print(f"seed {net}: {seeds[net]}", flush=True)
-            seed = seeds[net]
-            hits, finals, totals = [], [], []
+            seed, paired = seeds[net], net in recorded and net in seed_epochs
+            hits, finals, totals, heres, here_ratios = [], [], [], [], []
             for i in range(args.repeats):
+                if paired:  # the seed loop's epochs timed again just before each run, so a drift falls on both
+                    heres.append(seed_here(args.seed_loop, net, image_root, seed_epochs[net]))
                 records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}", [*args.extra, f"seed={i}"])
                 evals = [r for r in records if "test_accuracy" in r]
                 hit = time_to(records, seed["accuracy"])
                 print(f"project {config} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
-                      f"{evals[-1]['test_accuracy']:.2%} at {evals[-1]['time']} s", flush=True)
+                      f"{evals[-1]['test_accuracy']:.2%} at {evals[-1]['time']} s"
+                      + (f"; seed loop here {heres[-1]:,.0f} s" if paired else ""), flush=True)
                 if hit is not None:
                     hits.append(hit)
+                    if paired or "here" in seed:
+                        here_ratios.append((heres[-1] if paired else seed["here"]) / hit)
                 finals.append(100 * evals[-1]["test_accuracy"])
                 totals.append(evals[-1]["time"])
-            rows.append([f"{net} (`--config {config}`)", seed["label"], f"{spread(hits)} ({len(hits)}/{args.repeats} reached it)",
+            label = seed["label"]
+            if paired:
+                per_epoch = [h / SEED_EPOCHS[net] for h in heres]
+                label += f"; here {spread(per_epoch, '{:,.0f}')} s/epoch ({seed_epochs[net]} timed before each run)"
+            rows.append([f"{net} (`--config {config}`)", label, f"{spread(hits)} ({len(hits)}/{args.repeats} reached it)",
                          spread([seed["seconds"] / h for h in hits], "{:.1f}x"),
-                         spread([seed["here"] / h for h in hits], "{:.1f}x") if "here" in seed else "n/a",
+                         spread(here_ratios, "{:.1f}x") if paired or "here" in seed else "n/a",
                          spread(finals, "{:.1f}%"), spread(totals)])
         notes += [f"data: {args.data.name}; the project's one-time decode into its cache took {decode_seconds:.0f} s "
                   f"(cache {env_cache}), not counted below",
@@ -144,7 +152,8 @@ def main() -> None:
                   + (" (torchrun, gloo, 1 thread each)" if args.ranks > 1 else "")
                   + (f", overrides {' '.join(args.extra)}" if args.extra else ""),
                   "seed loop: its own training loop time (batch 4-5, DataLoader with 2 workers), run in this same "
-                  "invocation (all of it, or the epochs named, scaled to its full schedule)"]
+                  "invocation (all of it once, or the epochs named before each project run, scaled to its full "
+                  "schedule; each run's ratio is then to the epochs timed just before it)"]
         append_table("Project vs seed loops: time to the seed's accuracy", notes,
                      ["net", "seed loop (full schedule)", "project: time to seed accuracy, s", "speed-up",
                       "speed-up vs the seed timed here", "project final accuracy", "project total time, s"], rows)

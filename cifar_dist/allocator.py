@@ -2,7 +2,7 @@
 kernel (an mmap'd block at once; the heap's free top above a threshold that it adapts as it goes),
 and a training step frees its activations and allocates them again every step: each comes back as
 fresh pages, faulted in and zeroed by the kernel inside the step. For the `medium` net on one CPU
-thread that was a quarter to a third of the step (benchmarks/RESULTS.md, "host allocator").
+thread that was a quarter to a third of the step (benchmarks/RESULTS.md, issue 32's readings).
 Fixing both thresholds keeps freed memory in the process for the next step, at the cost of a
 resident size that stays at its peak: what a training process reaches anyway, every step.
 """

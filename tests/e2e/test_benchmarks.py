@@ -95,7 +95,8 @@ SEED_LOOP = '''
 import pathlib, sys
 which, root, epochs = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3])
 n = len(list((root / "test").rglob("*.jpg")))
-pathlib.Path(__file__).with_name("seed_loop_ran").touch()
+with open(pathlib.Path(__file__).with_name("seed_loop_ran"), "a") as ran:
+    ran.write(f"{epochs}\\n")
 print(f"RESULT {which} device=cpu epochs={epochs} train_secs={7.5 * epochs:.1f} img_per_s=1 test_acc={n:.2f}")
 '''
 
@@ -123,6 +124,15 @@ def test_bench_vs_seed_with_a_recorded_seed_loop_runs_no_seed_loop(env, tmp_path
     header, row = table_rows(bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05"))
     assert row[1] == "2 epochs: 87 s recorded, 5.0%"
     assert not (tmp_path / "seed_loop_ran").exists()
+
+
+def test_bench_vs_seed_times_the_seed_epochs_before_each_project_run(env, tmp_path):
+    results = bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05", "--seed-epochs", "blitz=1", "--repeats", "2")
+    header, row = table_rows(results)
+    assert (tmp_path / "seed_loop_ran").read_text() == "1\n1\n"  # one epoch, before each of the 2 runs
+    assert row[1] == "2 epochs: 87 s recorded, 5.0%; here 8 (8-8, 2 runs) s/epoch (1 timed before each run)"
+    # a ratio for each run, to the seed epochs timed before it (with --recorded alone this column is "n/a")
+    assert row[4].endswith("x, 2 runs)"), row[4]
 
 
 def test_bench_options_runs_each_arm_with_its_overrides_and_seed(env, tmp_path):
