@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -144,7 +145,6 @@ def test_sync_batchnorm_on_cpu_ranks_is_refused_clearly(env, tmp_path):
     assert proc.returncode != 0 and "train.sync_bn=true needs CUDA devices" in proc.stderr
 
 
-
 def _grads_both_ways(rank: int, store: str, out: str) -> None:
     """One DDP backward with DDP's own all-reduce and one with distributed.gather_mean, each rank
     on its own inputs; saves both sets of averaged gradients."""
@@ -159,8 +159,8 @@ def _grads_both_ways(rank: int, store: str, out: str) -> None:
     x = torch.randn(16, 300) * (rank + 1)  # different gradients on each rank
     grads = []
     for hook in (None, gather_mean):
-        model = DistributedDataParallel(torch.nn.Sequential(*(m for m in net)))
-        model.zero_grad()
+        # A copy each: two DDP wrappers of the same parameters would both reduce their gradients.
+        model = DistributedDataParallel(copy.deepcopy(net))
         if hook:
             model.register_comm_hook(None, hook)
         model(x).square().sum().backward()
