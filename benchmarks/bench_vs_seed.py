@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="cifar10-jpeg.tar.gz")
     parser.add_argument("--runs", nargs="+", default=["medium", "blitz"], metavar="NET[:CONFIG]")
     parser.add_argument("--repeats", type=int, default=3, help="project runs per net")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run i trains with seed FIRST_SEED+i (seeds not used to choose the recipe)")
     parser.add_argument("--ranks", type=int, default=1, help="project ranks (data-parallel on this machine)")
     parser.add_argument("--seed-loop", type=Path, default=ROOT.parent / "shared" / "baselines" / "seed_loop.py")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for the project runs")
@@ -127,11 +129,12 @@ def main() -> None:
                     heres.append(seed_here(args.seed_loop, net, image_root, seed_epochs[net]))
                 elif "here" in seed:  # the whole seed loop, run here once
                     heres.append(seed["here"])
-                records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}", [*args.extra, f"seed={i}"])
+                records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}",
+                                      [*args.extra, f"seed={args.first_seed + i}"])
                 evals = [r for r in records if "test_accuracy" in r]
                 hit = time_to(records, seed["accuracy"])
-                print(f"project {config} run {i}: reached {seed['accuracy']:.1%} at {hit} s; final "
-                      f"{evals[-1]['test_accuracy']:.2%} at {evals[-1]['time']} s"
+                print(f"project {config} run {i} (seed {args.first_seed + i}): reached {seed['accuracy']:.1%} at {hit} s; "
+                      f"final {evals[-1]['test_accuracy']:.2%}, test loss {evals[-1]['test_loss']:.6f}, at {evals[-1]['time']} s"
                       + (f"; seed loop here {heres[-1]:,.0f} s" if paired else ""), flush=True)
                 if hit is not None:
                     hits.append(hit)
@@ -149,7 +152,8 @@ def main() -> None:
                          spread(finals, "{:.1f}%"), spread(totals)])
         notes += [f"data: {args.data.name}; the project's one-time decode into its cache took {decode_seconds:.0f} s "
                   f"(cache {env_cache}), not counted below",
-                  f"project: `cifar-dist train --config CONFIG seed=i` (shipped recipes; run i of each row has seed i) "
+                  f"project: `cifar-dist train --config CONFIG seed=i` (shipped recipes; seeds {args.first_seed}-"
+                  f"{args.first_seed + args.repeats - 1}, one a run) "
                   f"on {args.ranks} rank(s)"
                   + (" (torchrun, gloo, 1 thread each)" if args.ranks > 1 else "")
                   + (f", overrides {' '.join(args.extra)}" if args.extra else ""),

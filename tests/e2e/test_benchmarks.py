@@ -135,6 +135,43 @@ def test_bench_vs_seed_times_the_seed_epochs_before_each_project_run(env, tmp_pa
     assert row[4].endswith("x, 2 runs)"), row[4]
 
 
+def test_bench_vs_seed_first_seed_trains_the_runs_with_the_seeds_named(env, tmp_path):
+    """--first-seed 3: run 0 trains with seed 3 (seeds held out from choosing a recipe): its test loss
+    is that of the same run made by hand with seed=3, and not that of seed 0."""
+    seed_loop = tmp_path / "seed_loop.py"
+    seed_loop.write_text(SEED_LOOP)
+    tiny = ["train.epochs=2", "train.batch_size=20", "train.warmup_epochs=0.5", "eval.batch_size=40"]
+    archive = make_archive(tmp_path)
+    out = run([PY, "benchmarks/bench_vs_seed.py", "--data", str(archive), "--runs", "blitz:blitz", "--repeats", "1",
+               "--seed-loop", str(seed_loop), "--recorded", "blitz=87:0.05", "--first-seed", "3", "--extra", *tiny],
+              dict(env, CIFAR_DIST_RESULTS=str(tmp_path / "RESULTS.md"))).stdout
+    losses = {}
+    for seed in (0, 3):
+        direct = tmp_path / f"direct-{seed}"
+        run([PY, "-m", "cifar_dist.train", "--config", "blitz", "data.source=imagefolder", f"data.path={archive}", *tiny,
+             f"seed={seed}", f"run.dir={direct}", "run.progress=none"], env)
+        losses[seed] = f"test loss {json.loads((direct / 'summary.json').read_text())['test_loss']:.6f}"
+    assert losses[0] != losses[3]  # else this test could not tell the seeds apart
+    assert "run 0 (seed 3)" in out and losses[3] in out, out
+
+
+def test_bench_ddp_runs_one_process_and_one_rank_per_core_in_turn(env, tmp_path):
+    """The CPU half: the same config as one process of every core's threads and as one gloo rank per
+    core, a row each, with the ratio of each round's images/s."""
+    results = tmp_path / "RESULTS.md"
+    tiny = [o for o in TINY if not o.startswith("run.progress")] + ["train.epochs=1"]
+    run([PY, "benchmarks/bench_ddp.py", "--config", "debug", "--repeats", "2", "--extra", *tiny],
+        dict(env, CIFAR_DIST_RESULTS=str(results)))
+    cores = os.cpu_count() or 1
+    text = results.read_text()
+    assert f"1 process of {cores} threads vs {cores} gloo ranks" in text and "the arms in turn in each of 2 rounds" in text
+    header, one, per_core = table_rows(text)
+    assert header == ["arm", "images/s", "ratio to 1 process"]
+    assert one[0] == f"1 process, {cores} threads" and one[1].endswith(", 2 runs)")
+    assert per_core[0] == f"{cores} gloo ranks, 1 thread each" and per_core[2].endswith(", 2 runs)")
+    assert float(per_core[2].split()[0]) > 0
+
+
 def test_bench_options_runs_each_arm_with_its_overrides_and_seed(env, tmp_path):
     results = tmp_path / "RESULTS.md"
     tiny = [o for o in TINY if not o.startswith("run.progress")] + ["train.epochs=1"]
