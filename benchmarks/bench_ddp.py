@@ -17,26 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_table, spread, train_launcher  # noqa: E402
-
-from cifar_dist.rundir import RunDir
+from common import append_table, run_training, spread  # noqa: E402
 
 SYNTHETIC = ["data.source=synthetic", "data.synthetic_train=10240", "data.synthetic_test=1000"]
-
-
-def cpu_images_per_second(ranks: int, overrides: list[str], run_dir: Path) -> float:
-    """One run on `ranks` ranks sharing the machine's cores (threads split evenly among them)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
-    subprocess.run([*train_launcher(ranks), *overrides, f"run.dir={run_dir}", "run.progress=none"], check=True,
-                   cwd=ROOT, env=env)
-    return RunDir(run_dir).summary()["images_per_second"]
 
 
 def gpu_step_rates(steps: int) -> dict[str, float]:
@@ -101,15 +90,16 @@ def main() -> None:
     else:
         cores = os.cpu_count() or 1
         data = ["data.source=imagefolder", f"data.path={args.data.resolve()}"] if args.data else SYNTHETIC
-        overrides = ["--config", args.config, *data, *args.extra]
+        overrides = [*data, *args.extra]
         one, per_core = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.repeats):  # in turn, so drifts in machine load hit both alike
-                one.append(cpu_images_per_second(1, overrides, Path(tmp) / f"one-{i}"))
-                per_core.append(cpu_images_per_second(cores, overrides, Path(tmp) / f"per-core-{i}"))
+                one.append(run_training(args.config, 1, overrides, Path(tmp) / f"one-{i}")["images_per_second"])
+                per_core.append(run_training(args.config, cores, overrides, Path(tmp) / f"per-core-{i}")["images_per_second"])
         append_table(
             f"1 process of {cores} threads vs {cores} gloo ranks of 1 thread on {cores} CPU cores (`--config {args.config}`)",
-            [f"run: `cifar-dist train {' '.join(overrides)}`; the arms in turn in each of {args.repeats} rounds",
+            [f"run: `cifar-dist train --config {args.config} {' '.join(overrides)}`; the arms in turn in each of "
+             f"{args.repeats} rounds",
              "images/s from summary.json (training steps, records and evaluation; start-up and data preparation "
              "excluded)"],
             ["arm", "images/s", "ratio to 1 process"],

@@ -18,25 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_table, spread, train_launcher  # noqa: E402
-
-from cifar_dist.rundir import RunDir  # noqa: E402
-
-
-def run_arm(config: str, ranks: int, overrides: list[str], run_dir: Path) -> dict:
-    """One training run; its summary.json with the command's wall seconds added."""
-    threads = str(max(1, (os.cpu_count() or 1) // ranks))
-    start = time.perf_counter()
-    subprocess.run([*train_launcher(ranks), "--config", config, *overrides, f"run.dir={run_dir}", "run.progress=none"],
-                   check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=threads))
-    return {**RunDir(run_dir).summary(), "wall_seconds": time.perf_counter() - start}
+from common import append_table, run_training, spread  # noqa: E402
 
 
 def main() -> None:
@@ -58,8 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-options-") as tmp:
         for i in range(args.rounds):  # every arm in each round: a drift of a shared machine falls on all of them
             for name, *overrides in args.arm:
-                summary = run_arm(args.config, args.ranks, [*data, *args.extra, *overrides, f"seed={i}"],
-                                  Path(tmp) / f"{name}-{i}")
+                summary = run_training(args.config, args.ranks, [*data, *args.extra, *overrides, f"seed={i}"],
+                                       Path(tmp) / f"{name}-{i}")
                 runs[name].append(summary)
                 print(f"{name} round {i}: {summary['images_per_second']:,.0f} images/s, compile "
                       f"{summary['compile_seconds']:.1f} s, {100 * summary['test_accuracy']:.2f}%, "

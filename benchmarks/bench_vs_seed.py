@@ -129,11 +129,12 @@ def main() -> None:
                     heres.append(seed_here(args.seed_loop, net, image_root, seed_epochs[net]))
                 elif "here" in seed:  # the whole seed loop, run here once
                     heres.append(seed["here"])
+                run_seed = args.first_seed + i
                 records = run_project(config, args.data, args.ranks, tmp_path / f"{config}-{i}",
-                                      [*args.extra, f"seed={args.first_seed + i}"])
+                                      [*args.extra, f"seed={run_seed}"])
                 evals = [r for r in records if "test_accuracy" in r]
                 hit = time_to(records, seed["accuracy"])
-                print(f"project {config} run {i} (seed {args.first_seed + i}): reached {seed['accuracy']:.1%} at {hit} s; "
+                print(f"project {config} run {i} (seed {run_seed}): reached {seed['accuracy']:.1%} at {hit} s; "
                       f"final {evals[-1]['test_accuracy']:.2%}, test loss {evals[-1]['test_loss']:.6f}, at {evals[-1]['time']} s"
                       + (f"; seed loop here {heres[-1]:,.0f} s" if paired else ""), flush=True)
                 if hit is not None:

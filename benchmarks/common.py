@@ -13,6 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from cifar_dist.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 # CIFAR_DIST_RESULTS: another file, for trying a script out without touching the record.
 RESULTS = Path(os.environ.get("CIFAR_DIST_RESULTS", ROOT / "benchmarks" / "RESULTS.md"))
@@ -25,6 +27,16 @@ def train_launcher(ranks: int) -> list[str]:
         return [PY, "-m", "cifar_dist.train"]
     return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", "localhost:0", "-m", "cifar_dist.train"]
+
+
+def run_training(config: str, ranks: int, overrides: list[str], run_dir: Path) -> dict:
+    """One `cifar-dist train` run on `ranks` ranks sharing the machine's cores (threads split evenly
+    among them): its summary.json with the command's wall seconds added."""
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    start = time.perf_counter()
+    subprocess.run([*train_launcher(ranks), "--config", config, *overrides, f"run.dir={run_dir}", "run.progress=none"],
+                   check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=threads))
+    return {**RunDir(run_dir).summary(), "wall_seconds": time.perf_counter() - start}
 
 
 def machine() -> str:

@@ -101,19 +101,22 @@ print(f"RESULT {which} device=cpu epochs={epochs} train_secs={7.5 * epochs:.1f} 
 '''
 
 
+VS_SEED_TINY = ["train.epochs=2", "train.batch_size=20", "train.warmup_epochs=0.5", "eval.batch_size=40"]
+
+
 def bench_vs_seed(tmp_path: Path, env: dict, *options: str) -> str:
+    """The script on the tiny archive (tmp_path/tiny.tar.gz) with the stand-in seed loop: its stdout;
+    its table is in tmp_path/RESULTS.md."""
     seed_loop = tmp_path / "seed_loop.py"
     seed_loop.write_text(SEED_LOOP)
-    results = tmp_path / "RESULTS.md"
-    run([PY, "benchmarks/bench_vs_seed.py", "--data", str(make_archive(tmp_path)), "--runs", "blitz:blitz",
-         "--repeats", "1", "--seed-loop", str(seed_loop), *options,
-         "--extra", "train.epochs=2", "train.batch_size=20", "train.warmup_epochs=0.5", "eval.batch_size=40"],
-        dict(env, CIFAR_DIST_RESULTS=str(results)))
-    return results.read_text()
+    return run([PY, "benchmarks/bench_vs_seed.py", "--data", str(make_archive(tmp_path)), "--runs", "blitz:blitz",
+                "--repeats", "1", "--seed-loop", str(seed_loop), *options, "--extra", *VS_SEED_TINY],
+               dict(env, CIFAR_DIST_RESULTS=str(tmp_path / "RESULTS.md"))).stdout
 
 
 def test_bench_vs_seed_times_the_seed_loop_on_the_unpacked_archive(env, tmp_path):
-    header, row = table_rows(bench_vs_seed(tmp_path, env))
+    bench_vs_seed(tmp_path, env)
+    header, row = table_rows((tmp_path / "RESULTS.md").read_text())
     assert row[0] == "blitz (`--config blitz`)"
     assert row[1] == "2 epochs here: 15 s, 40.0%"  # the stand-in counted the 40 test images it was given
     assert 0 <= float(row[5].split("%")[0]) <= 100  # the project's final accuracy
@@ -121,14 +124,15 @@ def test_bench_vs_seed_times_the_seed_loop_on_the_unpacked_archive(env, tmp_path
 
 
 def test_bench_vs_seed_with_a_recorded_seed_loop_runs_no_seed_loop(env, tmp_path):
-    header, row = table_rows(bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05"))
+    bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05")
+    header, row = table_rows((tmp_path / "RESULTS.md").read_text())
     assert row[1] == "2 epochs: 87 s recorded, 5.0%"
     assert not (tmp_path / "seed_loop_ran").exists()
 
 
 def test_bench_vs_seed_times_the_seed_epochs_before_each_project_run(env, tmp_path):
-    results = bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05", "--seed-epochs", "blitz=1", "--repeats", "2")
-    header, row = table_rows(results)
+    bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05", "--seed-epochs", "blitz=1", "--repeats", "2")
+    header, row = table_rows((tmp_path / "RESULTS.md").read_text())
     assert (tmp_path / "seed_loop_ran").read_text() == "1\n1\n"  # one epoch, before each of the 2 runs
     assert row[1] == "2 epochs: 87 s recorded, 5.0%; here 8 (8-8, 2 runs) s/epoch (1 timed before each run)"
     # a ratio for each run, to the seed epochs timed before it (with --recorded alone this column is "n/a")
@@ -138,18 +142,13 @@ def test_bench_vs_seed_times_the_seed_epochs_before_each_project_run(env, tmp_pa
 def test_bench_vs_seed_first_seed_trains_the_runs_with_the_seeds_named(env, tmp_path):
     """--first-seed 3: run 0 trains with seed 3 (seeds held out from choosing a recipe): its test loss
     is that of the same run made by hand with seed=3, and not that of seed 0."""
-    seed_loop = tmp_path / "seed_loop.py"
-    seed_loop.write_text(SEED_LOOP)
-    tiny = ["train.epochs=2", "train.batch_size=20", "train.warmup_epochs=0.5", "eval.batch_size=40"]
-    archive = make_archive(tmp_path)
-    out = run([PY, "benchmarks/bench_vs_seed.py", "--data", str(archive), "--runs", "blitz:blitz", "--repeats", "1",
-               "--seed-loop", str(seed_loop), "--recorded", "blitz=87:0.05", "--first-seed", "3", "--extra", *tiny],
-              dict(env, CIFAR_DIST_RESULTS=str(tmp_path / "RESULTS.md"))).stdout
+    out = bench_vs_seed(tmp_path, env, "--recorded", "blitz=87:0.05", "--first-seed", "3")
     losses = {}
     for seed in (0, 3):
         direct = tmp_path / f"direct-{seed}"
-        run([PY, "-m", "cifar_dist.train", "--config", "blitz", "data.source=imagefolder", f"data.path={archive}", *tiny,
-             f"seed={seed}", f"run.dir={direct}", "run.progress=none"], env)
+        run([PY, "-m", "cifar_dist.train", "--config", "blitz", "data.source=imagefolder",
+             f"data.path={tmp_path / 'tiny.tar.gz'}", *VS_SEED_TINY, f"seed={seed}", f"run.dir={direct}",
+             "run.progress=none"], env)
         losses[seed] = f"test loss {json.loads((direct / 'summary.json').read_text())['test_loss']:.6f}"
     assert losses[0] != losses[3]  # else this test could not tell the seeds apart
     assert "run 0 (seed 3)" in out and losses[3] in out, out
