@@ -11,7 +11,9 @@ serve` reuses them).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,6 +49,7 @@ def make_pictures() -> Path:
     global _made
     if _made is None:
         work = Path(tempfile.mkdtemp(prefix="cifar-dist-docs-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # kept while this build or `mkdocs serve` runs
         env = {**os.environ, "CIFAR_DIST_CACHE": str(work / "cache"), "WANDB_MODE": "offline"}
         out = work / "img"
         out.mkdir()
