@@ -5,10 +5,14 @@ tests/slurm/test_launch.py. Multi-GPU nodes cannot run here: these are gloo CPU 
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import pytest
 
 from cifar_dist.distributed import DistributedError, check_asked_for
-from tests.helpers import PY, TINY, our_frames, run, torchrun
+from cifar_dist.rundir import CHECKPOINTS, METRICS, SUMMARY
+from tests.helpers import PY, ROOT, TINY, our_frames, run, torchrun
 from tests.helpers.launch import ARGS, assert_same_training, reference_run
 
 ACCELERATE = [PY, "-m", "accelerate.commands.launch"]
@@ -65,6 +69,31 @@ def test_a_mistake_under_two_ranks_is_one_line_and_launch_exits_2(env, tmp_path)
         assert not our_frames(proc.stderr)
     assert wrapped.returncode == 2 and "torchrun itself exited 1" in wrapped.stderr.splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stop_signal_sent_by_hand_to_every_process_of_the_run_reaches_the_ranks_and_launch_exits_75(env, tmp_path):
+    """docs/launchers.md's `pkill -USR1 -f cifar_dist.train`: the pattern matches `cifar-dist launch`,
+    torchrun and the ranks. The first two ignore SIGUSR1 (torchrun would die of it, and its ranks with
+    it), so only the ranks act: a checkpoint, then exit 75 from the wrapper. The pattern here is this
+    test's run dir, where the docs name the module: the other test worker may be training too."""
+    env["OMP_NUM_THREADS"] = "1"
+    run_dir = tmp_path / "run"
+    cmd = [PY, "-m", "cifar_dist.launcher", *torchrun(2, "-m", "cifar_dist.train", *TINY, "train.epochs=100",
+                                                      f"run.dir={run_dir}")]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / METRICS).exists() and (run_dir / METRICS).read_text().count("train_loss") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, f"no training steps (exit {proc.poll()})"
+            time.sleep(0.05)
+        assert subprocess.run(["pkill", "-USR1", "-f", str(run_dir)], timeout=30).returncode == 0
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert out.count("stop signal: checkpoint at step") == 1, "said by rank 0 alone"
+    assert err.splitlines()[-1].startswith("cifar-dist launch: exit 75 (stopped after a checkpoint")
+    assert any((run_dir / CHECKPOINTS).iterdir()) and not (run_dir / SUMMARY).exists()
 
 
 @pytest.mark.parametrize(("environ", "refused"), [
