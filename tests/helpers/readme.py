@@ -44,6 +44,8 @@ RULES = [
     ("python benchmarks/", "not run: the real archive and an hour of CPU (benchmarks record their tables)"),
     ("cifar-dist serve ", "not run: a server runs until it is stopped (tests/e2e/test_serve.py and test_export.py start it)"),
     ("curl ", "not run: it needs the server above (tests/e2e/test_serve.py sends the same requests)"),
+    ("pkill ", "not run: it signals every training process on the machine, the other test worker's too "
+               "(tests/e2e/test_launch.py sends it to one run's processes)"),
     ("cifar-dist ", LOCAL),
     ("python -m cifar_dist.", LOCAL),
     ("torchrun ", LOCAL),
