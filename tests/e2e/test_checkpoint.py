@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 from cifar_dist import checkpoint
 from cifar_dist.distributed import EXIT_REQUEUE
 from cifar_dist.rundir import CHECKPOINTS, METRICS, MODEL, SUMMARY, RunDir, load_weights
-from tests.helpers import FAULT_SCRIPT, FAULTS, PY, ROOT, TINY, assert_same_run, read_jsonl, run, torchrun
+from tests.helpers import FAULT_SCRIPT, FAULTS, PY, ROOT, TINY, assert_same_run, last_step, read_jsonl, run, torchrun, wait_for
 
 # The medium net has dropout: an exact resume must restore every RNG state, not just weights.
 CONFIG = [*TINY, "model.name=medium", "train.log_every=3", "checkpoint.every_steps=7", "seed=5"]
@@ -34,20 +33,6 @@ def reference(tmp_path_factory, module_env):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     run([PY, "-m", "cifar_dist.train", *CONFIG, f"run.dir={run_dir}"], module_env)
     return run_dir
-
-
-def wait_for(predicate, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"process ended early with {proc.returncode}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def last_step(run_dir) -> int:
-    f = run_dir / METRICS
-    lines = f.read_text().splitlines() if f.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
 
 
 def test_checkpoints_are_named_by_step_and_pruned(reference):

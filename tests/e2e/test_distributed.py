@@ -15,7 +15,7 @@ import torch
 
 from cifar_dist.precision import cpu_has_bf16
 from cifar_dist.rundir import CHECKPOINTS, ENV, METRICS, MODEL, RunDir, load_weights
-from tests.helpers import PY, ROOT, TINY, read_jsonl, run, torchrun, train_cmd
+from tests.helpers import PY, ROOT, TINY, last_step, read_jsonl, run, torchrun, train_cmd, wait_for
 
 STEP_BY_STEP = [*TINY, "train.log_every=1"]  # a record per step: 40 steps over 2 epochs
 ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -103,10 +103,7 @@ def test_a_crashed_rank_ends_the_job_within_bounded_time(env, tmp_path):
     cmd = torchrun(2, "-m", "cifar_dist.train", *TINY, "train.epochs=200", f"run.dir={run_dir}")
     launcher = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / METRICS).exists() or not (run_dir / METRICS).read_text():
-            assert launcher.poll() is None and time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
+        wait_for(lambda: last_step(run_dir) > 0, launcher)  # training has started
         ranks = {p.environ().get("RANK"): p for p in psutil.Process(launcher.pid).children(recursive=True)
                  if "cifar_dist.train" in " ".join(p.cmdline())}
         ranks["1"].send_signal(signal.SIGKILL)

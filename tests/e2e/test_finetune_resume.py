@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from cifar_dist.finetune import last_linear, load_init, read_init
 from cifar_dist.models import build_model
 from cifar_dist.predict import load_model
 from cifar_dist.rundir import CHECKPOINTS, CONFIG, METRICS, MODEL, RunDir, load_weights, save_model
-from tests.helpers import FAULTS, PY, ROOT, TINY, assert_same_run, read_jsonl, run, train_cmd
+from tests.helpers import FAULTS, PY, ROOT, TINY, assert_same_run, last_step, read_jsonl, run, train_cmd, wait_for
 from tests.helpers.data import write_image_tree
 
 # The medium net has dropout: an exact resume must restore every RNG state, not just weights.
@@ -180,12 +179,6 @@ def test_evaluate_and_predict_take_a_checkpoint_folder(reference, module_env, tm
 # ---------------------------------------------------------------------------- EMA: bit-exact resume
 
 
-def last_step(run_dir) -> int:
-    f = run_dir / METRICS
-    lines = f.read_text().splitlines() if f.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
 def test_an_ema_run_stopped_by_sigterm_resumes_bit_exactly(reference, module_env, tmp_path):
     """The average is in every checkpoint: a run stopped by a real SIGTERM at a random step resumes to
     the very weights and records of a run never stopped, and model.pt holds (and names) the average."""
@@ -195,10 +188,7 @@ def test_an_ema_run_stopped_by_sigterm_resumes_bit_exactly(reference, module_env
     cmd = train_cmd(*args, f"run.dir={stopped}")
     target = random.Random().randint(5, 30)
     proc = subprocess.Popen(cmd, env=module_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while last_step(stopped) < target:
-        assert proc.poll() is None and time.monotonic() < deadline, "no step {target} before the end or the deadline"
-        time.sleep(0.01)
+    wait_for(lambda: last_step(stopped) >= target, proc, timeout=180)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err

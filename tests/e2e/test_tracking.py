@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import yaml
 
 from cifar_dist.distributed import EXIT_REQUEUE
 from cifar_dist.rundir import CONFIG, METRICS, RunDir
-from tests.helpers import FAULTS, ROOT, TINY, read_jsonl, run, train_cmd
+from tests.helpers import FAULTS, ROOT, TINY, last_step, read_jsonl, run, train_cmd, wait_for
 from tests.helpers.wandb_records import history, read_records, run_records, summary, wandb_files
 
 # 10 steps per epoch of 64 images, 2 epochs; a training record every 3 steps and at each epoch's end.
@@ -105,20 +104,11 @@ def test_offline_wandb_holds_what_metrics_jsonl_holds(env, tmp_path):
         list(read_records(log))
 
 
-def last_step(run_dir: Path) -> int:
-    f = run_dir / METRICS
-    lines = f.read_text().splitlines() if f.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
 def stop_with_sigterm(cmd: list[str], env: dict[str, str], run_dir: Path) -> subprocess.CompletedProcess:
     """SIGTERM from outside once training passes a random step of the 20, as Slurm would send it."""
     target = random.Random().randint(3, 14)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while last_step(run_dir) < target:
-        assert proc.poll() is None and time.monotonic() < deadline, f"no step {target} before the end or the deadline"
-        time.sleep(0.01)
+    wait_for(lambda: last_step(run_dir) >= target, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

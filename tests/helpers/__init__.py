@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cifar_dist.rundir import METRICS, MODEL, RunDir, load_weights
@@ -55,6 +56,22 @@ def assert_same_run(a: Path, b: Path) -> None:
     sa, sb = (RunDir(d).summary() for d in (a, b))
     for key in ("test_accuracy", "confusion_matrix", "test_loss", "steps", "per_class_accuracy"):
         assert sa[key] == sb[key], key
+
+
+def last_step(run_dir: Path) -> int:
+    """The step of the newest record in the run's metrics.jsonl; 0 before the first."""
+    f = run_dir / METRICS
+    lines = f.read_text().splitlines() if f.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `predicate` until it holds, failing if `proc` (the run it waits on) ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"process ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def read_jsonl(path: Path) -> list[dict]:
