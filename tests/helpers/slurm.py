@@ -206,6 +206,12 @@ def job_state(job_id: str, env: dict[str, str]) -> str:
 ENDED = ("FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
+def job_over(job_id: str, env: dict[str, str]) -> bool:
+    """Slurm is done with the job: scontrol names an ended state and squeue, which lists a job until
+    it has finished completing, no longer does (scontrol can say COMPLETED first)."""
+    return job_state(job_id, env) in ENDED and not any(line.split()[0] == job_id for line in squeue(env))
+
+
 def restart_requeued(job_id: str, sweep_dir: Path, env: dict[str, str], timeout: float = 240,
                      until_running: bool = False) -> None:
     """Start a requeued sweep point's job now rather than after Slurm's two-minute hold, and see
@@ -241,10 +247,10 @@ def start_requeued(job_id: str, env: dict[str, str], until: Callable[[], Any], t
     scontrol(["update", f"JobId={job_id}", "StartTime=now"], env)
 
     def ready() -> Any:
+        over = job_over(job_id, env)  # looked at before until(): a job seen over here is over for until() too
         if value := until():
             return value
-        fields = job_fields(job_id, env)
-        assert fields.get("JobState") not in ENDED, f"{what}: the released job ended instead: {fields}\n" + (
+        assert not over, f"{what}: the released job ended instead: {job_fields(job_id, env)}\n" + (
             logs(sweep_dir) if sweep_dir else "")
         return False
 

@@ -17,10 +17,10 @@ import torch
 from cifar_dist.rundir import METRICS, MODEL, SUMMARY, RunDir, load_weights
 from tests.helpers import PY, ROOT, TINY, read_jsonl, run, torchrun
 from tests.helpers.slurm import (
-    ENDED,
     dev_cluster,
     dev_cluster_cmd,
     job_ids,
+    job_over,
     job_state,
     logs,
     newest_step,
@@ -130,8 +130,7 @@ def test_rank_death_on_second_node_ends_job_and_requeue_resumes(two_node_run, me
     os.kill(victims[0], signal.SIGKILL)
     killed = time.monotonic()
 
-    wait_for(lambda: job_state(job, menv) in ENDED and not any(line.split()[0] == job for line in squeue(menv)),
-             60, "the job to end after its second rank died", sweep_dir)
+    wait_for(lambda: job_over(job, menv), 60, "the job to end after its second rank died", sweep_dir)
     assert time.monotonic() - killed < 60
     [state] = status(sweep_dir, menv)
     assert state["state"] == "failed" and state["step"] < 80, state
